@@ -1,0 +1,159 @@
+"""Shared benchmark plumbing: thread set-up, alternating timing, machine facts, JSON output.
+
+Every speed figure is a ratio against a peer timed in the same run: the two are run
+alternately after a warm-up and the medians are compared (see shared benchmark rules).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def set_threads(n: int) -> None:
+    """Fix BLAS, numba and torch thread counts; call before numpy is first imported."""
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        os.environ[var] = str(n)
+
+
+def torch_or_none(threads: int):
+    """PyTorch with `threads` intra-op threads, or None when it is not installed."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(threads)
+    return torch
+
+
+def time_alternating(fns: dict, reps: int, warmup: int = 3) -> dict:
+    """Median seconds per call of each function, calling them in turn `reps` times."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    samples = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def _worker(conn, build, args):
+    # Runs in its own process: build the workload once, then time blocks of calls on request.
+    step = build(*args)
+    conn.send(step())  # the first call's result, for a same-work check
+    while True:
+        count = conn.recv()
+        if not count:
+            break
+        times = []
+        for _ in range(count):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+        conn.send(times)
+    conn.close()
+
+
+def time_in_workers(builders: dict, reps: int, block: int = 5, pause: float = 0.3) -> tuple[dict, dict]:
+    """Median seconds per call for each workload, each in its own process, taken in turn.
+
+    `builders` maps a name to ``(build, args)``: ``build(*args)`` runs in a fresh process
+    and returns a zero-argument callable. Separate processes keep the thread pools of
+    different engines (OpenBLAS, numba, PyTorch's OpenMP) from fighting over the cores;
+    the workloads take turns in blocks of `block` calls (the first block is warm-up), with
+    a `pause` between turns so the threads of the one that just ran stop spinning before
+    the other starts. Returns the medians and each callable's first result.
+    """
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    workers, first = {}, {}
+    try:
+        for name, (build, args) in builders.items():
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_worker, args=(child, build, args), daemon=True)
+            proc.start()
+            workers[name] = (proc, parent)
+        for name, (_, conn) in workers.items():
+            first[name] = conn.recv()
+        samples = {name: [] for name in workers}
+        for turn in range(1 + -(-reps // block)):
+            for name, (_, conn) in workers.items():
+                time.sleep(pause)
+                conn.send(block)
+                times = conn.recv()
+                if turn:
+                    samples[name] += times
+    finally:
+        for proc, conn in workers.values():
+            if proc.is_alive():
+                conn.send(0)
+                proc.join(timeout=10)
+    return {name: statistics.median(s) for name, s in samples.items()}, first
+
+
+def gemm_gflops(dtype="float32", n: int = 1024, reps: int = 10) -> float:
+    """Measured GFLOP/s of an n x n matrix product through NumPy's BLAS."""
+    import numpy as np
+
+    a = np.random.default_rng(0).standard_normal((n, n)).astype(dtype)
+    b = a.T.copy()
+    secs = time_alternating({"gemm": lambda: a @ b}, reps)["gemm"]
+    return 2 * n**3 / secs / 1e9
+
+
+def machine() -> dict:
+    import numba
+    import numpy as np
+    import scipy
+
+    info = {
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cpus": os.cpu_count(),
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+        "numba": numba.__version__,
+        "numba_threads": numba.get_num_threads(),
+    }
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        info["torch"] = None
+    return info
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Write `payload` atomically (temp file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+        json.dump(payload, f, indent=2)
+        tmp = f.name
+    os.replace(tmp, path)
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def threads_from_argv(default: int = 2) -> int:
+    """Read --threads N before numpy is imported (it fixes BLAS threads at import)."""
+    argv = sys.argv
+    if "--threads" in argv:
+        return int(argv[argv.index("--threads") + 1])
+    return default

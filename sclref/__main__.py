@@ -1,0 +1,7 @@
+"""`python -m sclref` runs the command line."""
+
+import sys
+
+from sclref.cli import main
+
+sys.exit(main())

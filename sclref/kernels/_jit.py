@@ -1,0 +1,57 @@
+"""Decide, in one place, how every sclref kernel is compiled by numba.
+
+* nopython mode, ``fastmath`` off: floating-point operations run in source order,
+  so results are exact to the stated algorithm and reproducible.
+* ``cache=True`` only with ``SCLREF_NUMBA_CACHE=1``: numba's on-disk cache fails on
+  read-only installs, so it is opt-in.
+* `pjit` loops (`prange`) run in parallel only with ``SCLREF_NUMBA_PARALLEL=1``.
+  Each parallel iteration owns a disjoint slice of the output, so both modes give
+  bit-identical results. Serial is the default because the kernels alternate with
+  NumPy's multithreaded BLAS: its worker threads keep spinning for a while after
+  every matrix product and numba's OpenMP workers spin after every parallel loop,
+  so on a small machine the two pools steal each other's cores. Measured on two
+  cores, a parallel im2col run right after a GEMM was no faster than the serial
+  one (and up to 3x slower with numba's default OpenMP layer), and GEMMs after
+  parallel loops slowed down by 2x. Parallel mode pays off when BLAS threads sleep
+  promptly (e.g. ``OPENBLAS_THREAD_TIMEOUT=4`` with ``OMP_WAIT_POLICY=PASSIVE``) or
+  cores are plentiful.
+* ``NUMBA_DISABLE_JIT=1`` is honoured by numba itself: the decorators return the
+  Python functions unchanged and `prange` behaves as `range`, so every kernel still
+  runs, slowly.
+"""
+
+import os
+
+import numba
+
+__all__ = ["CACHE", "JIT_DISABLED", "PARALLEL", "jit", "num_threads", "pjit", "prange"]
+
+JIT_DISABLED = bool(numba.config.DISABLE_JIT)
+CACHE = os.environ.get("SCLREF_NUMBA_CACHE") == "1"
+PARALLEL = os.environ.get("SCLREF_NUMBA_PARALLEL") == "1"
+
+# error_model="numpy": integer division by a stride needs no Python exception check
+# (the caller validates strides), and that check would block vectorization.
+_FLAGS = {"nopython": True, "nogil": True, "fastmath": False, "cache": CACHE, "error_model": "numpy"}
+
+prange = numba.prange
+
+
+def _decorate(fn, **extra):
+    compile_ = numba.jit(**_FLAGS, **extra)
+    return compile_ if fn is None else compile_(fn)
+
+
+def jit(fn=None):
+    """Compile `fn` as a serial nopython kernel; use as ``@jit`` or ``@jit()``."""
+    return _decorate(fn)
+
+
+def pjit(fn=None):
+    """Compile `fn` as a kernel whose `prange` loops may run in parallel (see module doc)."""
+    return _decorate(fn, parallel=PARALLEL)
+
+
+def num_threads():
+    """Threads available to parallel kernels (1 when parallel mode is off)."""
+    return numba.get_num_threads() if PARALLEL and not JIT_DISABLED else 1

@@ -1,0 +1,85 @@
+"""Plain-NumPy twins of every kernel, written to be obviously correct; the test oracles.
+
+Each function has the signature and output contract of the kernel it mirrors
+(inputs first, outputs overwritten in place, returns None) and is built from
+whole-window views, ``np.einsum`` and ``np.add.at`` rather than index arithmetic.
+They are slow and allocate freely; nothing outside the tests should call them.
+"""
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+__all__ = ["conv2d_bwd_input", "conv2d_bwd_weight", "conv2d_fwd", "leaky_relu_bwd", "leaky_relu_fwd",
+           "maxpool2d_bwd", "maxpool2d_fwd", "relu_bwd", "relu_fwd"]
+
+
+def _windows(x, kh, kw, sh, sw, ph, pw, oh, ow):
+    """View (N, C, OH, OW, KH, KW): the zero-padded input window under each output."""
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    return sliding_window_view(xp, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw][:, :, :oh, :ow]
+
+
+def conv2d_fwd(x, w, sh, sw, ph, pw, out):
+    """out[n, f, a, b] = sum_{c,i,j} w[f, c, i, j] * xpad[n, c, a*sh + i, b*sw + j]."""
+    win = _windows(x, w.shape[2], w.shape[3], sh, sw, ph, pw, out.shape[2], out.shape[3])
+    out[...] = np.einsum("ncabij,fcij->nfab", win, w)
+
+
+def conv2d_bwd_input(gy, w, sh, sw, ph, pw, gx):
+    """gx = dL/dx: each output's gradient spread over its window through the filters."""
+    n, c, h, wd = gx.shape
+    _, _, kh, kw = w.shape
+    oh, ow = gy.shape[2], gy.shape[3]
+    gxp = np.zeros((n, c, h + 2 * ph, wd + 2 * pw), dtype=gx.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            gxp[:, :, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw] += np.einsum(
+                "nfab,fc->ncab", gy, w[:, :, i, j])
+    gx[...] = gxp[:, :, ph:ph + h, pw:pw + wd]
+
+
+def conv2d_bwd_weight(x, gy, sh, sw, ph, pw, gw):
+    """gw[f, c, i, j] = sum_{n,a,b} gy[n, f, a, b] * xpad[n, c, a*sh + i, b*sw + j]."""
+    win = _windows(x, gw.shape[2], gw.shape[3], sh, sw, ph, pw, gy.shape[2], gy.shape[3])
+    gw[...] = np.einsum("ncabij,nfab->fcij", win, gy)
+
+
+def maxpool2d_fwd(x, kh, kw, sh, sw, out, argmax):
+    """Window maxima and ``h*W + w`` of each one; np.argmax picks the first max or first NaN."""
+    n, c, oh, ow = out.shape
+    win = sliding_window_view(x, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw][:, :, :oh, :ow]
+    flat = win.reshape(n, c, oh, ow, kh * kw)
+    k = flat.argmax(axis=-1)
+    out[...] = np.take_along_axis(flat, k[..., None], axis=-1)[..., 0]
+    rows = np.arange(oh)[:, None] * sh + k // kw
+    cols = np.arange(ow)[None, :] * sw + k % kw
+    argmax[...] = rows * x.shape[3] + cols
+
+
+def maxpool2d_bwd(gy, argmax, gx):
+    """gx = zeros with gy added at argmax; np.add.at accumulates repeated indices."""
+    n, c, h, w = gx.shape
+    flat = np.zeros((n * c, h * w), dtype=gx.dtype)
+    planes = np.arange(n * c)[:, None]
+    np.add.at(flat, (planes, argmax.reshape(n * c, -1)), gy.reshape(n * c, -1))
+    gx[...] = flat.reshape(gx.shape)
+
+
+def relu_fwd(x, out):
+    """out = x where x > 0 else 0; NaN stays NaN."""
+    out[...] = np.where(x <= 0, 0, x)
+
+
+def relu_bwd(x, gy, gx):
+    """gx = gy where x > 0 else 0."""
+    gx[...] = np.where(x > 0, gy, 0)
+
+
+def leaky_relu_fwd(x, alpha, out):
+    """out = x where x > 0 else alpha * x, alpha in x's dtype."""
+    out[...] = np.where(x > 0, x, x.dtype.type(alpha) * x)
+
+
+def leaky_relu_bwd(x, gy, alpha, gx):
+    """gx = gy where x > 0 else alpha * gy, alpha in x's dtype."""
+    gx[...] = np.where(x > 0, gy, x.dtype.type(alpha) * gy)

@@ -1,0 +1,21 @@
+"""Weight initializers, drawing from sclref's seeded generator unless given another."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from sclref import rng
+
+
+def uniform_fan_in(shape, fan_in: int, dtype=np.float64, generator: np.random.Generator | None = None) -> np.ndarray:
+    """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): PyTorch's default for Linear and Conv2d layers."""
+    gen = rng.default_generator() if generator is None else generator
+    bound = 1.0 / np.sqrt(fan_in) if fan_in > 0 else 0.0
+    return gen.uniform(-bound, bound, size=shape).astype(dtype)
+
+
+def kaiming_uniform(shape, fan_in: int, dtype=np.float64, generator: np.random.Generator | None = None) -> np.ndarray:
+    """U(-b, b) with b = sqrt(6 / fan_in): He initialization for ReLU networks."""
+    gen = rng.default_generator() if generator is None else generator
+    bound = np.sqrt(6.0 / fan_in) if fan_in > 0 else 0.0
+    return gen.uniform(-bound, bound, size=shape).astype(dtype)

@@ -1,0 +1,131 @@
+"""Plain (unmasked) layers: Linear, Conv2d, pooling, activations, dropout, Sequential."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from sclref import ops
+from sclref.nn import init
+from sclref.nn.module import Module, Parameter
+
+
+class Sequential(Module):
+    """Modules applied one after another."""
+
+    def __init__(self, *layers: Module):
+        super().__init__()
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Module):
+                raise TypeError(f"Sequential: item {i} is a {type(layer).__name__}, not a Module")
+            setattr(self, str(i), layer)
+
+    def __getitem__(self, i: int) -> Module:
+        return list(self._modules.values())[i]
+
+    def __len__(self):
+        return len(self._modules)
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def forward(self, x):
+        for layer in self._modules.values():
+            x = layer(x)
+        return x
+
+
+class Linear(Module):
+    """y = x @ W.T + b with W of shape (out_features, in_features), as in PyTorch."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype=np.float64, generator=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        shape = (out_features, in_features)
+        self.weight = Parameter(init.uniform_fan_in(shape, in_features, dtype, generator))
+        self.bias = Parameter(init.uniform_fan_in((out_features,), in_features, dtype, generator)) if bias else None
+
+    def forward(self, x):
+        if x.ndim < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"Linear: expected input with last dimension {self.in_features}, got shape {x.shape}")
+        y = ops.matmul(x, self.weight.T)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Conv2d(Module):
+    """2-D convolution layer over NCHW input; weight (out_channels, in_channels, kh, kw)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, bias: bool = True,
+                 dtype=np.float64, generator=None):
+        super().__init__()
+        kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding = (kh, kw), stride, padding
+        fan_in = in_channels * kh * kw
+        self.weight = Parameter(init.uniform_fan_in((out_channels, in_channels, kh, kw), fan_in, dtype, generator))
+        self.bias = Parameter(init.uniform_fan_in((out_channels,), fan_in, dtype, generator)) if bias else None
+
+    def forward(self, x):
+        return ops.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+
+    def extra_repr(self):
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}")
+
+
+class MaxPool2d(Module):
+    """Max pooling; stride defaults to the kernel size."""
+
+    def __init__(self, kernel_size, stride=None):
+        super().__init__()
+        self.kernel_size, self.stride = kernel_size, stride
+
+    def forward(self, x):
+        return ops.max_pool2d(x, self.kernel_size, self.stride)
+
+    def extra_repr(self):
+        return f"kernel_size={self.kernel_size}, stride={self.stride}"
+
+
+class ReLU(Module):
+    """max(x, 0)."""
+
+    def forward(self, x):
+        return ops.relu(x)
+
+
+class LeakyReLU(Module):
+    """x if x > 0 else alpha * x."""
+
+    def __init__(self, alpha: float = 0.01):
+        super().__init__()
+        self.alpha = alpha
+
+    def forward(self, x):
+        return ops.leaky_relu(x, self.alpha)
+
+
+class Flatten(Module):
+    """Collapse all dimensions from `start_dim` (default 1, keeping the batch)."""
+
+    def __init__(self, start_dim: int = 1):
+        super().__init__()
+        self.start_dim = start_dim
+
+    def forward(self, x):
+        return ops.flatten(x, self.start_dim)
+
+
+class Dropout(Module):
+    """Inverted dropout, active only in training mode."""
+
+    def __init__(self, p: float = 0.5, generator=None):
+        super().__init__()
+        if not 0 <= p < 1:
+            raise ValueError(f"Dropout: p must be in [0, 1), got {p}")
+        self.p, self.generator = p, generator
+
+    def forward(self, x):
+        return ops.dropout(x, self.p, self.training, self.generator)

@@ -1,0 +1,670 @@
+"""Differentiable operations: one `Function` per op and the function users call.
+
+Each op is a forward and a backward on raw ndarrays, written against NumPy and the entry
+points of `sclref.kernels`; this module is the only caller of those kernels. Broadcasting
+is undone in one place (`unbroadcast`). The public functions validate their inputs and
+raise errors that name the op and the problem before any work is done.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from sclref import kernels as K
+from sclref import rng
+from sclref.autograd import FLOAT_DTYPES, Function, Tensor
+
+# -- helpers ----------------------------------------------------------------------------
+
+
+def unbroadcast(grad: np.ndarray, shape: tuple) -> np.ndarray:
+    """Sum `grad` over the axes along which an input of `shape` was broadcast."""
+    if grad.shape == shape:
+        return grad
+    extra = grad.ndim - len(shape)
+    if extra:
+        grad = grad.sum(axis=tuple(range(extra)))
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1)
+    if axes:
+        grad = grad.sum(axis=axes, keepdims=True)
+    return grad
+
+
+def _contiguous(a: np.ndarray) -> np.ndarray:
+    """`a` itself when C-contiguous (kernels need it), else a contiguous copy; keeps 0-d arrays 0-d."""
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
+
+
+def _check_dtypes(op: str, *tensors: Tensor) -> None:
+    dtypes = {t.data.dtype for t in tensors}
+    if len(dtypes) > 1:
+        names = " and ".join(sorted(d.name for d in dtypes))
+        raise TypeError(f"{op}: mixed dtypes {names}; convert one side with .astype()")
+
+
+def _as_tensor(x, like: Tensor, op: str) -> Tensor:
+    """`x` as a constant tensor of `like`'s dtype; floats of another dtype are an error."""
+    if isinstance(x, Tensor):
+        return x
+    if isinstance(x, numbers.Number):
+        return Tensor._from_op(np.asarray(x, dtype=like.dtype), None)
+    arr = np.asarray(x)
+    if arr.dtype in FLOAT_DTYPES and arr.dtype != like.dtype:
+        raise TypeError(f"{op}: mixed dtypes {like.dtype.name} and {arr.dtype.name}; convert one side first")
+    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
+        raise TypeError(f"{op}: cannot combine a tensor with data of dtype {arr.dtype}")
+    return Tensor._from_op(arr.astype(like.dtype, copy=False), None)
+
+
+def _binary(op: str, a, b) -> tuple[Tensor, Tensor]:
+    if isinstance(a, Tensor):
+        b = _as_tensor(b, a, op)
+    else:
+        a = _as_tensor(a, b, op)
+    _check_dtypes(op, a, b)
+    if a.shape != b.shape:
+        try:
+            np.broadcast_shapes(a.shape, b.shape)
+        except ValueError:
+            raise ValueError(f"{op}: shapes {a.shape} and {b.shape} cannot be broadcast together") from None
+    return a, b
+
+
+def _tensor_arg(op: str, x) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{op}: expected a Tensor, got {type(x).__name__}")
+    return x
+
+
+def _pair(op: str, name: str, v, minimum: int) -> tuple[int, int]:
+    pair = (v, v) if isinstance(v, numbers.Integral) else tuple(v)
+    if len(pair) != 2 or not all(isinstance(i, numbers.Integral) and i >= minimum for i in pair):
+        raise ValueError(f"{op}: {name} must be an integer >= {minimum} or a pair of them, got {v!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def _normalize_axes(op: str, axis, ndim: int):
+    if axis is None:
+        return None
+    axes = (axis,) if isinstance(axis, numbers.Integral) else tuple(axis)
+    out = []
+    for a in axes:
+        if not -ndim <= a < ndim:
+            raise ValueError(f"{op}: axis {a} is out of range for a tensor with {ndim} dimensions")
+        out.append(int(a) % ndim)
+    if len(set(out)) != len(out):
+        raise ValueError(f"{op}: repeated axis in {axis!r}")
+    return tuple(sorted(out))
+
+
+# -- elementwise arithmetic --------------------------------------------------------------
+
+
+class Add(Function):
+    """a + b"""
+
+    def forward(self, a, b):
+        self.shapes = a.shape, b.shape
+        return a + b
+
+    def backward(self, g):
+        sa, sb = self.shapes
+        return unbroadcast(g, sa), unbroadcast(g, sb)
+
+
+class Sub(Function):
+    """a - b"""
+
+    def forward(self, a, b):
+        self.shapes = a.shape, b.shape
+        return a - b
+
+    def backward(self, g):
+        sa, sb = self.shapes
+        return unbroadcast(g, sa), unbroadcast(-g, sb) if self.needs_grad[1] else None
+
+
+class Mul(Function):
+    """a * b"""
+
+    def forward(self, a, b):
+        self.a, self.b = a, b
+        return a * b
+
+    def backward(self, g):
+        a, b = self.a, self.b
+        ga = unbroadcast(g * b, a.shape) if self.needs_grad[0] else None
+        gb = unbroadcast(g * a, b.shape) if self.needs_grad[1] else None
+        return ga, gb
+
+
+class Div(Function):
+    """a / b"""
+
+    def forward(self, a, b):
+        self.a, self.b = a, b
+        return a / b
+
+    def backward(self, g):
+        a, b = self.a, self.b
+        ga = unbroadcast(g / b, a.shape) if self.needs_grad[0] else None
+        gb = unbroadcast(-g * a / (b * b), b.shape) if self.needs_grad[1] else None
+        return ga, gb
+
+
+class Neg(Function):
+    """-a"""
+
+    def forward(self, a):
+        return -a
+
+    def backward(self, g):
+        return (-g,)
+
+
+class Pow(Function):
+    """a ** p for a constant p"""
+
+    def forward(self, a, exponent):
+        self.a, self.p = a, exponent
+        return a**exponent
+
+    def backward(self, g):
+        a, p = self.a, self.p
+        return (g * (p * a ** (p - 1)),)
+
+
+class Exp(Function):
+    """exp(a)"""
+
+    def forward(self, a):
+        self.out = np.exp(a)
+        return self.out
+
+    def backward(self, g):
+        return (g * self.out,)
+
+
+class Log(Function):
+    """log(a), a > 0"""
+
+    def forward(self, a):
+        self.a = a
+        return np.log(a)
+
+    def backward(self, g):
+        return (g / self.a,)
+
+
+class Cast(Function):
+    """a converted to another float dtype; the gradient is converted back"""
+
+    def forward(self, a, dtype):
+        self.src = a.dtype
+        return a.astype(dtype)
+
+    def backward(self, g):
+        return (g.astype(self.src),)
+
+
+def add(a, b) -> Tensor:
+    """a + b with broadcasting."""
+    return Add.apply(*_binary("add", a, b))
+
+
+def sub(a, b) -> Tensor:
+    """a - b with broadcasting."""
+    return Sub.apply(*_binary("sub", a, b))
+
+
+def mul(a, b) -> Tensor:
+    """a * b with broadcasting."""
+    return Mul.apply(*_binary("mul", a, b))
+
+
+def div(a, b) -> Tensor:
+    """a / b with broadcasting."""
+    return Div.apply(*_binary("div", a, b))
+
+
+def neg(a: Tensor) -> Tensor:
+    """-a."""
+    return Neg.apply(_tensor_arg("neg", a))
+
+
+def pow(a: Tensor, exponent) -> Tensor:
+    """a ** exponent for a constant real exponent."""
+    a = _tensor_arg("pow", a)
+    if isinstance(exponent, Tensor) or not isinstance(exponent, numbers.Real):
+        raise TypeError(f"pow: the exponent must be a constant real number, got {type(exponent).__name__}")
+    exponent = float(exponent)
+    if not np.isfinite(exponent):
+        raise ValueError(f"pow: the exponent must be finite, got {exponent}")
+    if not exponent.is_integer() and np.any(a.data < 0):
+        raise ValueError(f"pow: negative base with the non-integer exponent {exponent}")
+    if exponent < 0 and np.any(a.data == 0):
+        raise ValueError(f"pow: zero base with the negative exponent {exponent}")
+    return Pow.apply(a, exponent=int(exponent) if exponent.is_integer() else exponent)
+
+
+def exp(a: Tensor) -> Tensor:
+    """Elementwise e ** a."""
+    return Exp.apply(_tensor_arg("exp", a))
+
+
+def log(a: Tensor) -> Tensor:
+    """Elementwise natural logarithm; every entry must be positive."""
+    a = _tensor_arg("log", a)
+    if not np.all(a.data > 0):  # also false for NaN
+        raise ValueError("log: input must be positive everywhere (found zero, negative or NaN entries)")
+    return Log.apply(a)
+
+
+def cast(a: Tensor, dtype) -> Tensor:
+    """`a` as float32 or float64; differentiable."""
+    a = _tensor_arg("cast", a)
+    dtype = np.dtype(dtype)
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"cast: sclref tensors hold float32 or float64, not {dtype}")
+    if dtype == a.dtype:
+        return a
+    return Cast.apply(a, dtype=dtype)
+
+
+# -- linear algebra and shape ------------------------------------------------------------
+
+
+class MatMul(Function):
+    """a @ b (NumPy matmul semantics, batched and 1-D operands included)"""
+
+    def forward(self, a, b):
+        self.a, self.b = a, b
+        return a @ b
+
+    def backward(self, g):
+        a, b = self.a, self.b
+        a2 = a if a.ndim > 1 else a[None, :]
+        b2 = b if b.ndim > 1 else b[:, None]
+        batch = np.broadcast_shapes(a2.shape[:-2], b2.shape[:-2])
+        g2 = g.reshape(batch + (a2.shape[-2], b2.shape[-1]))
+        ga = gb = None
+        if self.needs_grad[0]:
+            ga = unbroadcast(g2 @ np.swapaxes(b2, -1, -2), a2.shape).reshape(a.shape)
+        if self.needs_grad[1]:
+            gb = unbroadcast(np.swapaxes(a2, -1, -2) @ g2, b2.shape).reshape(b.shape)
+        return ga, gb
+
+
+def matmul(a, b) -> Tensor:
+    """Matrix product a @ b with NumPy's rules for 1-D and batched operands."""
+    a, b = (x if isinstance(x, Tensor) else None for x in (a, b))
+    if a is None or b is None:
+        raise TypeError("matmul: both operands must be Tensors")
+    _check_dtypes("matmul", a, b)
+    if a.ndim == 0 or b.ndim == 0:
+        raise ValueError("matmul: operands must have at least one dimension")
+    k_b = b.shape[0] if b.ndim == 1 else b.shape[-2]
+    if a.shape[-1] != k_b:
+        raise ValueError(f"matmul: shapes {a.shape} and {b.shape} do not align ({a.shape[-1]} != {k_b})")
+    try:
+        np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    except ValueError:
+        raise ValueError(f"matmul: batch dimensions of {a.shape} and {b.shape} cannot be broadcast") from None
+    return MatMul.apply(a, b)
+
+
+class Sum(Function):
+    """sum of a over axes"""
+
+    def forward(self, a, axis, keepdims):
+        self.shape, self.axis, self.keepdims = a.shape, axis, keepdims
+        return np.sum(a, axis=axis, keepdims=keepdims)
+
+    def backward(self, g):
+        if self.axis is not None and not self.keepdims:
+            g = np.expand_dims(g, self.axis)
+        return (np.broadcast_to(g, self.shape),)
+
+
+class Mean(Sum):
+    """mean of a over axes"""
+
+    def forward(self, a, axis, keepdims):
+        out = super().forward(a, axis, keepdims)
+        self.count = a.size // max(out.size, 1) if a.size else 0
+        return out / a.dtype.type(max(self.count, 1))
+
+    def backward(self, g):
+        return super().backward(g / g.dtype.type(max(self.count, 1)))
+
+
+class Reshape(Function):
+    """a with a new shape of the same size"""
+
+    def forward(self, a, shape):
+        self.shape = a.shape
+        return a.reshape(shape)
+
+    def backward(self, g):
+        return (g.reshape(self.shape),)
+
+
+class Transpose(Function):
+    """a with its axes permuted"""
+
+    def forward(self, a, axes):
+        self.axes = axes
+        return np.transpose(a, axes)
+
+    def backward(self, g):
+        inverse = None if self.axes is None else tuple(np.argsort(self.axes))
+        return (np.transpose(g, inverse),)
+
+
+def sum(a: Tensor, axis=None, keepdims: bool = False) -> Tensor:  # noqa: A001 - the name users expect
+    """Sum over `axis` (int, tuple or None for all)."""
+    a = _tensor_arg("sum", a)
+    return Sum.apply(a, axis=_normalize_axes("sum", axis, a.ndim), keepdims=bool(keepdims))
+
+
+def mean(a: Tensor, axis=None, keepdims: bool = False) -> Tensor:
+    """Mean over `axis` (int, tuple or None for all)."""
+    a = _tensor_arg("mean", a)
+    return Mean.apply(a, axis=_normalize_axes("mean", axis, a.ndim), keepdims=bool(keepdims))
+
+
+def reshape(a: Tensor, shape) -> Tensor:
+    """`a` with shape `shape` (one entry may be -1)."""
+    a = _tensor_arg("reshape", a)
+    shape = tuple(int(s) for s in shape)
+    known = int(np.prod([s for s in shape if s != -1]))
+    unknown = shape.count(-1)
+    fits = (unknown == 0 and known == a.size) or (unknown == 1 and known > 0 and a.size % known == 0)
+    if not fits or any(s < -1 for s in shape):
+        raise ValueError(f"reshape: cannot reshape a tensor of shape {a.shape} into {shape}")
+    return Reshape.apply(a, shape=shape)
+
+
+def flatten(a: Tensor, start_dim: int = 0) -> Tensor:
+    """Collapse dimensions `start_dim`... into one."""
+    a = _tensor_arg("flatten", a)
+    if not -a.ndim <= start_dim < max(a.ndim, 1):
+        raise ValueError(f"flatten: start_dim {start_dim} is out of range for shape {a.shape}")
+    start_dim %= max(a.ndim, 1)
+    return Reshape.apply(a, shape=a.shape[:start_dim] + (-1,))
+
+
+def transpose(a: Tensor, axes=None) -> Tensor:
+    """Permute axes (reverse them when `axes` is None)."""
+    a = _tensor_arg("transpose", a)
+    if axes is not None:
+        axes = tuple(int(x) % a.ndim if -a.ndim <= x < a.ndim else -1 for x in axes)
+        if sorted(axes) != list(range(a.ndim)):
+            raise ValueError(f"transpose: axes {axes} are not a permutation of {a.ndim} dimensions")
+    return Transpose.apply(a, axes=axes)
+
+
+# -- activations and losses --------------------------------------------------------------
+
+
+class ReLU(Function):
+    """max(a, 0)"""
+
+    def forward(self, a):
+        self.a = a = _contiguous(a)
+        out = np.empty_like(a)
+        K.relu_fwd(a, out)
+        return out
+
+    def backward(self, g):
+        gx = np.empty_like(self.a)
+        K.relu_bwd(self.a, _contiguous(g), gx)
+        return (gx,)
+
+
+class LeakyReLU(Function):
+    """a if a > 0 else alpha * a"""
+
+    def forward(self, a, alpha):
+        self.a = a = _contiguous(a)
+        self.alpha = alpha
+        out = np.empty_like(a)
+        K.leaky_relu_fwd(a, alpha, out)
+        return out
+
+    def backward(self, g):
+        gx = np.empty_like(self.a)
+        K.leaky_relu_bwd(self.a, _contiguous(g), self.alpha, gx)
+        return (gx,)
+
+
+class Sigmoid(Function):
+    """1 / (1 + exp(-a)), computed without overflow"""
+
+    def forward(self, a):
+        e = np.exp(-np.abs(a))
+        self.out = np.where(a >= 0, 1 / (1 + e), e / (1 + e))
+        return self.out
+
+    def backward(self, g):
+        return (g * self.out * (1 - self.out),)
+
+
+class LogSoftmax(Function):
+    """a - logsumexp(a) along an axis"""
+
+    def forward(self, a, axis):
+        self.axis = axis
+        shifted = a - a.max(axis=axis, keepdims=True)
+        self.out = shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
+        return self.out
+
+    def backward(self, g):
+        return (g - np.exp(self.out) * g.sum(axis=self.axis, keepdims=True),)
+
+
+class CrossEntropy(Function):
+    """-log softmax(logits)[label], reduced by mean, sum or not at all"""
+
+    def forward(self, logits, labels, reduction):
+        n = logits.shape[0]
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        logp = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        self.logp, self.labels, self.reduction = logp, labels, reduction
+        losses = -logp[np.arange(n), labels]
+        if reduction == "none":
+            return losses
+        total = losses.sum()
+        return np.asarray(total / n if reduction == "mean" else total, dtype=logits.dtype)
+
+    def backward(self, g):
+        n = self.logp.shape[0]
+        grad = np.exp(self.logp)
+        grad[np.arange(n), self.labels] -= 1
+        if self.reduction == "none":
+            return (grad * g[:, None],)
+        scale = g / n if self.reduction == "mean" else g
+        return (grad * scale,)
+
+
+def relu(a: Tensor) -> Tensor:
+    """max(a, 0) elementwise."""
+    return ReLU.apply(_tensor_arg("relu", a))
+
+
+def leaky_relu(a: Tensor, alpha: float = 0.01) -> Tensor:
+    """a where a > 0, alpha * a elsewhere."""
+    a = _tensor_arg("leaky_relu", a)
+    if not np.isfinite(alpha):
+        raise ValueError(f"leaky_relu: alpha must be finite, got {alpha}")
+    return LeakyReLU.apply(a, alpha=float(alpha))
+
+
+def sigmoid(a: Tensor) -> Tensor:
+    """The logistic function 1 / (1 + exp(-a))."""
+    return Sigmoid.apply(_tensor_arg("sigmoid", a))
+
+
+def log_softmax(a: Tensor, axis: int = -1) -> Tensor:
+    """Log of the softmax along `axis`."""
+    a = _tensor_arg("log_softmax", a)
+    if a.ndim == 0:
+        raise ValueError("log_softmax: input must have at least one dimension")
+    (axis,) = _normalize_axes("log_softmax", axis, a.ndim)
+    if not np.all(np.isfinite(a.data)):
+        raise ValueError("log_softmax: input has NaN or infinite entries")
+    return LogSoftmax.apply(a, axis=axis)
+
+
+def cross_entropy(logits: Tensor, labels, reduction: str = "mean") -> Tensor:
+    """Softmax cross-entropy of (N, C) logits against N integer class labels.
+
+    `reduction` is "mean" (default), "sum" or "none" (one loss per sample).
+    """
+    logits = _tensor_arg("cross_entropy", logits)
+    if logits.ndim != 2:
+        raise ValueError(f"cross_entropy: logits must be (N, C), got shape {logits.shape}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"cross_entropy: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    labels = labels.data if isinstance(labels, Tensor) else np.asarray(labels)
+    n, c = logits.shape
+    if labels.shape != (n,):
+        raise ValueError(f"cross_entropy: expected {n} labels of shape ({n},), got shape {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        if not (np.issubdtype(labels.dtype, np.floating) and np.all(labels == np.round(labels))):
+            raise TypeError(f"cross_entropy: labels must be integers, got dtype {labels.dtype}")
+    labels = labels.astype(np.intp, copy=False)
+    if n and (labels.min() < 0 or labels.max() >= c):
+        bad = labels[(labels < 0) | (labels >= c)][0]
+        raise ValueError(f"cross_entropy: label {bad} is outside the class range [0, {c})")
+    if n == 0:
+        raise ValueError("cross_entropy: empty batch")
+    if not np.all(np.isfinite(logits.data)):
+        raise ValueError("cross_entropy: logits have NaN or infinite entries")
+    return CrossEntropy.apply(logits, labels=labels, reduction=reduction)
+
+
+# -- convolution, pooling, dropout -------------------------------------------------------
+
+
+class Conv2d(Function):
+    """cross-correlation of NCHW input with (F, C, KH, KW) filters, plus an optional bias"""
+
+    def forward(self, x, w, b=None, *, stride, padding):
+        self.x = x = _contiguous(x)
+        self.w = w = _contiguous(w)
+        (sh, sw), (ph, pw) = stride, padding
+        n, _, h, wd = x.shape
+        f, _, kh, kw = w.shape
+        out = np.empty((n, f, (h + 2 * ph - kh) // sh + 1, (wd + 2 * pw - kw) // sw + 1), dtype=x.dtype)
+        K.conv2d_fwd(x, w, sh, sw, ph, pw, out)
+        if b is not None:
+            out += b.reshape(1, f, 1, 1)
+        return out
+
+    def backward(self, g):
+        g = _contiguous(g)
+        (sh, sw), (ph, pw) = self.params["stride"], self.params["padding"]
+        gx = gw = gb = None
+        if self.needs_grad[0]:
+            gx = np.empty_like(self.x)
+            K.conv2d_bwd_input(g, self.w, sh, sw, ph, pw, gx)
+        if self.needs_grad[1]:
+            gw = np.empty_like(self.w)
+            K.conv2d_bwd_weight(self.x, g, sh, sw, ph, pw, gw)
+        if len(self.needs_grad) == 3 and self.needs_grad[2]:
+            gb = g.sum(axis=(0, 2, 3))
+        return gx, gw, gb
+
+
+class MaxPool2d(Function):
+    """maximum over (KH, KW) windows of an NCHW input"""
+
+    def forward(self, x, kernel_size, stride):
+        x = _contiguous(x)
+        (kh, kw), (sh, sw) = kernel_size, stride
+        n, c, h, w = x.shape
+        shape = (n, c, (h - kh) // sh + 1, (w - kw) // sw + 1)
+        out = np.empty(shape, dtype=x.dtype)
+        self.argmax = np.empty(shape, dtype=np.int64)
+        self.in_shape = x.shape
+        K.maxpool2d_fwd(x, kh, kw, sh, sw, out, self.argmax)
+        return out
+
+    def backward(self, g):
+        gx = np.empty(self.in_shape, dtype=g.dtype)
+        K.maxpool2d_bwd(_contiguous(g), self.argmax, gx)
+        return (gx,)
+
+
+class Dropout(Function):
+    """a * mask, with the mask (already scaled by 1/(1-p)) drawn outside the op"""
+
+    def forward(self, a, mask):
+        self.mask = mask
+        return a * mask
+
+    def backward(self, g):
+        return (g * self.mask,)
+
+
+def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0) -> Tensor:
+    """2-D cross-correlation (what deep-learning libraries call convolution), NCHW.
+
+    `x` is (N, C, H, W), `weight` (F, C, KH, KW), `bias` (F,) or None; `stride` and
+    `padding` (zeros) are ints or (h, w) pairs. Output: (N, F, OH, OW) with
+    OH = (H + 2*ph - KH) // sh + 1.
+    """
+    x, weight = _tensor_arg("conv2d", x), _tensor_arg("conv2d", weight)
+    tensors = (x, weight) if bias is None else (x, weight, _tensor_arg("conv2d", bias))
+    _check_dtypes("conv2d", *tensors)
+    if x.ndim != 4:
+        raise ValueError(f"conv2d: input must be 4-D (N, C, H, W), got shape {x.shape}")
+    if weight.ndim != 4:
+        raise ValueError(f"conv2d: weight must be 4-D (F, C, KH, KW), got shape {weight.shape}")
+    if x.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"conv2d: input has {x.shape[1]} channels but weight {weight.shape} expects {weight.shape[1]}"
+        )
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"conv2d: bias must have shape ({weight.shape[0]},), got {bias.shape}")
+    stride = _pair("conv2d", "stride", stride, 1)
+    padding = _pair("conv2d", "padding", padding, 0)
+    for size, k, p in zip(x.shape[2:], weight.shape[2:], padding):
+        if size + 2 * p < k:
+            raise ValueError(
+                f"conv2d: kernel {weight.shape[2:]} is larger than the padded input {x.shape[2:]} (padding {padding})"
+            )
+    return Conv2d.apply(*tensors, stride=stride, padding=padding)
+
+
+def max_pool2d(x: Tensor, kernel_size, stride=None) -> Tensor:
+    """Max pooling of an (N, C, H, W) input; `stride` defaults to `kernel_size`."""
+    x = _tensor_arg("max_pool2d", x)
+    if x.ndim != 4:
+        raise ValueError(f"max_pool2d: input must be 4-D (N, C, H, W), got shape {x.shape}")
+    kernel_size = _pair("max_pool2d", "kernel_size", kernel_size, 1)
+    stride = kernel_size if stride is None else _pair("max_pool2d", "stride", stride, 1)
+    if x.shape[2] < kernel_size[0] or x.shape[3] < kernel_size[1]:
+        raise ValueError(f"max_pool2d: kernel {kernel_size} is larger than the input {x.shape[2:]}")
+    if np.isnan(x.data).any():
+        raise ValueError("max_pool2d: input has NaN entries (the maximum is undefined)")
+    return MaxPool2d.apply(x, kernel_size=kernel_size, stride=stride)
+
+
+def dropout(x: Tensor, p: float = 0.5, training: bool = True, generator: np.random.Generator | None = None) -> Tensor:
+    """Zero each entry with probability `p` and scale the rest by 1/(1-p) (when training).
+
+    The mask is drawn from `generator`, or from sclref's seeded default generator.
+    """
+    x = _tensor_arg("dropout", x)
+    if not 0 <= p < 1:
+        raise ValueError(f"dropout: p must be in [0, 1), got {p}")
+    if not training or p == 0:
+        return x
+    gen = rng.default_generator() if generator is None else generator
+    keep = gen.random(x.shape, dtype=x.dtype) >= p
+    mask = keep.astype(x.dtype) * x.dtype.type(1 / (1 - p))
+    return Dropout.apply(x, mask=mask)

@@ -1,0 +1,1 @@
+"""sclref test suite."""

@@ -1,0 +1,68 @@
+"""Hypothesis strategies shared by the test modules: shapes, arrays, conv geometries."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import strategies as st
+
+SEEDS = st.integers(0, 2**32 - 1)
+
+
+def shapes(min_dims: int = 0, max_dims: int = 4, min_side: int = 1, max_side: int = 5):
+    return st.lists(st.integers(min_side, max_side), min_size=min_dims, max_size=max_dims).map(tuple)
+
+
+@st.composite
+def arrays(draw, shape, low: float = -2.0, high: float = 2.0, kink=None, gap: float = 0.05, dtype=np.float64):
+    """Uniform values in [low, high); with `kink`, none closer than `gap` to that point.
+
+    Values come from a NumPy generator seeded by hypothesis: cheap for large arrays and
+    still reproducible from the failing example.
+    """
+    gen = np.random.default_rng(draw(SEEDS))
+    x = gen.uniform(low, high, size=shape)
+    if kink is not None:
+        d = x - kink
+        x = kink + np.sign(d + (d == 0)) * (gap + np.abs(d))
+    return x.astype(dtype)
+
+
+@st.composite
+def distinct_arrays(draw, shape, spacing: float = 0.01, dtype=np.float64):
+    """Values with no ties (a shuffled ramp), so max-pool windows have a unique maximum."""
+    gen = np.random.default_rng(draw(SEEDS))
+    n = int(np.prod(shape))
+    ramp = (np.arange(n) - n / 2) * spacing
+    return gen.permutation(ramp).reshape(shape).astype(dtype)
+
+
+@st.composite
+def broadcastable_pair(draw, max_dims: int = 3):
+    """Two shapes that broadcast together, with dimensions dropped or set to 1 on either side."""
+    full = draw(shapes(0, max_dims, 1, 4))
+    def variant():
+        cut = draw(st.integers(0, len(full)))
+        return tuple(1 if draw(st.booleans()) else s for s in full[cut:])
+    return variant(), variant()
+
+
+@st.composite
+def conv_geometry(draw, max_n: int = 3, max_c: int = 3, max_f: int = 3, max_hw: int = 8, max_k: int = 4):
+    """(N, C, F, H, W, KH, KW, stride, padding) with at least one output pixel."""
+    n, c, f = draw(st.integers(1, max_n)), draw(st.integers(1, max_c)), draw(st.integers(1, max_f))
+    kh, kw = draw(st.integers(1, max_k)), draw(st.integers(1, max_k))
+    ph, pw = draw(st.integers(0, 2)), draw(st.integers(0, 2))
+    h = draw(st.integers(max(1, kh - 2 * ph), max_hw))
+    w = draw(st.integers(max(1, kw - 2 * pw), max_hw))
+    sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    return n, c, f, h, w, kh, kw, (sh, sw), (ph, pw)
+
+
+@st.composite
+def pool_geometry(draw, max_n: int = 2, max_c: int = 3, max_hw: int = 9, max_k: int = 3):
+    """(N, C, H, W, kernel, stride) with the kernel inside the input."""
+    n, c = draw(st.integers(1, max_n)), draw(st.integers(1, max_c))
+    kh, kw = draw(st.integers(1, max_k)), draw(st.integers(1, max_k))
+    h, w = draw(st.integers(kh, max_hw)), draw(st.integers(kw, max_hw))
+    sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    return n, c, h, w, (kh, kw), (sh, sw)

@@ -1,0 +1,560 @@
+"""Tests for sclref.kernels: each kernel against its NumPy twin, each twin against an
+independent definition, plus tie-breaking, accumulation, full overwrite of outputs,
+run-to-run determinism and an optional PyTorch cross-check."""
+
+import contextlib
+import dataclasses
+import os
+import pathlib
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from sclref import kernels
+from sclref.kernels import conv as conv_module
+from sclref.kernels import conv2d_bwd_input, conv2d_bwd_weight, conv2d_fwd, maxpool2d_bwd, maxpool2d_fwd
+from sclref.kernels import leaky_relu_bwd, leaky_relu_fwd, relu_bwd, relu_fwd
+from sclref.kernels import reference as ref
+
+# Interpreted kernels (NUMBA_DISABLE_JIT=1) are slow: fewer examples keep the run short.
+EXAMPLES = 8 if kernels.JIT_DISABLED else 30
+RTOL = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-10}
+LAYOUTS = {"per-sample": 0, "batch-wide": 10**9}
+
+
+# -- strategies --------------------------------------------------------------------------
+
+
+@dataclass
+class ConvCase:
+    n: int
+    c: int
+    f: int
+    h: int
+    w: int
+    kh: int
+    kw: int
+    sh: int
+    sw: int
+    ph: int
+    pw: int
+    dtype: type
+    seed: int
+
+    @property
+    def out_hw(self):
+        return (self.h + 2 * self.ph - self.kh) // self.sh + 1, (self.w + 2 * self.pw - self.kw) // self.sw + 1
+
+    @property
+    def geometry(self):
+        return self.sh, self.sw, self.ph, self.pw
+
+    def arrays(self):
+        """x, w and an upstream gradient gy, drawn from the case's seed."""
+        rng = np.random.default_rng(self.seed)
+        x = rng.standard_normal((self.n, self.c, self.h, self.w)).astype(self.dtype)
+        w = rng.standard_normal((self.f, self.c, self.kh, self.kw)).astype(self.dtype)
+        gy = rng.standard_normal((self.n, self.f, *self.out_hw)).astype(self.dtype)
+        return x, w, gy
+
+
+@st.composite
+def conv_cases(draw, max_extra=4):
+    """Small conv geometries: strides 1-3, padding up to kernel-1, kernel up to the padded input."""
+    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    ph, pw = draw(st.integers(0, kh - 1)), draw(st.integers(0, kw - 1))
+    h = draw(st.integers(max(1, kh - 2 * ph), kh + max_extra))
+    w = draw(st.integers(max(1, kw - 2 * pw), kw + max_extra))
+    return ConvCase(n=draw(st.integers(1, 3)), c=draw(st.integers(1, 3)), f=draw(st.integers(1, 3)), h=h, w=w,
+                    kh=kh, kw=kw, sh=draw(st.integers(1, 3)), sw=draw(st.integers(1, 3)), ph=ph, pw=pw,
+                    dtype=draw(st.sampled_from([np.float32, np.float64])), seed=draw(st.integers(0, 2**32 - 1)))
+
+
+@dataclass
+class PoolCase:
+    n: int
+    c: int
+    h: int
+    w: int
+    kh: int
+    kw: int
+    sh: int
+    sw: int
+    dtype: type
+    seed: int
+
+    @property
+    def out_shape(self):
+        return self.n, self.c, (self.h - self.kh) // self.sh + 1, (self.w - self.kw) // self.sw + 1
+
+    def x(self, with_nan=False):
+        """Input from few distinct values, so windows often tie; optionally with NaNs."""
+        rng = np.random.default_rng(self.seed)
+        x = rng.integers(-2, 3, size=(self.n, self.c, self.h, self.w)).astype(self.dtype)
+        if with_nan:
+            x[rng.random(x.shape) < 0.1] = np.nan
+        return x
+
+
+@st.composite
+def pool_cases(draw):
+    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    return PoolCase(n=draw(st.integers(1, 2)), c=draw(st.integers(1, 3)), h=draw(st.integers(kh, kh + 5)),
+                    w=draw(st.integers(kw, kw + 5)), kh=kh, kw=kw, sh=draw(st.integers(1, 3)),
+                    sw=draw(st.integers(1, 3)), dtype=draw(st.sampled_from([np.float32, np.float64])),
+                    seed=draw(st.integers(0, 2**32 - 1)))
+
+
+def assert_within(got, want, bound, dtype):
+    """|got - want| <= rtol * bound elementwise, bound being the sum of |terms| of each entry."""
+    err = np.abs(got.astype(np.float64) - want)
+    limit = RTOL[np.dtype(dtype)] * (bound + np.finfo(dtype).tiny)
+    worst = np.unravel_index(np.argmax(err - limit), err.shape)
+    assert np.all(err <= limit), f"error {err[worst]:.3g} > {limit[worst]:.3g} at {worst}"
+
+
+@contextlib.contextmanager
+def conv_layout(name, one_image_chunks=False):
+    """Force the conv kernels onto one im2col buffer layout, optionally one image per chunk."""
+    old = conv_module.PER_SAMPLE_MIN_P, conv_module._Plan.SCRATCH_BYTES
+    conv_module.PER_SAMPLE_MIN_P = LAYOUTS[name]
+    if one_image_chunks:
+        conv_module._Plan.SCRATCH_BYTES = {True: 1, False: 1}
+    try:
+        yield
+    finally:
+        conv_module.PER_SAMPLE_MIN_P, conv_module._Plan.SCRATCH_BYTES = old
+
+
+# -- conv: kernels vs twins ----------------------------------------------------------------
+
+# Corner cases named in the contract: kernel == padded input, 1x1, strided and padded.
+_CORNERS = [
+    ConvCase(2, 3, 2, 4, 5, 4, 5, 1, 1, 0, 0, np.float64, 1),
+    ConvCase(2, 3, 4, 5, 5, 1, 1, 1, 1, 0, 0, np.float32, 2),
+    ConvCase(1, 2, 3, 7, 6, 3, 2, 2, 3, 2, 1, np.float64, 3),
+    ConvCase(1, 1, 1, 1, 1, 3, 3, 1, 1, 1, 1, np.float32, 4),
+]
+
+
+def _with_corners(test):
+    for case in _CORNERS:
+        test = example(case=case, chunked=case.n > 1)(test)
+    return test
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@settings(deadline=None, max_examples=EXAMPLES)
+@given(case=conv_cases(), chunked=st.booleans())
+@_with_corners
+def test_conv2d_fwd_matches_reference(layout, case, chunked):
+    x, w, _ = case.arrays()
+    out = np.full((case.n, case.f, *case.out_hw), np.nan, dtype=case.dtype)
+    with conv_layout(layout, chunked):
+        conv2d_fwd(x, w, *case.geometry, out)
+    want = np.empty(out.shape)
+    ref.conv2d_fwd(x.astype(np.float64), w.astype(np.float64), *case.geometry, want)
+    bound = np.empty(out.shape)
+    ref.conv2d_fwd(np.abs(x).astype(np.float64), np.abs(w).astype(np.float64), *case.geometry, bound)
+    assert out.dtype == case.dtype
+    assert_within(out, want, bound, case.dtype)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@settings(deadline=None, max_examples=EXAMPLES)
+@given(case=conv_cases(), chunked=st.booleans())
+@_with_corners
+def test_conv2d_bwd_input_matches_reference_and_overwrites_gx(layout, case, chunked):
+    x, w, gy = case.arrays()
+    gx = np.full(x.shape, np.nan, dtype=case.dtype)
+    with conv_layout(layout, chunked):
+        conv2d_bwd_input(gy, w, *case.geometry, gx)
+    want = np.empty(x.shape)
+    ref.conv2d_bwd_input(gy.astype(np.float64), w.astype(np.float64), *case.geometry, want)
+    bound = np.empty(x.shape)
+    ref.conv2d_bwd_input(np.abs(gy).astype(np.float64), np.abs(w).astype(np.float64), *case.geometry, bound)
+    assert_within(gx, want, bound, case.dtype)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@settings(deadline=None, max_examples=EXAMPLES)
+@given(case=conv_cases(), chunked=st.booleans())
+@_with_corners
+def test_conv2d_bwd_weight_matches_reference_and_overwrites_gw(layout, case, chunked):
+    x, w, gy = case.arrays()
+    gw = np.full(w.shape, np.nan, dtype=case.dtype)
+    with conv_layout(layout, chunked):
+        conv2d_bwd_weight(x, gy, *case.geometry, gw)
+    want = np.empty(w.shape)
+    ref.conv2d_bwd_weight(x.astype(np.float64), gy.astype(np.float64), *case.geometry, want)
+    bound = np.empty(w.shape)
+    ref.conv2d_bwd_weight(np.abs(x).astype(np.float64), np.abs(gy).astype(np.float64), *case.geometry, bound)
+    assert_within(gw, want, bound, case.dtype)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_conv2d_in_float32_agrees_with_the_float32_twin(layout):
+    case = ConvCase(3, 2, 4, 9, 8, 3, 3, 2, 1, 1, 2, np.float32, 5)
+    x, w, gy = case.arrays()
+    shape = (case.n, case.f, *case.out_hw)
+    got, want = np.empty(shape, np.float32), np.empty(shape, np.float32)
+    with conv_layout(layout):
+        conv2d_fwd(x, w, *case.geometry, got)
+    ref.conv2d_fwd(x, w, *case.geometry, want)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+# -- conv: twins vs independent definitions ------------------------------------------------
+
+
+def _conv_direct(x, w, sh, sw, ph, pw):
+    """The convolution sum written out, with padding handled by skipping outside taps."""
+    n, c, h, wd = x.shape
+    f, _, kh, kw = w.shape
+    oh, ow = (h + 2 * ph - kh) // sh + 1, (wd + 2 * pw - kw) // sw + 1
+    out = np.zeros((n, f, oh, ow))
+    for b in range(n):
+        for o in range(f):
+            for a in range(oh):
+                for e in range(ow):
+                    for ch in range(c):
+                        for i in range(kh):
+                            for j in range(kw):
+                                r, q = a * sh + i - ph, e * sw + j - pw
+                                if 0 <= r < h and 0 <= q < wd:
+                                    out[b, o, a, e] += w[o, ch, i, j] * x[b, ch, r, q]
+    return out
+
+
+@pytest.mark.parametrize("geometry", [(1, 1, 0, 0), (2, 1, 1, 0), (2, 3, 1, 2), (3, 2, 2, 2)])
+def test_reference_conv2d_fwd_matches_the_direct_sum(geometry):
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((2, 2, 6, 7)), rng.standard_normal((3, 2, 3, 3))
+    want = _conv_direct(x, w, *geometry)
+    got = np.empty(want.shape)
+    ref.conv2d_fwd(x, w, *geometry, got)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("geometry", [(1, 1, 0, 0), (2, 1, 1, 0), (2, 3, 1, 2), (3, 2, 2, 2)])
+def test_reference_conv2d_gradients_match_finite_differences(geometry):
+    """Random projection: d/dt <u, conv(x + t v, w + t s)> equals <gx, v> + <gw, s>."""
+    rng = np.random.default_rng(1)
+    x, w = rng.standard_normal((2, 2, 6, 7)), rng.standard_normal((3, 2, 3, 3))
+    v, s = rng.standard_normal(x.shape), rng.standard_normal(w.shape)
+    y = _conv_direct(x, w, *geometry)
+    u = rng.standard_normal(y.shape)
+
+    def loss(t):
+        return np.sum(u * _conv_direct(x + t * v, w + t * s, *geometry))
+
+    eps = 1e-4
+    numeric = (loss(eps) - loss(-eps)) / (2 * eps)
+    gx, gw = np.empty(x.shape), np.empty(w.shape)
+    ref.conv2d_bwd_input(u, w, *geometry, gx)
+    ref.conv2d_bwd_weight(x, u, *geometry, gw)
+    analytic = np.sum(gx * v) + np.sum(gw * s)
+    # The loss is quadratic in t, so the central difference is exact up to rounding.
+    assert abs(numeric - analytic) <= 1e-7 * max(1.0, abs(analytic))
+
+
+def test_a_wrong_conv_gradient_fails_the_finite_difference_check():
+    rng = np.random.default_rng(2)
+    x, w = rng.standard_normal((1, 2, 5, 5)), rng.standard_normal((2, 2, 3, 3))
+    v = rng.standard_normal(x.shape)
+    u = rng.standard_normal(_conv_direct(x, w, 1, 1, 1, 1).shape)
+    eps = 1e-4
+    numeric = (np.sum(u * _conv_direct(x + eps * v, w, 1, 1, 1, 1))
+               - np.sum(u * _conv_direct(x - eps * v, w, 1, 1, 1, 1))) / (2 * eps)
+    gx = np.empty(x.shape)
+    ref.conv2d_bwd_input(u, w[:, :, ::-1, ::-1].copy(), 1, 1, 1, 1, gx)  # flipped filters: a classic bug
+    assert abs(numeric - np.sum(gx * v)) > 1e-3
+
+
+# -- pooling ------------------------------------------------------------------------------
+
+
+@settings(deadline=None, max_examples=EXAMPLES)
+@given(case=pool_cases(), with_nan=st.booleans())
+def test_maxpool2d_fwd_matches_reference_exactly(case, with_nan):
+    x = case.x(with_nan)
+    out, argmax = np.full(case.out_shape, -7, dtype=case.dtype), np.full(case.out_shape, -1, dtype=np.int64)
+    maxpool2d_fwd(x, case.kh, case.kw, case.sh, case.sw, out, argmax)
+    want, want_arg = np.empty_like(out), np.empty_like(argmax)
+    ref.maxpool2d_fwd(x, case.kh, case.kw, case.sh, case.sw, want, want_arg)
+    np.testing.assert_array_equal(argmax, want_arg)
+    np.testing.assert_array_equal(out, want)
+
+
+@settings(deadline=None, max_examples=EXAMPLES)
+@given(case=pool_cases())
+def test_maxpool2d_bwd_matches_reference_and_overwrites_gx(case):
+    x = case.x()
+    out, argmax = np.empty(case.out_shape, dtype=case.dtype), np.empty(case.out_shape, dtype=np.int64)
+    maxpool2d_fwd(x, case.kh, case.kw, case.sh, case.sw, out, argmax)
+    gy = np.random.default_rng(case.seed).standard_normal(case.out_shape).astype(case.dtype)
+    gx = np.full(x.shape, np.nan, dtype=case.dtype)
+    maxpool2d_bwd(gy, argmax, gx)
+    want = np.empty(x.shape, dtype=case.dtype)
+    ref.maxpool2d_bwd(gy, argmax, want)
+    np.testing.assert_allclose(gx, want, rtol=RTOL[np.dtype(case.dtype)], atol=0)
+
+
+def _maxpool_loops(x, kh, kw, sh, sw):
+    """Window maxima by explicit scan: first strict maximum wins, a NaN beats everything."""
+    n, c, h, w = x.shape
+    oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1
+    out, arg = np.empty((n, c, oh, ow)), np.empty((n, c, oh, ow), dtype=np.int64)
+    for b in range(n):
+        for ch in range(c):
+            for a in range(oh):
+                for e in range(ow):
+                    best, at = None, None
+                    for i in range(kh):
+                        for j in range(kw):
+                            v = x[b, ch, a * sh + i, e * sw + j]
+                            if best is None or (not np.isnan(best) and (np.isnan(v) or v > best)):
+                                best, at = v, (a * sh + i) * w + e * sw + j
+                    out[b, ch, a, e], arg[b, ch, a, e] = best, at
+    return out, arg
+
+
+@pytest.mark.parametrize("geometry", [(2, 2, 2, 2), (3, 2, 1, 2), (2, 3, 3, 1)])
+def test_reference_maxpool2d_fwd_matches_explicit_loops(geometry):
+    rng = np.random.default_rng(3)
+    x = rng.integers(-2, 3, size=(2, 2, 7, 8)).astype(np.float64)
+    x[0, 0, 1, 1] = x[1, 1, 4, 5] = np.nan
+    want, want_arg = _maxpool_loops(x, *geometry)
+    got, got_arg = np.empty(want.shape), np.empty(want.shape, dtype=np.int64)
+    ref.maxpool2d_fwd(x, *geometry, got, got_arg)
+    np.testing.assert_array_equal(got_arg, want_arg)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_reference_maxpool2d_bwd_matches_explicit_loop():
+    rng = np.random.default_rng(4)
+    argmax = rng.integers(0, 12, size=(2, 3, 4, 4))
+    gy = rng.standard_normal(argmax.shape)
+    want = np.zeros((2, 3, 3, 4))
+    for b, ch, a, e in np.ndindex(argmax.shape):
+        want[b, ch].reshape(-1)[argmax[b, ch, a, e]] += gy[b, ch, a, e]
+    got = np.empty(want.shape)
+    ref.maxpool2d_bwd(gy, argmax, got)
+    np.testing.assert_allclose(got, want, rtol=1e-14)
+
+
+@pytest.mark.parametrize("impl", [maxpool2d_fwd, ref.maxpool2d_fwd], ids=["kernel", "reference"])
+def test_maxpool2d_ties_go_to_the_first_maximum_in_row_major_order(impl):
+    x = np.array([[[[1.0, 5.0, 5.0],
+                    [5.0, 5.0, 0.0],
+                    [2.0, 2.0, 2.0]]]])
+    out, argmax = np.empty((1, 1, 2, 2)), np.empty((1, 1, 2, 2), dtype=np.int64)
+    impl(x, 2, 2, 1, 1, out, argmax)
+    np.testing.assert_array_equal(out[0, 0], [[5.0, 5.0], [5.0, 5.0]])
+    np.testing.assert_array_equal(argmax[0, 0], [[1, 1], [3, 4]])
+
+
+@pytest.mark.parametrize("impl", [maxpool2d_fwd, ref.maxpool2d_fwd], ids=["kernel", "reference"])
+def test_maxpool2d_propagates_the_first_nan(impl):
+    x = np.array([[[[1.0, np.nan], [np.nan, 9.0]]]])
+    out, argmax = np.empty((1, 1, 1, 1)), np.empty((1, 1, 1, 1), dtype=np.int64)
+    impl(x, 2, 2, 2, 2, out, argmax)
+    assert np.isnan(out[0, 0, 0, 0]) and argmax[0, 0, 0, 0] == 1
+
+
+@pytest.mark.parametrize("impl", [maxpool2d_bwd, ref.maxpool2d_bwd], ids=["kernel", "reference"])
+def test_maxpool2d_bwd_accumulates_over_overlapping_windows(impl):
+    x = np.zeros((1, 1, 3, 3))
+    x[0, 0, 1, 1] = 1.0  # the centre wins all four 2x2 windows at stride 1
+    out, argmax = np.empty((1, 1, 2, 2)), np.empty((1, 1, 2, 2), dtype=np.int64)
+    maxpool2d_fwd(x, 2, 2, 1, 1, out, argmax)
+    assert np.all(argmax == 4)
+    gy = np.array([[[[1.0, 2.0], [3.0, 4.0]]]])
+    gx = np.full(x.shape, np.nan)
+    impl(gy, argmax, gx)
+    want = np.zeros(x.shape)
+    want[0, 0, 1, 1] = 10.0
+    np.testing.assert_array_equal(gx, want)
+
+
+# -- elementwise ---------------------------------------------------------------------------
+
+_special = st.sampled_from([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-30, -1e-30])
+
+
+@st.composite
+def float_arrays(draw):
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    shape = draw(hnp.array_shapes(min_dims=0, max_dims=4, max_side=5))
+    elements = st.one_of(st.floats(-10, 10, width=np.dtype(dtype).itemsize * 8), _special)
+    return draw(hnp.arrays(dtype, shape, elements=elements))
+
+
+@settings(deadline=None, max_examples=EXAMPLES)
+@given(x=float_arrays(), seed=st.integers(0, 2**32 - 1), alpha=st.sampled_from([0.01, 0.2, 1 / 3]))
+def test_activations_match_reference_bit_for_bit(x, seed, alpha):
+    gy = np.random.default_rng(seed).standard_normal(x.shape).astype(x.dtype)
+    cases = [(relu_fwd, ref.relu_fwd, (x,)), (relu_bwd, ref.relu_bwd, (x, gy)),
+             (leaky_relu_fwd, ref.leaky_relu_fwd, (x, alpha)), (leaky_relu_bwd, ref.leaky_relu_bwd, (x, gy, alpha))]
+    for kernel, twin, args in cases:
+        got, want = np.full_like(x, 7.0), np.full_like(x, -7.0)
+        kernel(*args, got)
+        twin(*args, want)
+        assert got.dtype == x.dtype
+        np.testing.assert_array_equal(got, want, err_msg=kernel.__name__)
+
+
+def test_activations_on_special_values():
+    x = np.array([-np.inf, -1.0, -0.0, 0.0, 2.0, np.inf, np.nan])
+    gy = np.full(x.shape, 3.0)
+    out = np.empty_like(x)
+    relu_fwd(x, out)
+    np.testing.assert_array_equal(out, [0, 0, 0, 0, 2, np.inf, np.nan])
+    relu_bwd(x, gy, out)
+    np.testing.assert_array_equal(out, [0, 0, 0, 0, 3, 3, 0])
+    leaky_relu_fwd(x, 0.5, out)
+    np.testing.assert_array_equal(out, [-np.inf, -0.5, 0, 0, 2, np.inf, np.nan])
+    leaky_relu_bwd(x, gy, 0.5, out)
+    np.testing.assert_array_equal(out, [1.5, 1.5, 1.5, 1.5, 3, 3, 1.5])
+
+
+def test_leaky_relu_rounds_alpha_to_the_array_dtype():
+    x = np.array([-3.0], dtype=np.float32)
+    out = np.empty_like(x)
+    leaky_relu_fwd(x, 0.1, out)
+    assert out[0] == np.float32(0.1) * np.float32(-3.0)
+
+
+# -- determinism ---------------------------------------------------------------------------
+
+_DETERMINISM_CASES = [
+    ConvCase(8, 1, 4, 28, 28, 5, 5, 1, 1, 0, 0, np.float32, 6),   # conv1-like, per-sample layout
+    ConvCase(8, 4, 6, 12, 12, 5, 5, 1, 1, 0, 0, np.float32, 7),   # conv2-like, batch-wide layout
+    ConvCase(4, 3, 5, 17, 15, 3, 3, 2, 2, 1, 1, np.float64, 8),   # padded and strided
+]
+
+
+def _run_all(case):
+    x, w, gy = case.arrays()
+    out = np.empty((case.n, case.f, *case.out_hw), dtype=case.dtype)
+    gx, gw = np.empty_like(x), np.empty_like(w)
+    conv2d_fwd(x, w, *case.geometry, out)
+    conv2d_bwd_input(gy, w, *case.geometry, gx)
+    conv2d_bwd_weight(x, gy, *case.geometry, gw)
+    pooled = np.empty((case.n, case.f, case.out_hw[0] // 2, case.out_hw[1] // 2), dtype=case.dtype)
+    argmax = np.empty(pooled.shape, dtype=np.int64)
+    maxpool2d_fwd(out, 2, 2, 2, 2, pooled, argmax)
+    gpool = np.empty_like(out)
+    maxpool2d_bwd(pooled, argmax, gpool)
+    act = np.empty_like(out)
+    relu_fwd(out, act)
+    return [out, gx, gw, pooled, argmax, gpool, act]
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["default-chunks", "one-image-chunks"])
+@pytest.mark.parametrize("case", _DETERMINISM_CASES, ids=["conv1", "conv2", "strided"])
+def test_same_inputs_give_bit_identical_outputs(case, chunked):
+    layout = "per-sample" if case.out_hw[0] * case.out_hw[1] >= conv_module.PER_SAMPLE_MIN_P else "batch-wide"
+    with conv_layout(layout, chunked):
+        first, second = _run_all(case), _run_all(case)
+    for a, b in zip(first, second):
+        assert a.tobytes() == b.tobytes()
+
+
+def test_conv_scratch_memory_is_bounded_for_large_batches():
+    for oh, per_sample in ((8, False), (24, True)):
+        plan = conv_module._Plan(4096, 20, 5, 5, oh, oh, np.float64)
+        one_image = plan.k * plan.p * 8
+        assert plan.per_sample == per_sample
+        assert plan.cols.nbytes <= max(conv_module._Plan.SCRATCH_BYTES[per_sample], one_image)
+
+
+_REPO = pathlib.Path(__file__).resolve().parents[1]
+_PARALLEL_SCRIPT = """
+import numpy as np
+from sclref import kernels
+from tests.test_kernels import _DETERMINISM_CASES, _run_all
+assert kernels.PARALLEL
+np.savez({path!r}, *[a for case in _DETERMINISM_CASES for a in _run_all(case)])
+"""
+
+
+@pytest.mark.skipif(kernels.JIT_DISABLED, reason="parallel mode needs the JIT")
+def test_parallel_mode_gives_the_same_bits_as_serial_mode(tmp_path):
+    path = tmp_path / "parallel.npz"
+    env = {**os.environ, "SCLREF_NUMBA_PARALLEL": "1"}
+    script = _PARALLEL_SCRIPT.format(path=str(path))
+    subprocess.run([sys.executable, "-c", script], env=env, cwd=_REPO, check=True, timeout=600)
+    got = np.load(path)
+    want = [a for case in _DETERMINISM_CASES for a in _run_all(case)]
+    assert len(got.files) == len(want)
+    for i, b in enumerate(want):
+        assert got[f"arr_{i}"].tobytes() == b.tobytes(), f"array {i} differs"
+
+
+# -- cross-check against PyTorch -----------------------------------------------------------
+
+
+@settings(deadline=None, max_examples=EXAMPLES)
+@given(case=conv_cases())
+def test_conv2d_and_maxpool2d_agree_with_torch(case):
+    torch = pytest.importorskip("torch")
+    # torch caps padding at half the kernel
+    case = dataclasses.replace(case, ph=min(case.ph, case.kh // 2), pw=min(case.pw, case.kw // 2))
+    x, w, gy = (a.astype(np.float64) for a in case.arrays())
+    tx, tw = torch.tensor(x, requires_grad=True), torch.tensor(w, requires_grad=True)
+    ty = torch.nn.functional.conv2d(tx, tw, stride=(case.sh, case.sw), padding=(case.ph, case.pw))
+    ty.backward(torch.tensor(gy))
+    out, gx, gw = np.empty(gy.shape), np.empty(x.shape), np.empty(w.shape)
+    conv2d_fwd(x, w, *case.geometry, out)
+    conv2d_bwd_input(gy, w, *case.geometry, gx)
+    conv2d_bwd_weight(x, gy, *case.geometry, gw)
+    np.testing.assert_allclose(out, ty.detach().numpy(), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(gx, tx.grad.numpy(), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(gw, tw.grad.numpy(), rtol=1e-10, atol=1e-10)
+
+    kh, kw = min(2, case.h), min(2, case.w)
+    tp, ti = torch.nn.functional.max_pool2d(torch.tensor(x), (kh, kw), stride=(case.sh, case.sw),
+                                            return_indices=True)
+    pooled, argmax = np.empty(tp.shape), np.empty(tp.shape, dtype=np.int64)
+    maxpool2d_fwd(x, kh, kw, case.sh, case.sw, pooled, argmax)
+    np.testing.assert_array_equal(pooled, tp.numpy())
+    np.testing.assert_array_equal(argmax, ti.numpy())
+
+
+# -- compilation flags -----------------------------------------------------------------------
+
+
+def test_jit_decorator_works_bare_and_called():
+    from sclref.kernels._jit import jit, pjit, prange
+
+    @jit
+    def add(a, b):
+        return a + b
+
+    @pjit()
+    def total(x):
+        s = 0.0
+        for i in prange(x.shape[0]):
+            s += x[i]
+        return s
+
+    assert add(2, 3) == 5
+    assert total(np.arange(5.0)) == 10.0
+
+
+def test_cache_and_parallel_are_opt_in_through_the_environment():
+    code = "import sclref.kernels._jit as j; print(j.CACHE, j.PARALLEL)"
+    env = {k: v for k, v in os.environ.items() if k not in ("SCLREF_NUMBA_CACHE", "SCLREF_NUMBA_PARALLEL")}
+    off = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                        env={**env, "SCLREF_NUMBA_CACHE": "1", "SCLREF_NUMBA_PARALLEL": "1"})
+    assert off.stdout.split() == ["False", "False"]
+    assert on.stdout.split() == ["True", "True"]
+

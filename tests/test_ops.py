@@ -1,0 +1,316 @@
+"""Every op: forward against a NumPy reference, gradient against finite differences, bad input."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sclref import Tensor, ops
+from sclref.testing import check_grads
+from tests.strategies import arrays, broadcastable_pair, conv_geometry, distinct_arrays, pool_geometry, shapes
+
+T = Tensor
+
+# -- references written independently of sclref's rules -----------------------------------
+
+
+def conv2d_ref(x, w, b, stride, padding):
+    (sh, sw), (ph, pw) = stride, padding
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    n, _, h, wd = xp.shape
+    f, _, kh, kw = w.shape
+    oh, ow = (h - kh) // sh + 1, (wd - kw) // sw + 1
+    out = np.zeros((n, f, oh, ow))
+    for i in range(oh):
+        for j in range(ow):
+            patch = xp[:, :, i * sh:i * sh + kh, j * sw:j * sw + kw]
+            out[:, :, i, j] = np.einsum("nckl,fckl->nf", patch, w)
+    return out if b is None else out + b[None, :, None, None]
+
+
+def max_pool_ref(x, k, s):
+    n, c, h, w = x.shape
+    oh, ow = (h - k[0]) // s[0] + 1, (w - k[1]) // s[1] + 1
+    out = np.empty((n, c, oh, ow))
+    for i in range(oh):
+        for j in range(ow):
+            out[:, :, i, j] = x[:, :, i * s[0]:i * s[0] + k[0], j * s[1]:j * s[1] + k[1]].max(axis=(2, 3))
+    return out
+
+
+def log_softmax_ref(x, axis):
+    m = x.max(axis=axis, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=axis, keepdims=True))
+
+
+# -- elementwise binary ops with broadcasting ---------------------------------------------
+
+BINARY = [
+    (ops.add, np.add),
+    (ops.sub, np.subtract),
+    (ops.mul, np.multiply),
+    (ops.div, np.divide),
+]
+
+
+@pytest.mark.parametrize("op,ref", BINARY, ids=lambda f: getattr(f, "__name__", ""))
+@given(data=st.data(), pair=broadcastable_pair())
+def test_binary_forward_and_grad(op, ref, data, pair):
+    sa, sb = pair
+    a = data.draw(arrays(sa))
+    b = data.draw(arrays(sb, low=0.5, high=2.0)) * data.draw(st.sampled_from([-1.0, 1.0]))  # keep div away from 0
+    np.testing.assert_allclose(op(T(a), T(b)).data, ref(a, b), rtol=1e-15)
+    check_grads(op, a, b)
+
+
+@given(shape=shapes(), data=st.data())
+def test_neg_exp_forward_and_grad(shape, data):
+    a = data.draw(arrays(shape))
+    np.testing.assert_array_equal(ops.neg(T(a)).data, -a)
+    np.testing.assert_allclose(ops.exp(T(a)).data, np.exp(a), rtol=1e-15)
+    check_grads(ops.neg, a)
+    check_grads(ops.exp, a)
+
+
+@given(shape=shapes(), data=st.data())
+def test_log_forward_and_grad(shape, data):
+    a = data.draw(arrays(shape, low=0.2, high=3.0))
+    np.testing.assert_allclose(ops.log(T(a)).data, np.log(a), rtol=1e-15)
+    check_grads(ops.log, a)
+
+
+@given(shape=shapes(), p=st.sampled_from([2, 3, -1, 0.5, 1.5, -2.5]), data=st.data())
+def test_pow_forward_and_grad(shape, p, data):
+    a = data.draw(arrays(shape, low=0.3, high=2.0))
+    np.testing.assert_allclose(ops.pow(T(a), p).data, a**p, rtol=1e-14)
+    check_grads(lambda t: t**p, a)
+
+
+@given(shape=shapes(), p=st.sampled_from([2, 3]), data=st.data())
+def test_integer_pow_of_negative_base(shape, p, data):
+    a = data.draw(arrays(shape, low=-2.0, high=-0.3))
+    check_grads(lambda t: t**p, a)
+
+
+# -- linear algebra and reductions --------------------------------------------------------
+
+
+@given(m=st.integers(1, 5), k=st.integers(1, 5), n=st.integers(1, 5), batch=shapes(0, 2, 1, 3), data=st.data())
+def test_matmul_forward_and_grad(m, k, n, batch, data):
+    a = data.draw(arrays(batch + (m, k)))
+    b = data.draw(arrays((k, n)))
+    np.testing.assert_allclose(ops.matmul(T(a), T(b)).data, a @ b, rtol=1e-13)
+    check_grads(ops.matmul, a, b)
+
+
+@given(k=st.integers(1, 5), n=st.integers(1, 4), data=st.data())
+def test_matmul_with_vectors(k, n, data):
+    v, m, u = data.draw(arrays((k,))), data.draw(arrays((k, n))), data.draw(arrays((k,)))
+    check_grads(ops.matmul, v, m)
+    check_grads(ops.matmul, m.T.copy(), v)
+    check_grads(ops.matmul, v, u)
+
+
+@pytest.mark.parametrize("op,ref", [(ops.sum, np.sum), (ops.mean, np.mean)], ids=["sum", "mean"])
+@given(shape=shapes(1, 4), keepdims=st.booleans(), data=st.data())
+def test_reductions_forward_and_grad(op, ref, shape, keepdims, data):
+    a = data.draw(arrays(shape))
+    axis = data.draw(
+        st.none() | st.integers(-len(shape), len(shape) - 1)
+        | st.lists(st.integers(0, len(shape) - 1), min_size=1, max_size=len(shape), unique=True).map(tuple)
+    )
+    np.testing.assert_allclose(op(T(a), axis, keepdims).data, ref(a, axis=axis, keepdims=keepdims), rtol=1e-13)
+    check_grads(lambda t: op(t, axis, keepdims), a)
+
+
+@given(shape=shapes(1, 4), data=st.data())
+def test_reshape_flatten_transpose(shape, data):
+    a = data.draw(arrays(shape))
+    np.testing.assert_array_equal(ops.reshape(T(a), (-1,)).data, a.reshape(-1))
+    check_grads(lambda t: ops.reshape(t, (a.size,)), a)
+    start = data.draw(st.integers(0, len(shape) - 1))
+    np.testing.assert_array_equal(ops.flatten(T(a), start).data, a.reshape(shape[:start] + (-1,)))
+    check_grads(lambda t: ops.flatten(t, start), a)
+    perm = tuple(data.draw(st.permutations(range(len(shape)))))
+    np.testing.assert_array_equal(ops.transpose(T(a), perm).data, a.transpose(perm))
+    check_grads(lambda t: ops.transpose(t, perm), a)
+    check_grads(lambda t: t.T, a)
+
+
+# -- activations and losses --------------------------------------------------------------
+
+
+@given(shape=shapes(), data=st.data())
+def test_relu_forward_and_grad(shape, data):
+    a = data.draw(arrays(shape, kink=0.0))
+    np.testing.assert_array_equal(ops.relu(T(a)).data, np.maximum(a, 0))
+    check_grads(ops.relu, a)
+
+
+@given(shape=shapes(), alpha=st.floats(0.0, 0.5), data=st.data())
+def test_leaky_relu_forward_and_grad(shape, alpha, data):
+    a = data.draw(arrays(shape, kink=0.0))
+    np.testing.assert_allclose(ops.leaky_relu(T(a), alpha).data, np.where(a > 0, a, alpha * a), rtol=1e-15)
+    check_grads(lambda t: ops.leaky_relu(t, alpha), a)
+
+
+@given(shape=shapes(), data=st.data())
+def test_sigmoid_forward_and_grad(shape, data):
+    a = data.draw(arrays(shape, low=-8, high=8))
+    np.testing.assert_allclose(ops.sigmoid(T(a)).data, 1 / (1 + np.exp(-a)), rtol=1e-14)
+    check_grads(ops.sigmoid, a)
+
+
+def test_sigmoid_does_not_overflow():
+    y = ops.sigmoid(T([-1000.0, 0.0, 1000.0])).data
+    np.testing.assert_array_equal(y, [0.0, 0.5, 1.0])
+
+
+@given(shape=shapes(1, 3), data=st.data())
+def test_log_softmax_forward_and_grad(shape, data):
+    a = data.draw(arrays(shape, low=-5, high=5))
+    axis = data.draw(st.integers(-len(shape), len(shape) - 1))
+    np.testing.assert_allclose(ops.log_softmax(T(a), axis).data, log_softmax_ref(a, axis), rtol=1e-12, atol=1e-14)
+    check_grads(lambda t: ops.log_softmax(t, axis), a)
+
+
+@given(n=st.integers(1, 6), c=st.integers(1, 6), reduction=st.sampled_from(["mean", "sum", "none"]), data=st.data())
+def test_cross_entropy_forward_and_grad(n, c, reduction, data):
+    logits = data.draw(arrays((n, c), low=-4, high=4))
+    labels = np.asarray(data.draw(st.lists(st.integers(0, c - 1), min_size=n, max_size=n)))
+    losses = -log_softmax_ref(logits, 1)[np.arange(n), labels]
+    expected = {"mean": losses.mean(), "sum": losses.sum(), "none": losses}[reduction]
+    np.testing.assert_allclose(ops.cross_entropy(T(logits), labels, reduction).data, expected, rtol=1e-12)
+    check_grads(lambda t: ops.cross_entropy(t, labels, reduction), logits)
+
+
+def test_cross_entropy_of_huge_logits_is_finite():
+    loss = ops.cross_entropy(T([[1000.0, 0.0], [0.0, -1000.0]]), np.array([1, 1]))
+    assert np.isfinite(loss.item())
+    np.testing.assert_allclose(loss.item(), 1000.0)
+
+
+# -- convolution, pooling, dropout -------------------------------------------------------
+
+
+@given(geom=conv_geometry(), bias=st.booleans(), data=st.data())
+def test_conv2d_forward_and_grad(geom, bias, data):
+    n, c, f, h, w, kh, kw, stride, padding = geom
+    x = data.draw(arrays((n, c, h, w)))
+    wt = data.draw(arrays((f, c, kh, kw)))
+    b = data.draw(arrays((f,))) if bias else None
+    out = ops.conv2d(T(x), T(wt), None if b is None else T(b), stride, padding)
+    np.testing.assert_allclose(out.data, conv2d_ref(x, wt, b, stride, padding), rtol=1e-12, atol=1e-12)
+    if bias:
+        check_grads(lambda a, k, c_: ops.conv2d(a, k, c_, stride, padding), x, wt, b)
+    else:
+        check_grads(lambda a, k: ops.conv2d(a, k, None, stride, padding), x, wt)
+
+
+@given(geom=pool_geometry(), data=st.data())
+def test_max_pool2d_forward_and_grad(geom, data):
+    n, c, h, w, k, s = geom
+    x = data.draw(distinct_arrays((n, c, h, w)))
+    np.testing.assert_array_equal(ops.max_pool2d(T(x), k, s).data, max_pool_ref(x, k, s))
+    check_grads(lambda t: ops.max_pool2d(t, k, s), x)
+
+
+@given(shape=shapes(1, 3), p=st.floats(0.05, 0.9), seed=st.integers(0, 2**31), data=st.data())
+def test_dropout_forward_and_grad(shape, p, seed, data):
+    a = data.draw(arrays(shape))
+    y = ops.dropout(T(a), p, generator=np.random.default_rng(seed)).data
+    kept = y != 0
+    np.testing.assert_allclose(y[kept], a[kept] / (1 - p), rtol=1e-14)
+    same = ops.dropout(T(a), p, generator=np.random.default_rng(seed)).data
+    np.testing.assert_array_equal(y, same)
+    check_grads(lambda t: ops.dropout(t, p, generator=np.random.default_rng(seed)), a)
+
+
+def test_dropout_keeps_the_expected_fraction_and_is_off_in_eval():
+    a = T(np.ones(200_000))
+    y = ops.dropout(a, 0.3, generator=np.random.default_rng(1)).data
+    assert abs((y == 0).mean() - 0.3) < 0.005
+    assert ops.dropout(a, 0.3, training=False) is a
+
+
+# -- bad input: clear errors naming the problem --------------------------------------------
+
+
+def test_matmul_shape_mismatch():
+    with pytest.raises(ValueError, match=r"matmul: shapes \(2, 3\) and \(4, 5\) do not align"):
+        ops.matmul(T(np.ones((2, 3))), T(np.ones((4, 5))))
+
+
+def test_broadcast_mismatch_names_the_op():
+    with pytest.raises(ValueError, match=r"add: shapes \(2, 3\) and \(4,\) cannot be broadcast"):
+        T(np.ones((2, 3))) + T(np.ones(4))
+
+
+def test_conv2d_bad_inputs():
+    x, w = T(np.ones((1, 3, 5, 5))), T(np.ones((2, 1, 3, 3)))
+    with pytest.raises(ValueError, match="input has 3 channels but weight"):
+        ops.conv2d(x, w)
+    with pytest.raises(ValueError, match="4-D"):
+        ops.conv2d(T(np.ones((3, 5, 5))), w)
+    with pytest.raises(ValueError, match="larger than the padded input"):
+        ops.conv2d(T(np.ones((1, 1, 2, 2))), w)
+    with pytest.raises(ValueError, match="stride"):
+        ops.conv2d(T(np.ones((1, 1, 5, 5))), w, stride=0)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        ops.conv2d(T(np.ones((1, 1, 5, 5))), w, T(np.ones(3)))
+
+
+def test_max_pool_bad_inputs():
+    with pytest.raises(ValueError, match="larger than the input"):
+        ops.max_pool2d(T(np.ones((1, 1, 2, 2))), 3)
+    with pytest.raises(ValueError, match="NaN"):
+        ops.max_pool2d(T(np.full((1, 1, 2, 2), np.nan)), 2)
+
+
+def test_cross_entropy_bad_labels():
+    logits = T(np.zeros((3, 4)))
+    with pytest.raises(ValueError, match=r"label 4 is outside the class range \[0, 4\)"):
+        ops.cross_entropy(logits, np.array([0, 4, 1]))
+    with pytest.raises(ValueError, match="label -1"):
+        ops.cross_entropy(logits, np.array([0, -1, 1]))
+    with pytest.raises(ValueError, match="expected 3 labels"):
+        ops.cross_entropy(logits, np.array([0, 1]))
+    with pytest.raises(TypeError, match="labels must be integers"):
+        ops.cross_entropy(logits, np.array([0.5, 1.0, 2.0]))
+    with pytest.raises(ValueError, match="logits must be"):
+        ops.cross_entropy(T(np.zeros(4)), np.array([0]))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_logits_are_refused(bad):
+    logits = np.zeros((2, 3))
+    logits[1, 2] = bad
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        ops.cross_entropy(T(logits), np.array([0, 1]))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        ops.log_softmax(T(logits))
+
+
+def test_log_and_pow_domain_errors():
+    with pytest.raises(ValueError, match="log: input must be positive"):
+        ops.log(T([1.0, -1.0]))
+    with pytest.raises(ValueError, match="log: input must be positive"):
+        ops.log(T([1.0, np.nan]))
+    with pytest.raises(ValueError, match="negative base"):
+        T([-1.0]) ** 0.5
+    with pytest.raises(ValueError, match="zero base"):
+        T([0.0]) ** -1
+    with pytest.raises(TypeError, match="exponent must be a constant"):
+        T([1.0]) ** T([2.0])
+
+
+def test_reduction_and_shape_errors():
+    a = T(np.ones((2, 3)))
+    with pytest.raises(ValueError, match="axis 2 is out of range"):
+        ops.sum(a, 2)
+    with pytest.raises(ValueError, match="cannot reshape"):
+        ops.reshape(a, (4,))
+    with pytest.raises(ValueError, match="not a permutation"):
+        ops.transpose(a, (0, 0))
+    with pytest.raises(ValueError, match="dropout: p must be"):
+        ops.dropout(a, 1.0)
