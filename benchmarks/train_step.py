@@ -73,7 +73,7 @@ MODELS = {"LeNet-300-100": sclref.models.lenet_300_100, "LeNet-5": sclref.models
 
 def _workload(model_name: str, batch: int):
     sclref.manual_seed(0)
-    model = MODELS[model_name](dtype=np.float32)
+    model = MODELS[model_name](masked=False, dtype=np.float32)
     gen = np.random.default_rng(0)
     x = gen.standard_normal((batch, 1, 28, 28)).astype(np.float32)
     return model, x, gen.integers(0, 10, batch)

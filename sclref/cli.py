@@ -39,6 +39,76 @@ def _gradcheck(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train_arguments(p: argparse.ArgumentParser) -> None:
+    from sclref.train import TrainConfig
+
+    d = TrainConfig()
+    p.add_argument("--model", default=d.model, help=f"lenet300 or lenet5 (default {d.model})")
+    p.add_argument("--data", default=d.data,
+                   help="'digits' (bundled), a directory of MNIST-format IDX files, or a .npz (default digits)")
+    p.add_argument("--ste", default=d.ste, help=f"straight-through estimator (default {d.ste})")
+    p.add_argument("--alpha", type=float, default=d.ste_alpha, dest="ste_alpha",
+                   help=f"slope of the leaky_relu STE (default {d.ste_alpha})")
+    p.add_argument("--lam", type=float, default=d.lam, help=f"λ of the connection-count regularizer (default {d.lam})")
+    p.add_argument("--target-sparsity", type=float, default=None, metavar="PCT",
+                   help="adjust λ during training to land at this overall sparsity in percent, e.g. 98")
+    p.add_argument("--lam-gain", type=float, default=d.lam_gain,
+                   help=f"with --target-sparsity: how fast λ follows the sparsity error (default {d.lam_gain:g})")
+    p.add_argument("--normalization", default=d.normalization, help="mask-gradient normalization: l2, max or none")
+    p.add_argument("--weighting", default=d.weighting, help="regularize connection count or flops (default count)")
+    p.add_argument("--normalize", default=d.normalize, help="normalize the task gradient ('task') or the total")
+    p.add_argument("--epochs", type=int, default=d.epochs, help=f"mask-learning epochs (default {d.epochs})")
+    p.add_argument("--finetune-epochs", type=int, default=d.finetune_epochs,
+                   help=f"epochs training θ with frozen masks (default {d.finetune_epochs})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr, help=f"learning rate of the weights θ (default {d.lr})")
+    p.add_argument("--mask-lr", type=float, default=d.mask_lr,
+                   help=f"learning rate of the mask variables s (default {d.mask_lr})")
+    p.add_argument("--momentum", type=float, default=d.momentum, help="momentum of the weights' SGD")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--score-init", type=float, default=d.score_init, help="initial mask variables (default 1)")
+    p.add_argument("--dense", action="store_true", help="train the plain network without masks (a baseline)")
+    p.add_argument("--dtype", default=d.dtype, help="float32 (default) or float64")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--train-limit", type=int, default=None, metavar="N", help="use the first N training samples")
+    p.add_argument("--test-limit", type=int, default=None, metavar="N", help="use the first N test samples")
+    p.add_argument("--out", default=None, help="output directory (default runs/MODEL-DATA-STE-seedN)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--json", action="store_true", help="print the final metrics as JSON on stdout")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _train(args: argparse.Namespace) -> int:
+    """Train with SCL, print one line per epoch and the per-layer table, write the run."""
+    import json
+    from pathlib import Path
+
+    from sclref.train import METRICS, TrainConfig, format_layers, train
+
+    values = {k: v for k, v in vars(args).items() if k not in ("func", "command", "out", "resume", "json",
+                                                               "no_progress", "dense")}
+    config = TrainConfig(masked=not args.dense, **values)
+    data_name = Path(config.data).stem or config.data
+    out = Path(args.out or f"runs/{config.model}-{data_name}-{config.ste if config.masked else 'dense'}"
+                              f"-seed{config.seed}")
+    log = (lambda line: print(line, file=sys.stderr)) if args.json else print
+    try:
+        result = train(config, out, resume=args.resume, log=log, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, TypeError) as err:
+        print(f"sclref train: error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print((out / METRICS).read_text(), end="")
+        return 0
+    final = result.history[-1]
+    if result.layers:
+        print()
+        print(format_layers(result.layers))
+    print(f"\ntest error {100 * final['test_error']:.2f}%, sparsity {100 * final['sparsity']:.2f}%; "
+          f"run written to {out}/")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sclref",
@@ -48,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     info = sub.add_parser("info", help="print versions, threads and JIT status")
     info.set_defaults(func=_info)
+    train = sub.add_parser("train", help="learn a sparse network with SCL (default: LeNet-300-100 on digits)")
+    _add_train_arguments(train)
+    train.set_defaults(func=_train)
     check = sub.add_parser("gradcheck", help="check every op's gradient against finite differences")
     check.add_argument("--seed", type=int, default=0, help="seed of the test points (default 0)")
     check.set_defaults(func=_gradcheck)

@@ -66,3 +66,27 @@ def pool_geometry(draw, max_n: int = 2, max_c: int = 3, max_hw: int = 9, max_k: 
     h, w = draw(st.integers(kh, max_hw)), draw(st.integers(kw, max_hw))
     sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
     return n, c, h, w, (kh, kw), (sh, sw)
+
+
+@st.composite
+def scores(draw, shape, low: float = -3.0, high: float = 3.0, specials=(0.0, 1.0, -1.0), dtype=np.float64):
+    """Mask variables in [low, high), some set exactly to `specials` (where the estimators change)."""
+    gen = np.random.default_rng(draw(SEEDS))
+    s = gen.uniform(low, high, size=shape)
+    hit = gen.random(shape) < draw(st.sampled_from([0.0, 0.2, 0.5]))
+    s[hit] = gen.choice(np.asarray(specials, dtype=np.float64), size=int(np.count_nonzero(hit)))
+    return s.astype(dtype)
+
+
+@st.composite
+def mask_scores(draw, shape, gap: float = 0.05, high: float = 2.0, dtype=np.float64):
+    """Mask variables whose mask H(s) is random, with empty features (axis 0) and all-zero masks.
+
+    Every |s| lies in [gap, high): no score sits on the step, and some pass |s| = 1.
+    """
+    gen = np.random.default_rng(draw(SEEDS))
+    density = draw(st.sampled_from([0.0, 0.3, 0.7, 1.0]))
+    keep = gen.random(shape) < density
+    keep[gen.random(shape[0]) < 0.3] = False  # features left with no connection
+    magnitude = gen.uniform(gap, high, size=shape)
+    return np.where(keep, magnitude, -magnitude).astype(dtype)

@@ -16,6 +16,11 @@ FORBIDDEN = {
     "nn/": ["sclref.kernels"],
     "optim.py": ["sclref.ops", "sclref.kernels"],
     "testing.py": ["sclref.kernels"],
+    "ste.py": ["sclref.ops", "sclref.kernels", "sclref.nn"],
+    "scl.py": ["sclref.ops", "sclref.kernels"],
+    "data/": ["sclref.autograd", "sclref.ops", "sclref.kernels", "sclref.nn"],
+    "io.py": ["sclref.autograd", "sclref.ops", "sclref.kernels", "sclref.nn"],
+    "train.py": ["sclref.kernels"],
     "kernels/": ["sclref.autograd", "sclref.ops", "sclref.nn", "sclref.optim", "sclref.testing"],
 }
 

@@ -119,5 +119,5 @@ def test_lenet5_shaped_stack_runs_forward_and_backward():
 
 
 def test_sequential_refuses_non_modules():
-    with pytest.raises(TypeError, match="item 1 is a int"):
+    with pytest.raises(TypeError, match="item 1 is a int, not a Module"):
         nn.Sequential(nn.ReLU(), 3)

@@ -10,14 +10,15 @@ from sclref.nn.module import Module, Parameter
 
 
 class Sequential(Module):
-    """Modules applied one after another."""
+    """Modules applied one after another; pass them positionally or as one dict of named layers."""
 
-    def __init__(self, *layers: Module):
+    def __init__(self, *layers):
         super().__init__()
-        for i, layer in enumerate(layers):
+        named = layers[0].items() if len(layers) == 1 and isinstance(layers[0], dict) else enumerate(layers)
+        for name, layer in named:
             if not isinstance(layer, Module):
-                raise TypeError(f"Sequential: item {i} is a {type(layer).__name__}, not a Module")
-            setattr(self, str(i), layer)
+                raise TypeError(f"Sequential: item {name} is a {type(layer).__name__}, not a Module")
+            setattr(self, str(name), layer)
 
     def __getitem__(self, i: int) -> Module:
         return list(self._modules.values())[i]

@@ -1,0 +1,350 @@
+"""Training with SCL: mask learning, then optional fine-tuning of θ with frozen masks.
+
+`TrainConfig` holds every choice of a run; `train(config)` validates it before writing
+anything, then trains with separate optimizers for the weights θ and the mask variables
+s, writes an atomic checkpoint after every epoch, a metrics JSON, and the final model.
+A run resumed from its checkpoint reproduces the uninterrupted run bit for bit: the
+checkpoint holds the model, both optimizers, the λ controller and the data-order RNG.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from sclref import data as datasets
+from sclref import io, models, ops, optim
+from sclref import ste as ste_registry
+from sclref._version import __version__
+from sclref.autograd import Tensor, no_grad
+from sclref.scl import LambdaController, SCLObjective, layer_report, masked_layers, sparsity
+
+CHECKPOINT = "checkpoint.npz"
+METRICS = "metrics.json"
+MODEL = "model.npz"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (and must match when resuming it)."""
+
+    model: str = "lenet300"
+    data: str = "digits"
+    ste: str = "identity"
+    ste_alpha: float = 0.1  # slope of the leaky_relu estimator
+    lam: float = 0.03  # λ; with target_sparsity, the starting λ
+    target_sparsity: float | None = None  # percent, e.g. 98.0; None: fixed λ
+    normalization: str = "l2"
+    weighting: str = "count"
+    normalize: str = "task"
+    epochs: int = 30  # mask-learning epochs
+    finetune_epochs: int = 10  # θ only, masks frozen
+    batch_size: int = 128
+    lr: float = 0.05  # θ: SGD with momentum
+    mask_lr: float = 0.5  # s: plain SGD on the normalized gradient
+    momentum: float = 0.9  # θ only: momentum on s keeps pruning after λ drops, which defeats target mode
+    lam_gain: float = 20.0  # target mode: how fast log λ follows the sparsity error
+    weight_decay: float = 0.0
+    score_init: float = 1.0
+    masked: bool = True  # False trains the plain dense network (a baseline)
+    dtype: str = "float32"
+    seed: int = 0
+    train_limit: int | None = None  # use only the first N training samples
+    test_limit: int | None = None
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad setting."""
+        if self.model not in models.MODELS:
+            raise ValueError(f"unknown model {self.model!r}; choose from {sorted(models.MODELS)}")
+        if self.ste not in ste_registry.available():
+            raise ValueError(f"unknown STE {self.ste!r}; registered: {', '.join(ste_registry.available())}")
+        if not (math.isfinite(self.lam) and self.lam >= 0):
+            raise ValueError(f"λ must be a finite number >= 0, got {self.lam}")
+        if self.target_sparsity is not None and not 0 < self.target_sparsity < 100:
+            raise ValueError(f"target sparsity must be in (0, 100) percent, got {self.target_sparsity}")
+        SCLObjective(self.lam, self.normalization, self.weighting, self.normalize)  # validates those three
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.finetune_epochs < 0:
+            raise ValueError(f"finetune_epochs must be >= 0, got {self.finetune_epochs}")
+        for name in ("lr", "mask_lr"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
+        if not math.isfinite(self.score_init):
+            raise ValueError(f"score_init must be finite, got {self.score_init}")
+        if not (math.isfinite(self.lam_gain) and self.lam_gain > 0):
+            raise ValueError(f"lam_gain must be a finite number > 0, got {self.lam_gain}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+
+    @property
+    def total_epochs(self) -> int:
+        return self.epochs + self.finetune_epochs
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown training settings: {unknown}")
+        return cls(**values)
+
+
+@dataclass
+class RunResult:
+    """What a finished (or stopped) run hands back."""
+
+    config: TrainConfig
+    model: object
+    history: list = field(default_factory=list)
+    layers: list = field(default_factory=list)
+    out_dir: Path | None = None
+
+
+def build_model(config: TrainConfig, in_shape, num_classes: int):
+    """The configured architecture for data of per-sample shape `in_shape`."""
+    ste = ste_registry.get(config.ste, **({"alpha": config.ste_alpha} if config.ste == "leaky_relu" else {}))
+    kwargs = dict(num_classes=num_classes, masked=config.masked, ste=ste, score_init=config.score_init,
+                  dtype=np.dtype(config.dtype), generator=np.random.default_rng([config.seed, 1]))
+    if config.model == "lenet300":
+        return models.lenet_300_100(in_features=int(np.prod(in_shape)), **kwargs)
+    return models.lenet5(in_shape=tuple(in_shape), **kwargs)
+
+
+def _param_groups(model):
+    scores = {id(layer.score) for _, layer in masked_layers(model)}
+    weights = [p for p in model.parameters() if id(p) not in scores]
+    return weights, [layer.score for _, layer in masked_layers(model)]
+
+
+def evaluate(model, x: np.ndarray, y: np.ndarray, batch_size: int = 1000) -> float:
+    """Classification error (fraction) of `model` on (x, y), in eval mode."""
+    model.eval()
+    wrong = 0
+    with no_grad():
+        for start in range(0, len(x), batch_size):
+            logits = model(Tensor(x[start:start + batch_size])).data
+            wrong += int(np.count_nonzero(logits.argmax(axis=1) != y[start:start + batch_size]))
+    model.train()
+    return wrong / max(len(x), 1)
+
+
+class Trainer:
+    """One run: the model, its two optimizers, the objective and the data-order RNG."""
+
+    def __init__(self, config: TrainConfig, dataset):
+        self.config, self.data = config, dataset
+        self.model = build_model(config, dataset.in_shape, dataset.num_classes)
+        weights, scores = _param_groups(self.model)
+        self.opt_w = optim.SGD(weights, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        self.opt_s = optim.SGD(scores, lr=config.mask_lr) if scores else None
+        self.objective = SCLObjective(config.lam, config.normalization, config.weighting, config.normalize)
+        self.controller = (LambdaController(config.target_sparsity / 100, max(config.lam, 1e-6), gain=config.lam_gain,
+                                            ramp=0.7)
+                           if config.target_sparsity is not None and config.masked else None)
+        if self.controller is not None:
+            self.objective.lam = self.controller.lam
+        self.order_rng = np.random.default_rng([config.seed, 2])
+        self.epoch = 0
+        self.steps_per_epoch = -(-len(dataset.x_train) // config.batch_size)
+        self.history: list[dict] = []
+
+    # -- state ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "format": "sclref-checkpoint", "version": 1, "sclref": __version__,
+            "config": self.config.to_dict(), "epoch": self.epoch, "history": self.history,
+            "model": dict(self.model.state_dict()), "opt_w": self.opt_w.state_dict(),
+            "opt_s": None if self.opt_s is None else self.opt_s.state_dict(),
+            "controller": None if self.controller is None else self.controller.state_dict(),
+            "lam": self.objective.lam, "order_rng": self.order_rng.bit_generator.state,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("format") != "sclref-checkpoint" or state.get("version") != 1:
+            raise ValueError("not an sclref checkpoint of a version this sclref can read")
+        saved = state["config"]
+        differ = sorted(k for k, v in self.config.to_dict().items() if saved.get(k) != v)
+        if differ:
+            raise ValueError(f"the checkpoint was made with other settings: {differ}; resume with the same ones")
+        self.model.load_state_dict(state["model"])
+        self.opt_w.load_state_dict(state["opt_w"])
+        if self.opt_s is not None:
+            self.opt_s.load_state_dict(state["opt_s"])
+        if self.controller is not None:
+            self.controller.load_state_dict(state["controller"])
+        self.objective.lam = state["lam"]
+        self.order_rng.bit_generator.state = state["order_rng"]
+        self.epoch, self.history = state["epoch"], state["history"]
+        for _, layer in masked_layers(self.model):
+            layer.freeze_mask(self.epoch >= self.config.epochs)
+
+    # -- one epoch ---------------------------------------------------------------------
+    def run_epoch(self, progress=None) -> dict:
+        cfg, model = self.config, self.model
+        finetune = self.epoch >= cfg.epochs
+        layers = masked_layers(model)
+        for _, layer in layers:
+            layer.freeze_mask(finetune)
+        start_masks = [layer.mask() for _, layer in layers]
+        prev_masks = list(start_masks)
+        flips = [0] * len(layers)
+        t0 = time.perf_counter()
+        total_loss = wrong = seen = 0
+        mask_steps = cfg.epochs * self.steps_per_epoch
+        step = self.epoch * self.steps_per_epoch
+        for xb, yb in datasets.batches(self.data.x_train, self.data.y_train, cfg.batch_size, True, self.order_rng):
+            self.opt_w.zero_grad()
+            if self.opt_s is not None:
+                self.opt_s.zero_grad()
+            logits = model(Tensor(xb))
+            loss = ops.cross_entropy(logits, yb)
+            loss.backward()
+            if not finetune and layers:
+                self.objective.apply(model)
+                self.opt_s.step()
+            self.opt_w.step()
+            if not finetune and layers:
+                for i, (_, layer) in enumerate(layers):
+                    mask = layer.mask()
+                    flips[i] += int(np.count_nonzero(mask != prev_masks[i]))
+                    prev_masks[i] = mask
+                step += 1
+                if self.controller is not None:
+                    self.objective.lam = self.controller.update(sparsity(model), step / mask_steps)
+            total_loss += loss.item() * len(yb)
+            wrong += int(np.count_nonzero(logits.data.argmax(axis=1) != yb))
+            seen += len(yb)
+            if progress is not None:
+                progress.update(1)
+        seconds = time.perf_counter() - t0
+        self.epoch += 1
+        record = {
+            "epoch": self.epoch, "phase": "finetune" if finetune else "mask", "loss": total_loss / seen,
+            "penalty": self.objective.penalty(model) if layers else 0.0, "lam": self.objective.lam,
+            "train_error": wrong / seen, "test_error": evaluate(model, self.data.x_test, self.data.y_test),
+            "sparsity": sparsity(model) if layers else 0.0, "seconds": seconds,
+            "layers": {
+                name: {"sparsity": layer.sparsity(), "flips": flips[i],
+                       "pruned": int(np.count_nonzero(start_masks[i] & ~layer.mask())),
+                       "revived": int(np.count_nonzero(~start_masks[i] & layer.mask()))}
+                for i, (name, layer) in enumerate(layers)
+            },
+        }
+        self.history.append(record)
+        return record
+
+
+def format_epoch(record: dict, total: int) -> str:
+    return (f"epoch {record['epoch']:>3}/{total} {record['phase']:<8} loss {record['loss']:.4f}  "
+            f"train err {100 * record['train_error']:5.2f}%  test err {100 * record['test_error']:5.2f}%  "
+            f"sparsity {100 * record['sparsity']:6.2f}%  λ {record['lam']:.2e}  {record['seconds']:.1f}s")
+
+
+def format_layers(rows: list[dict]) -> str:
+    """The per-layer table printed at the end of a run."""
+    header = f"{'layer':<10} {'weights':>9} {'kept':>9} {'sparsity':>9} {'dense FLOPs':>13} {'eff. FLOPs':>13}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(f"{r['layer']:<10} {r['weights']:>9,} {r['kept']:>9,} {100 * r['sparsity']:>8.2f}% "
+                     f"{r['dense_flops']:>13,} {r['effective_flops']:>13,}")
+    w, k = sum(r["weights"] for r in rows), sum(r["kept"] for r in rows)
+    d, e = sum(r["dense_flops"] for r in rows), sum(r["effective_flops"] for r in rows)
+    lines.append(f"{'total':<10} {w:>9,} {k:>9,} {100 * (1 - k / w if w else 0):>8.2f}% {d:>13,} {e:>13,}")
+    return "\n".join(lines)
+
+
+def _load_data(config: TrainConfig):
+    dataset = datasets.load(config.data, dtype=np.dtype(config.dtype))
+    if config.train_limit is not None or config.test_limit is not None:
+        dataset = datasets.subset(dataset, config.train_limit or len(dataset.x_train),
+                                  config.test_limit or len(dataset.x_test))
+    return dataset
+
+
+def train(config: TrainConfig, out_dir=None, resume: bool = False, log=print, progress: bool = False,
+          stop_after: int | None = None) -> RunResult:
+    """Train as `config` says; write checkpoint, metrics and model to `out_dir` if given.
+
+    `resume` continues from ``out_dir/checkpoint.npz``. `stop_after` ends the run after
+    that many epochs in total (as an interruption would), leaving the checkpoint behind.
+    """
+    config.validate()
+    out = None if out_dir is None else Path(out_dir)
+    if resume and (out is None or not (out / CHECKPOINT).is_file()):
+        raise FileNotFoundError(f"--resume: no checkpoint at {None if out is None else out / CHECKPOINT}")
+    dataset = _load_data(config)
+    trainer = Trainer(config, dataset)
+    if resume:
+        trainer.load_state_dict(io.load_state(out / CHECKPOINT))
+        log(f"resumed from {out / CHECKPOINT} after epoch {trainer.epoch}")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    total = config.total_epochs
+    last = total if stop_after is None else min(total, stop_after)
+    bar = _progress_bar(trainer, dataset, config, last) if progress else None
+    try:
+        while trainer.epoch < last:
+            record = trainer.run_epoch(bar)
+            _write(bar, log, format_epoch(record, total))
+            if out is not None:
+                io.save_state(out / CHECKPOINT, trainer.state_dict())
+                io.atomic_write_json(out / METRICS, _metrics(trainer, finished=False))
+    finally:
+        if bar is not None:
+            bar.close()
+    result = RunResult(config, trainer.model, trainer.history, [], out)
+    if trainer.epoch == total:
+        result.layers = layer_report(trainer.model) if masked_layers(trainer.model) else []
+        if out is not None:
+            io.save_state(out / MODEL, {"format": "sclref-model", "version": 1, "config": config.to_dict(),
+                                        "in_shape": list(dataset.in_shape), "num_classes": dataset.num_classes,
+                                        "state": dict(trainer.model.state_dict())})
+            io.atomic_write_json(out / METRICS, _metrics(trainer, finished=True))
+    return result
+
+
+def _metrics(trainer: Trainer, finished: bool) -> dict:
+    from importlib.metadata import version
+
+    layers = masked_layers(trainer.model)
+    return {
+        "sclref": __version__, "numpy": version("numpy"), "numba": version("numba"),
+        "config": trainer.config.to_dict(), "dataset": trainer.data.name, "finished": finished,
+        "epochs_done": trainer.epoch, "history": trainer.history,
+        "final": None if not finished else {
+            "test_error": trainer.history[-1]["test_error"], "sparsity": sparsity(trainer.model) if layers else 0.0,
+            "layers": layer_report(trainer.model) if layers else [],
+        },
+    }
+
+
+def _progress_bar(trainer, dataset, config, last):
+    from tqdm import tqdm
+
+    steps = -(-len(dataset.x_train) // config.batch_size)
+    return tqdm(total=steps * (last - trainer.epoch), unit="step", leave=False, dynamic_ncols=True,
+                disable=not sys.stderr.isatty() or os.environ.get("SCLREF_NO_PROGRESS") == "1")
+
+
+def _write(bar, log, line: str) -> None:
+    if bar is not None and not bar.disable:
+        bar.write(line)
+    else:
+        log(line)
