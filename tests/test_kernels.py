@@ -467,6 +467,13 @@ def test_same_inputs_give_bit_identical_outputs(case, chunked):
         assert a.tobytes() == b.tobytes()
 
 
+def test_an_empty_batch_gives_a_zero_weight_gradient():
+    x, gy = np.empty((0, 2, 5, 5)), np.empty((0, 3, 3, 3))
+    gw = np.full((3, 2, 3, 3), np.nan)
+    conv2d_bwd_weight(x, gy, 1, 1, 0, 0, gw)
+    np.testing.assert_array_equal(gw, 0.0)
+
+
 def test_conv_scratch_memory_is_bounded_for_large_batches():
     for oh, per_sample in ((8, False), (24, True)):
         plan = conv_module._Plan(4096, 20, 5, 5, oh, oh, np.float64)

@@ -7,14 +7,13 @@
 * `pjit` loops (`prange`) run in parallel only with ``SCLREF_NUMBA_PARALLEL=1``.
   Each parallel iteration owns a disjoint slice of the output, so both modes give
   bit-identical results. Serial is the default because the kernels alternate with
-  NumPy's multithreaded BLAS: its worker threads keep spinning for a while after
-  every matrix product and numba's OpenMP workers spin after every parallel loop,
-  so on a small machine the two pools steal each other's cores. Measured on two
-  cores, a parallel im2col run right after a GEMM was no faster than the serial
-  one (and up to 3x slower with numba's default OpenMP layer), and GEMMs after
-  parallel loops slowed down by 2x. Parallel mode pays off when BLAS threads sleep
-  promptly (e.g. ``OPENBLAS_THREAD_TIMEOUT=4`` with ``OMP_WAIT_POLICY=PASSIVE``) or
-  cores are plentiful.
+  NumPy's multithreaded BLAS: its idle worker threads keep spinning for a while
+  after every matrix product, and numba's OpenMP workers after every parallel loop,
+  so the two pools steal each other's cores. Measured on two cores, a parallel
+  im2col right after a GEMM was no faster than the serial one (3x slower with
+  numba's default OpenMP layer) and GEMMs right after parallel loops took twice as
+  long. Parallel mode is for machines where that contention does not arise (many
+  cores, or BLAS threads that sleep promptly); measure before enabling it.
 * ``NUMBA_DISABLE_JIT=1`` is honoured by numba itself: the decorators return the
   Python functions unchanged and `prange` behaves as `range`, so every kernel still
   runs, slowly.

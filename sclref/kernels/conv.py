@@ -17,9 +17,9 @@ Two buffer layouts are used, chosen by P:
 
 The batch is processed in chunks so the im2col buffer stays a few MiB whatever the
 batch size. Every jitted loop iteration owns a disjoint slice of its output and
-every sum runs in a fixed order (BLAS splits no reduction across threads, and the
-weight gradient adds chunk partials in batch order), so results are bit-identical
-from run to run.
+every sum runs in a fixed order (OpenBLAS splits no GEMM reduction across threads,
+and the weight gradient adds chunk partials in batch order), so results are
+bit-identical from run to run.
 """
 
 import numpy as np
@@ -268,14 +268,12 @@ def conv2d_bwd_weight(x, gy, sh, sw, ph, pw, gw):
     plan = _Plan(n, c, kh, kw, oh, ow, x.dtype)
     gy3 = gy.reshape(n, f, plan.p)
     total = gw.reshape(f, plan.k)
-    for i, (n0, n1) in enumerate(plan.ranges(n)):
+    total[...] = 0
+    for n0, n1 in plan.ranges(n):
         cols = _im2col(x[n0:n1], kh, kw, sh, sw, ph, pw, oh, ow, plan)
         if plan.per_sample:
             part = np.matmul(gy3[n0:n1], cols.transpose(0, 2, 1)).sum(axis=0)
         else:
             # (K, b*P) @ (b*P, F) is the faster orientation for OpenBLAS at these shapes.
             part = np.matmul(cols, _channels_first(gy3[n0:n1]).T).T
-        if i == 0:
-            total[...] = part
-        else:
-            total += part
+        total += part
