@@ -80,7 +80,6 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     """Train with SCL, print one line per epoch and the per-layer table, write the run."""
-    import json
     from pathlib import Path
 
     from sclref.train import METRICS, TrainConfig, format_layers, train
@@ -94,7 +93,7 @@ def _train(args: argparse.Namespace) -> int:
     log = (lambda line: print(line, file=sys.stderr)) if args.json else print
     try:
         result = train(config, out, resume=args.resume, log=log, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError, TypeError) as err:
+    except (ValueError, OSError, TypeError) as err:  # OSError: an unreadable --data, an --out that is a file
         print(f"sclref train: error: {err}", file=sys.stderr)
         return 2
     if args.json:

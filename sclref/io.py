@@ -19,6 +19,10 @@ from pathlib import Path
 import numpy as np
 
 _STRUCTURE = "__structure__.json"
+_MARKERS = frozenset({"__array__", "__list__", "__intdict__"})
+# mkstemp creates files readable by their owner only; written files get the usual mode.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 def atomic_write_bytes(path, data: bytes) -> None:
@@ -31,6 +35,7 @@ def atomic_write_bytes(path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -44,11 +49,17 @@ def atomic_write_json(path, payload) -> None:
 
 def _flatten(tree, arrays: dict):
     if isinstance(tree, np.ndarray):
+        if tree.dtype.hasobject:
+            raise TypeError(f"cannot store an array of dtype {tree.dtype} (Python objects) in a state file")
         key = f"a{len(arrays)}"
         arrays[key] = tree
         return {"__array__": key}
     if isinstance(tree, dict):
-        if not all(isinstance(k, str) for k in tree):
+        for k in tree:
+            if not (k is None or isinstance(k, (str, int, float))):
+                raise TypeError(f"cannot store a dict key of type {type(k).__name__} in a state file")
+        # Non-string keys, and keys that are themselves markers, go in a list of pairs.
+        if not all(isinstance(k, str) for k in tree) or not _MARKERS.isdisjoint(tree):
             return {"__intdict__": [[k, _flatten(v, arrays)] for k, v in tree.items()]}
         return {k: _flatten(v, arrays) for k, v in tree.items()}
     if isinstance(tree, (list, tuple)):
@@ -80,7 +91,7 @@ def save_state(path, tree) -> None:
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
         for key, arr in arrays.items():
             member = io.BytesIO()
-            np.lib.format.write_array(member, np.ascontiguousarray(arr), allow_pickle=False)
+            np.lib.format.write_array(member, arr, allow_pickle=False)  # keeps 0-d arrays 0-d
             zf.writestr(f"{key}.npy", member.getvalue())
         zf.writestr(_STRUCTURE, json.dumps(structure))
     atomic_write_bytes(path, buf.getvalue())
@@ -91,12 +102,24 @@ def load_state(path):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such state file")
+    missing = structure = object()
+    arrays = {}
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            if _STRUCTURE not in npz.zip.namelist():
-                raise ValueError(f"{path}: not an sclref state file (no {_STRUCTURE})")
-            structure = json.loads(npz.zip.read(_STRUCTURE))
-            arrays = {name: npz[name] for name in npz.files if name != _STRUCTURE}
-    except (zipfile.BadZipFile, EOFError, OSError, json.JSONDecodeError) as err:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+            if _STRUCTURE in names:
+                structure = json.loads(zf.read(_STRUCTURE))
+                for name in names:
+                    if name != _STRUCTURE and name.endswith(".npy"):
+                        with zf.open(name) as member:
+                            arrays[name[:-4]] = np.lib.format.read_array(member, allow_pickle=False)
+    # A cut-off or damaged file fails in the zip layer (BadZipFile, EOFError), in an array
+    # header (ValueError) or in the structure (JSONDecodeError, UnicodeDecodeError: ValueErrors).
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as err:
         raise ValueError(f"{path}: corrupt or truncated state file ({err})") from None
-    return _unflatten(structure, arrays)
+    if structure is missing:
+        raise ValueError(f"{path}: not an sclref state file (no {_STRUCTURE})")
+    try:
+        return _unflatten(structure, arrays)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path}: corrupt state file: its structure does not match its arrays ({err!r})") from None

@@ -141,14 +141,16 @@ class LambdaController:
     The set-point rises from 0 to the target along the cubic schedule of gradual pruning,
     ``target · (1 − (1 − p / ramp)^3)`` for training progress p in [0, 1], and stays at
     the target after ``p = ramp``. An integral controller in log λ tracks it: after each
-    step ``log λ += gain · (set-point − sparsity)`` (sparsities as fractions). A rising
+    step ``log λ += gain · (set-point − sparsity)`` (sparsities as fractions), rising by at
+    most `max_rate` a step: masks answer a rise of λ only tens of steps later, and an
+    unbounded rise in that time prunes everything at once. A rising
     set-point avoids the overshoot of aiming at the final target at once: masks respond
     to λ only after tens of steps, and a network pruned to nothing has no gradient left
     to revive any connection. Layers still find their own sparsity; only the overall
     pressure is steered. λ is kept within [lam_min, lam_max].
     """
 
-    def __init__(self, target: float, lam: float, gain: float = 20.0, ramp: float = 0.7,
+    def __init__(self, target: float, lam: float, gain: float = 20.0, ramp: float = 0.7, max_rate: float = 0.05,
                  lam_min: float = 1e-6, lam_max: float = 10.0):
         if not 0 < target < 1:
             raise ValueError(f"target sparsity must be in (0, 100) %, got {100 * target:g} %")
@@ -158,9 +160,11 @@ class LambdaController:
             raise ValueError(f"ramp must be in (0, 1], got {ramp}")
         if not (math.isfinite(gain) and gain > 0):
             raise ValueError(f"gain must be a finite number > 0, got {gain}")
+        if not (math.isfinite(max_rate) and max_rate > 0):
+            raise ValueError(f"max_rate must be a finite number > 0, got {max_rate}")
         if not 0 < lam_min <= lam_max < math.inf:
             raise ValueError(f"need 0 < lam_min <= lam_max < inf, got lam_min={lam_min}, lam_max={lam_max}")
-        self.target, self.gain, self.ramp = float(target), float(gain), float(ramp)
+        self.target, self.gain, self.ramp, self.max_rate = float(target), float(gain), float(ramp), float(max_rate)
         self.lam_min, self.lam_max = float(lam_min), float(lam_max)
         self.lam = min(max(float(lam), self.lam_min), self.lam_max)
 
@@ -173,14 +177,16 @@ class LambdaController:
         """Move λ after observing `current_sparsity` at `progress`; returns the new λ."""
         if not 0 <= current_sparsity <= 1:
             raise ValueError(f"observed sparsity must be a fraction in [0, 1], got {current_sparsity}")
-        self.lam *= math.exp(self.gain * (self.setpoint(progress) - current_sparsity))
+        step = self.gain * (self.setpoint(progress) - current_sparsity)
+        self.lam *= math.exp(min(step, self.max_rate))
         self.lam = min(max(self.lam, self.lam_min), self.lam_max)
         return self.lam
 
     def state_dict(self) -> dict:
-        return {"target": self.target, "gain": self.gain, "ramp": self.ramp, "lam": self.lam,
+        return {"target": self.target, "gain": self.gain, "ramp": self.ramp, "max_rate": self.max_rate, "lam": self.lam,
                 "lam_min": self.lam_min, "lam_max": self.lam_max}
 
     def load_state_dict(self, state: dict) -> None:
         self.target, self.gain, self.ramp, self.lam = state["target"], state["gain"], state["ramp"], state["lam"]
+        self.max_rate = state["max_rate"]
         self.lam_min, self.lam_max = state["lam_min"], state["lam_max"]

@@ -89,6 +89,10 @@ class TrainConfig:
             raise ValueError(f"lam_gain must be a finite number > 0, got {self.lam_gain}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
+        for name in ("train_limit", "test_limit"):  # 0 would otherwise read as "no limit"
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 (or None for all samples), got {value}")
 
     @property
     def total_epochs(self) -> int:
@@ -155,8 +159,10 @@ class Trainer:
         self.opt_w = optim.SGD(weights, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
         self.opt_s = optim.SGD(scores, lr=config.mask_lr) if scores else None
         self.objective = SCLObjective(config.lam, config.normalization, config.weighting, config.normalize)
-        self.controller = (LambdaController(config.target_sparsity / 100, max(config.lam, 1e-6), gain=config.lam_gain,
-                                            ramp=0.7)
+        # Target mode starts from a weak λ and lets the controller raise it, so that the
+        # least useful connections go first instead of all crossing zero together.
+        self.controller = (LambdaController(config.target_sparsity / 100, max(config.lam / 10, 1e-6),
+                                            gain=config.lam_gain, ramp=0.7)
                            if config.target_sparsity is not None and config.masked else None)
         if self.controller is not None:
             self.objective.lam = self.controller.lam
@@ -177,8 +183,11 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("format") != "sclref-checkpoint" or state.get("version") != 1:
+        if not isinstance(state, dict) or state.get("format") != "sclref-checkpoint" or state.get("version") != 1:
             raise ValueError("not an sclref checkpoint of a version this sclref can read")
+        missing = sorted(set(self.state_dict()) - set(state))
+        if missing:
+            raise ValueError(f"the checkpoint is incomplete: no {missing}")
         saved = state["config"]
         differ = sorted(k for k, v in self.config.to_dict().items() if saved.get(k) != v)
         if differ:

@@ -1,4 +1,4 @@
-"""The command line: version, help, info."""
+"""The command line: version, help, info, and `sclref train` (in-process, small runs)."""
 
 import subprocess
 import sys
@@ -31,3 +31,138 @@ def test_unknown_flag_is_an_error(capsys):
 def test_info_runs_as_a_module():
     out = subprocess.run([sys.executable, "-m", "sclref", "info"], capture_output=True, text=True, check=True).stdout
     assert out.startswith(f"sclref {__version__}") and "numba" in out
+
+
+# -- sclref train -----------------------------------------------------------------------------
+
+SMALL_RUN = ["--epochs", "2", "--finetune-epochs", "1", "--train-limit", "300", "--test-limit", "100", "--no-progress"]
+
+
+def _train(out, *extra):
+    return main(["train", *SMALL_RUN, "--out", str(out), *extra])
+
+
+def _model_state(out):
+    from sclref import io
+
+    return {k: v.tobytes() for k, v in io.load_state(out / "model.npz")["state"].items()}
+
+
+def test_train_prints_one_line_per_epoch_and_the_layer_table(tmp_path, capsys):
+    import json
+
+    from sclref.train import format_layers
+
+    assert _train(tmp_path / "run") == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    epochs = [line for line in lines if line.startswith("epoch ")]
+    assert [line.split()[1:3] for line in epochs] == [["1/3", "mask"], ["2/3", "mask"], ["3/3", "finetune"]]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    table = format_layers(metrics["final"]["layers"])
+    assert table in captured.out
+    assert [line.split()[0] for line in table.splitlines()[2:]] == ["fc1", "fc2", "fc3", "total"]
+    final = metrics["final"]
+    assert lines[-1] == (f"test error {100 * final['test_error']:.2f}%, sparsity {100 * final['sparsity']:.2f}%; "
+                         f"run written to {tmp_path / 'run'}/")
+    assert captured.err == ""
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint.npz", "metrics.json", "model.npz"]
+
+
+def test_train_json_prints_the_final_metrics(tmp_path, capsys):
+    import json
+
+    assert _train(tmp_path / "run", "--json", "--lam", "0.1") == 0
+    captured = capsys.readouterr()
+    metrics = json.loads(captured.out)
+    assert captured.out == (tmp_path / "run" / "metrics.json").read_text()
+    assert metrics["finished"] is True and metrics["epochs_done"] == 3 and metrics["config"]["lam"] == 0.1
+    assert [row["layer"] for row in metrics["final"]["layers"]] == ["fc1", "fc2", "fc3"]
+    assert 0 <= metrics["final"]["test_error"] <= 1 and 0 < metrics["final"]["sparsity"] < 1
+    # The epoch lines go to stderr so that stdout is JSON alone.
+    assert len([line for line in captured.err.splitlines() if line.startswith("epoch ")]) == 3
+
+
+def test_train_dense_has_no_masks(tmp_path, capsys):
+    import json
+
+    assert _train(tmp_path / "run", "--dense") == 0
+    out = capsys.readouterr().out
+    assert "fc1" not in out and "sparsity 0.00%; run written to" in out
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["config"]["masked"] is False and metrics["final"]["layers"] == []
+    assert not any("score" in name for name in _model_state(tmp_path / "run"))
+
+
+def test_train_default_out_dir(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--epochs", "1", "--finetune-epochs", "0", "--train-limit", "50", "--test-limit", "20",
+                 "--no-progress", "--dense"]) == 0
+    assert (tmp_path / "runs" / "lenet300-digits-dense-seed0" / "model.npz").is_file()
+    assert "run written to runs/lenet300-digits-dense-seed0/" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lam", "-1"], "λ must be a finite number >= 0, got -1.0"),
+    (["--lam", "nan"], "λ must be a finite number >= 0, got nan"),
+    (["--target-sparsity", "0"], r"target sparsity must be in (0, 100) percent, got 0.0"),
+    (["--target-sparsity", "100"], "target sparsity must be in (0, 100) percent"),
+    (["--ste", "nope"], "unknown STE 'nope'"),
+    (["--model", "vgg"], "unknown model 'vgg'"),
+    (["--epochs", "0"], "epochs must be >= 1"),
+    (["--lr", "0"], "lr must be a finite number > 0"),
+    (["--normalization", "l1"], "unknown normalization 'l1'"),
+    (["--dtype", "float16"], "dtype must be float32 or float64"),
+    (["--train-limit", "0"], "train_limit must be >= 1"),
+    (["--data", "/nonexistent"], "unknown dataset '/nonexistent'"),
+    (["--data", "/nonexistent/mnist.npz"], "/nonexistent/mnist.npz"),
+    (["--resume"], "no checkpoint"),
+])
+def test_train_bad_flags_fail_clearly_and_write_nothing(tmp_path, monkeypatch, capsys, flags, message):
+    monkeypatch.chdir(tmp_path)
+    # Later flags win, so these override the small-run defaults.
+    assert main(["train", *SMALL_RUN, "--out", "run", *flags]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("sclref train: error: ") and message in captured.err
+    assert captured.err.count("\n") == 1  # one line, no traceback
+    # Also without --out: the default runs/... directory is not created either.
+    assert main(["train", *SMALL_RUN, *flags]) == 2
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_train_out_that_is_a_file_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "taken").write_text("not a directory")
+    assert _train(tmp_path / "taken") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sclref train: error: ") and "taken" in err
+    assert (tmp_path / "taken").read_text() == "not a directory"
+
+
+def test_train_flag_of_the_wrong_type_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--epochs", "two", "--out", str(tmp_path / "run")])
+    assert info.value.code == 2
+    assert "argument --epochs: invalid int value: 'two'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_resume_continues_the_run(tmp_path, capsys):
+    import json
+
+    from sclref.train import TrainConfig, train
+
+    assert _train(tmp_path / "whole") == 0
+    config = TrainConfig(epochs=2, finetune_epochs=1, train_limit=300, test_limit=100)
+    train(config, tmp_path / "cut", log=lambda line: None, stop_after=1)  # as if interrupted after epoch 1
+    capsys.readouterr()
+    assert _train(tmp_path / "cut", "--resume", "--json") == 0
+    captured = capsys.readouterr()
+    err = captured.err.splitlines()
+    assert err[0] == f"resumed from {tmp_path / 'cut' / 'checkpoint.npz'} after epoch 1"
+    assert [line.split()[1] for line in err[1:]] == ["2/3", "3/3"]  # only the epochs that were left
+    assert json.loads(captured.out)["epochs_done"] == 3
+    assert _model_state(tmp_path / "cut") == _model_state(tmp_path / "whole")
+    # Resuming with other settings names them.
+    assert _train(tmp_path / "cut", "--resume", "--lam", "0.05") == 2
+    assert "other settings: ['lam']" in capsys.readouterr().err

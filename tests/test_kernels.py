@@ -18,8 +18,17 @@ from hypothesis.extra import numpy as hnp
 
 from sclref import kernels
 from sclref.kernels import conv as conv_module
-from sclref.kernels import conv2d_bwd_input, conv2d_bwd_weight, conv2d_fwd, maxpool2d_bwd, maxpool2d_fwd
-from sclref.kernels import leaky_relu_bwd, leaky_relu_fwd, relu_bwd, relu_fwd
+from sclref.kernels import (
+    conv2d_bwd_input,
+    conv2d_bwd_weight,
+    conv2d_fwd,
+    leaky_relu_bwd,
+    leaky_relu_fwd,
+    maxpool2d_bwd,
+    maxpool2d_fwd,
+    relu_bwd,
+    relu_fwd,
+)
 from sclref.kernels import reference as ref
 
 # Interpreted kernels (NUMBA_DISABLE_JIT=1) are slow: fewer examples keep the run short.

@@ -45,10 +45,16 @@ class Linear(Module):
         self.weight = Parameter(init.uniform_fan_in(shape, in_features, dtype, generator))
         self.bias = Parameter(init.uniform_fan_in((out_features,), in_features, dtype, generator)) if bias else None
 
+    def effective_weight(self):
+        """The weight the forward pass uses (masked subclasses return θ ⊙ H(s))."""
+        return self.weight
+
     def forward(self, x):
         if x.ndim < 1 or x.shape[-1] != self.in_features:
-            raise ValueError(f"Linear: expected input with last dimension {self.in_features}, got shape {x.shape}")
-        y = ops.matmul(x, self.weight.T)
+            raise ValueError(
+                f"{type(self).__name__}: expected input with last dimension {self.in_features}, got shape {x.shape}"
+            )
+        y = ops.matmul(x, self.effective_weight().T)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self):
@@ -68,8 +74,16 @@ class Conv2d(Module):
         self.weight = Parameter(init.uniform_fan_in((out_channels, in_channels, kh, kw), fan_in, dtype, generator))
         self.bias = Parameter(init.uniform_fan_in((out_channels,), fan_in, dtype, generator)) if bias else None
 
+        self.output_size = None  # (OH, OW) of the last forward, for FLOPs accounting
+
+    def effective_weight(self):
+        """The weight the forward pass uses (masked subclasses return θ ⊙ H(s))."""
+        return self.weight
+
     def forward(self, x):
-        return ops.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+        y = ops.conv2d(x, self.effective_weight(), self.bias, self.stride, self.padding)
+        self.output_size = y.shape[2:]
+        return y
 
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

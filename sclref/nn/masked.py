@@ -15,7 +15,7 @@ import numpy as np
 from sclref import ops, rng
 from sclref import ste as ste_registry
 from sclref.autograd import Tensor
-from sclref.nn import init
+from sclref.nn.layers import Conv2d, Linear
 from sclref.nn.module import Module, Parameter
 
 
@@ -81,7 +81,7 @@ class MaskedLayer(Module):
         return 1
 
 
-class MaskedLinear(MaskedLayer):
+class MaskedLinear(MaskedLayer, Linear):
     """Dense layer y = x @ (θ ⊙ H(s)).T + b, θ and s of shape (out_features, in_features).
 
     Parameters
@@ -94,43 +94,20 @@ class MaskedLinear(MaskedLayer):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, ste="identity",
                  score_init=1.0, dtype=np.float64, generator=None):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.weight = Parameter(init.uniform_fan_in((out_features, in_features), in_features, dtype, generator))
-        self.bias = Parameter(init.uniform_fan_in((out_features,), in_features, dtype, generator)) if bias else None
+        Linear.__init__(self, in_features, out_features, bias, dtype, generator)
         self._init_mask(ste, score_init, dtype, generator)
 
-    def forward(self, x):
-        if x.ndim < 1 or x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"MaskedLinear: expected input with last dimension {self.in_features}, got shape {x.shape}"
-            )
-        y = ops.matmul(x, ops.transpose(self.effective_weight(), None))
-        return y if self.bias is None else y + self.bias
-
     def extra_repr(self):
-        return f"in_features={self.in_features}, out_features={self.out_features}, ste={self.ste!r}"
+        return f"{Linear.extra_repr(self)}, ste={self.ste!r}"
 
 
-class MaskedConv2d(MaskedLayer):
+class MaskedConv2d(MaskedLayer, Conv2d):
     """Conv layer with weight θ ⊙ H(s), θ and s of shape (out_channels, in_channels, kh, kw)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, bias: bool = True,
                  ste="identity", score_init=1.0, dtype=np.float64, generator=None):
-        super().__init__()
-        kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size, self.stride, self.padding = (kh, kw), stride, padding
-        fan_in = in_channels * kh * kw
-        self.weight = Parameter(init.uniform_fan_in((out_channels, in_channels, kh, kw), fan_in, dtype, generator))
-        self.bias = Parameter(init.uniform_fan_in((out_channels,), fan_in, dtype, generator)) if bias else None
+        Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride, padding, bias, dtype, generator)
         self._init_mask(ste, score_init, dtype, generator)
-        self.output_size = None  # (OH, OW) of the last forward, for FLOPs accounting
-
-    def forward(self, x):
-        y = ops.conv2d(x, self.effective_weight(), self.bias, self.stride, self.padding)
-        self.output_size = y.shape[2:]
-        return y
 
     def uses_per_sample(self) -> int:
         if self.output_size is None:
@@ -138,5 +115,4 @@ class MaskedConv2d(MaskedLayer):
         return int(self.output_size[0] * self.output_size[1])
 
     def extra_repr(self):
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding}, ste={self.ste!r}")
+        return f"{Conv2d.extra_repr(self)}, ste={self.ste!r}"

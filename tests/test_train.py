@@ -1,0 +1,492 @@
+"""Training with SCL: learning, fine-tuning, telemetry, files written, bit-exact resume, bad input.
+
+Runs use the bundled digits (1438 train / 359 test 8x8 images). The default run
+(LeNet-300-100, 30 mask + 10 fine-tune epochs, λ = 0.03) and the target-sparsity runs
+are made once per module; everything else uses small subsets and a few epochs.
+"""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from sclref import io
+from sclref import train as train_module
+from sclref.scl import masked_layers
+from sclref.train import CHECKPOINT, METRICS, MODEL, TrainConfig, Trainer, build_model, evaluate, train
+
+# A few epochs on a subset: both phases, about 0.1 s.
+SMALL = dict(train_limit=300, test_limit=100, epochs=3, finetune_epochs=2)
+# Enough mask learning on a subset to prune a visible share (about 16 %) in 4 epochs.
+PRUNING = dict(train_limit=400, test_limit=100, epochs=4, finetune_epochs=2, lam=0.1)
+LAYER_SIZES = {"fc1": 64 * 300, "fc2": 300 * 100, "fc3": 100 * 10}
+
+# Measured on digits, seeds 0-5, LeNet-300-100, 30 + 10 epochs, λ = 0.03: masked test error
+# 3.06-4.18 %, dense 2.79-3.62 %, masked minus dense 0.00-1.39 points (seed 0: 1.39).
+MAX_ERROR_GAP = 0.03
+# Measured with the target controller, seeds 0-3, 30 mask epochs: 80 % -> 79.88-80.17 %,
+# 95 % -> 95.00-95.11 %.
+TARGET_TOLERANCE = 0.005
+
+
+def quiet(line):
+    pass
+
+
+def run(out_dir=None, **settings):
+    return train(TrainConfig(**settings), out_dir, log=quiet)
+
+
+def param_bytes(model) -> dict:
+    return {name: value.tobytes() for name, value in model.state_dict().items()}
+
+
+def comparable(history) -> list:
+    """History records without their wall-clock time."""
+    return [{k: v for k, v in record.items() if k != "seconds"} for record in history]
+
+
+def files(directory) -> list:
+    return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+
+
+@pytest.fixture(scope="module")
+def default_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("default")
+    return {"masked": run(out / "masked"), "dense": run(out / "dense", masked=False)}
+
+
+@pytest.fixture(scope="module")
+def pruning_run(tmp_path_factory):
+    """A small run with its files (read-only for the tests that share it)."""
+    return run(tmp_path_factory.mktemp("pruning"), **PRUNING)
+
+
+@pytest.fixture(scope="module")
+def target_runs():
+    return {target: run(target_sparsity=target, finetune_epochs=2) for target in (80.0, 95.0)}
+
+
+# -- learning -----------------------------------------------------------------------------
+
+def test_loss_falls_and_sparsity_rises_during_mask_learning(default_runs):
+    history = default_runs["masked"].history
+    assert [r["phase"] for r in history] == ["mask"] * 30 + ["finetune"] * 10
+    mask = history[:30]
+    assert mask[-1]["loss"] < 0.1 * mask[0]["loss"]
+    assert history[-1]["loss"] < mask[-1]["loss"]  # fine-tuning goes on lowering it
+    sparsities = [r["sparsity"] for r in mask]
+    assert 0 < sparsities[0] < sparsities[9] < sparsities[19] < sparsities[29]
+    assert sparsities[29] > 0.85  # measured 92.4 %
+    assert all(r["lam"] == 0.03 for r in history)  # fixed λ without a target
+    for name in LAYER_SIZES:
+        assert history[-1]["layers"][name]["sparsity"] > 0.5, name
+
+
+def test_masked_error_is_close_to_the_dense_baseline(default_runs):
+    masked, dense = default_runs["masked"].history[-1], default_runs["dense"].history[-1]
+    assert len(default_runs["dense"].history) == 40
+    assert masked["test_error"] < 0.08 and dense["test_error"] < 0.06
+    assert masked["test_error"] - dense["test_error"] <= MAX_ERROR_GAP, (masked["test_error"], dense["test_error"])
+
+
+def test_dense_run_has_no_masks(default_runs):
+    result = default_runs["dense"]
+    assert masked_layers(result.model) == [] and result.layers == []
+    assert not any("score" in name for name in result.model.state_dict())
+    assert all(r["sparsity"] == 0.0 and r["layers"] == {} and r["penalty"] == 0.0 for r in result.history)
+    assert result.history[-1]["loss"] < 0.1 * result.history[0]["loss"]
+
+
+def test_finetune_freezes_every_mask_and_trains_the_weights():
+    config = TrainConfig(**PRUNING)
+    trainer = Trainer(config, train_module._load_data(config))
+    for _ in range(config.epochs):
+        trainer.run_epoch()
+    layers = masked_layers(trainer.model)
+    masks = [layer.mask().copy() for _, layer in layers]
+    scores = [layer.score.data.tobytes() for _, layer in layers]
+    sparsity = trainer.history[-1]["sparsity"]
+    assert sparsity > 0.05  # there is something to keep pruned
+    for _ in range(config.finetune_epochs):
+        weights = [layer.weight.data.copy() for _, layer in layers]
+        record = trainer.run_epoch()
+        assert record["phase"] == "finetune" and record["sparsity"] == sparsity
+        for (name, layer), mask, score, before in zip(layers, masks, scores, weights):
+            assert np.array_equal(layer.mask(), mask), name
+            assert layer.score.data.tobytes() == score, name  # s itself is untouched, not just its sign
+            kept = layer.weight.data[mask]
+            assert not np.array_equal(kept, before[mask]), name  # the kept weights keep learning
+            assert record["layers"][name] == {"sparsity": layer.sparsity(), "flips": 0, "pruned": 0, "revived": 0}
+
+
+def test_finetune_phase_of_the_default_run_keeps_sparsity_constant(default_runs):
+    history = default_runs["masked"].history
+    at_switch = history[29]
+    for record in history[30:]:
+        assert record["sparsity"] == at_switch["sparsity"]
+        for name in LAYER_SIZES:
+            assert record["layers"][name]["sparsity"] == at_switch["layers"][name]["sparsity"]
+
+
+def test_no_finetune_epochs(tmp_path):
+    result = run(tmp_path, train_limit=200, test_limit=50, epochs=2, finetune_epochs=0)
+    assert [r["phase"] for r in result.history] == ["mask", "mask"] and (tmp_path / MODEL).is_file()
+
+
+def test_float64_runs_in_float64():
+    result = run(dtype="float64", **SMALL)
+    assert {v.dtype for v in result.model.state_dict().values()} == {np.dtype(np.float64)}
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+
+
+# -- telemetry -----------------------------------------------------------------------------
+
+def test_flip_counts_are_consistent_with_the_masks(default_runs):
+    """pruned, revived <= flips; flips - pruned - revived is even; kept changes by revived - pruned."""
+    history = default_runs["masked"].history
+    kept = dict(LAYER_SIZES)  # score_init = 1: every connection starts kept
+    for record in history:
+        for name, n in LAYER_SIZES.items():
+            row = record["layers"][name]
+            flips, pruned, revived = row["flips"], row["pruned"], row["revived"]
+            assert 0 <= pruned <= flips and 0 <= revived <= flips, (record["epoch"], name)
+            # A connection that ends the epoch changed flipped an odd number of times, one
+            # that ends unchanged an even number.
+            assert (flips - pruned - revived) % 2 == 0 and flips >= pruned + revived, (record["epoch"], name)
+            now = round((1 - row["sparsity"]) * n)
+            assert now - kept[name] == revived - pruned, (record["epoch"], name)
+            kept[name] = now
+            if record["phase"] == "finetune":
+                assert flips == pruned == revived == 0
+    totals = {k: sum(r["layers"][name][k] for r in history for name in LAYER_SIZES) for k in ("pruned", "revived")}
+    # The identity estimator obeys the convergence principle: pruned connections come back.
+    assert totals["revived"] > 100 and totals["pruned"] > totals["revived"]
+    assert any(row["flips"] > row["pruned"] + row["revived"] for r in history for row in r["layers"].values())
+
+
+def test_pruned_and_revived_match_mask_snapshots():
+    config = TrainConfig(**PRUNING)
+    trainer = Trainer(config, train_module._load_data(config))
+    layers = masked_layers(trainer.model)
+    for _ in range(config.epochs):
+        before = [layer.mask().copy() for _, layer in layers]
+        record = trainer.run_epoch()
+        for (name, layer), start in zip(layers, before):
+            end = layer.mask()
+            row = record["layers"][name]
+            assert row["pruned"] == np.count_nonzero(start & ~end) and row["revived"] == np.count_nonzero(~start & end)
+            assert row["sparsity"] == layer.sparsity()
+    assert sum(row["pruned"] for r in trainer.history for row in r["layers"].values()) > 0
+
+
+def test_record_fields(default_runs):
+    record = default_runs["masked"].history[0]
+    assert set(record) == {"epoch", "phase", "loss", "penalty", "lam", "train_error", "test_error", "sparsity",
+                           "seconds", "layers"}
+    assert list(record["layers"]) == ["fc1", "fc2", "fc3"]
+    kept = sum((1 - row["sparsity"]) * LAYER_SIZES[name] for name, row in record["layers"].items())
+    assert record["penalty"] == pytest.approx(0.03 * kept)
+    assert record["sparsity"] == pytest.approx(1 - kept / sum(LAYER_SIZES.values()))
+
+
+# -- target sparsity ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("target", [80.0, 95.0])
+def test_target_sparsity_lands_on_the_target(target_runs, target):
+    history = target_runs[target].history
+    final = history[-1]["sparsity"]
+    assert abs(final - target / 100) <= TARGET_TOLERANCE, final
+    assert history[29]["sparsity"] == final  # reached in mask learning, kept in fine-tuning
+    assert len({r["lam"] for r in history[:30]}) > 10  # λ was steered
+
+
+def test_target_mode_on_a_short_run_does_not_collapse():
+    # With 72 mask steps the controller cannot settle exactly (docs/scl.md), but its
+    # bounded rise of λ must never prune the whole network, which could not recover.
+    history = run(target_sparsity=50.0, epochs=6, finetune_epochs=0, test_limit=50).history
+    final = history[-1]
+    assert 0.4 <= final["sparsity"] <= 0.7, [round(r["sparsity"], 4) for r in history]
+    assert final["test_error"] < 0.2
+
+
+# -- reproducibility and resume -------------------------------------------------------------
+
+def test_same_seed_is_bit_identical_and_another_seed_differs():
+    a, b, c = run(**SMALL), run(**SMALL), run(seed=1, **SMALL)
+    assert param_bytes(a.model) == param_bytes(b.model)
+    assert comparable(a.history) == comparable(b.history)
+    pa, pc = param_bytes(a.model), param_bytes(c.model)
+    assert pa.keys() == pc.keys() and all(pa[k] != pc[k] for k in pa)
+
+
+def _assert_resumed_equals(uninterrupted, resumed):
+    assert param_bytes(resumed.model) == param_bytes(uninterrupted.model)
+    assert comparable(resumed.history) == comparable(uninterrupted.history)
+
+
+@pytest.mark.parametrize("stop", [1, 2, 3, 4], ids=["mask-1", "mask-2", "at-switch", "finetune"])
+def test_resume_is_bit_identical(tmp_path, pruning_run, stop):
+    whole = pruning_run
+    first = train(TrainConfig(**PRUNING), tmp_path / "cut", log=quiet, stop_after=stop)
+    assert len(first.history) == stop and first.layers == []
+    assert not (tmp_path / "cut" / MODEL).exists()
+    lines = []
+    resumed = train(TrainConfig(**PRUNING), tmp_path / "cut", resume=True, log=lines.append)
+    assert lines[0] == f"resumed from {tmp_path / 'cut' / CHECKPOINT} after epoch {stop}"
+    assert len(lines) == 1 + PRUNING["epochs"] + PRUNING["finetune_epochs"] - stop
+    _assert_resumed_equals(whole, resumed)
+    assert resumed.layers == whole.layers
+    a, b = io.load_state(whole.out_dir / MODEL)["state"], io.load_state(tmp_path / "cut" / MODEL)["state"]
+    assert {k: v.tobytes() for k, v in a.items()} == {k: v.tobytes() for k, v in b.items()}
+
+
+def test_resume_after_several_interruptions(tmp_path):
+    whole = run(**SMALL)
+    for stop in (1, 3, 4):
+        train(TrainConfig(**SMALL), tmp_path, resume=stop > 1, log=quiet, stop_after=stop)
+    _assert_resumed_equals(whole, train(TrainConfig(**SMALL), tmp_path, resume=True, log=quiet))
+
+
+def test_resume_with_the_lambda_controller_is_bit_identical(tmp_path, target_runs):
+    """Stopped while λ is being steered (epoch 12), again in fine-tuning (epoch 31), then finished."""
+    whole = target_runs[80.0]
+    config = TrainConfig(target_sparsity=80.0, finetune_epochs=2)
+    for stop in (12, 31):
+        train(config, tmp_path, resume=stop > 12, log=quiet, stop_after=stop)
+        saved = io.load_state(tmp_path / CHECKPOINT)
+        assert saved["controller"]["lam"] == saved["lam"] == whole.history[stop - 1]["lam"]
+    assert whole.history[11]["lam"] != whole.history[12]["lam"]  # λ still moving at the first stop
+    _assert_resumed_equals(whole, train(config, tmp_path, resume=True, log=quiet))
+
+
+def test_resuming_a_finished_run_changes_nothing(tmp_path):
+    whole = run(tmp_path, **SMALL)
+    before = io.load_state(tmp_path / MODEL)["state"]
+    again = train(TrainConfig(**SMALL), tmp_path, resume=True, log=quiet)
+    _assert_resumed_equals(whole, again)
+    after = io.load_state(tmp_path / MODEL)["state"]
+    assert {k: v.tobytes() for k, v in before.items()} == {k: v.tobytes() for k, v in after.items()}
+
+
+@pytest.mark.parametrize("change, named", [
+    (dict(lam=0.05), "lam"), (dict(seed=3), "seed"), (dict(epochs=5), "epochs"),
+    (dict(target_sparsity=90.0), "target_sparsity"), (dict(dtype="float64"), "dtype"),
+    (dict(lr=0.01, ste="leaky_relu"), "lr', 'ste"),
+])
+def test_resume_with_other_settings_is_refused(tmp_path, change, named):
+    train(TrainConfig(**SMALL), tmp_path, log=quiet, stop_after=1)
+    snapshot = {name: (tmp_path / name).read_bytes() for name in files(tmp_path)}
+    with pytest.raises(ValueError, match=f"other settings: \\['{named}'\\]"):
+        train(TrainConfig(**{**SMALL, **change}), tmp_path, resume=True, log=quiet)
+    assert {name: (tmp_path / name).read_bytes() for name in files(tmp_path)} == snapshot
+
+
+def test_resume_without_a_checkpoint_is_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(TrainConfig(**SMALL), tmp_path / "never", resume=True, log=quiet)
+    assert not (tmp_path / "never").exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=CHECKPOINT):
+        train(TrainConfig(**SMALL), tmp_path / "empty", resume=True, log=quiet)
+    assert files(tmp_path / "empty") == []
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(TrainConfig(**SMALL), None, resume=True, log=quiet)
+
+
+def _cut(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _garbage(path):
+    path.write_bytes(b"not a checkpoint at all" * 100)
+
+
+def _model_file(path):
+    path.write_bytes((path.parent / "model-copy.npz").read_bytes())
+
+
+def _incomplete(path):
+    state = io.load_state(path)
+    del state["opt_w"], state["order_rng"]
+    io.save_state(path, state)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_cut, "corrupt or truncated"), (_garbage, "corrupt or truncated"),
+    (_model_file, "not an sclref checkpoint"), (_incomplete, r"incomplete: no \['opt_w', 'order_rng'\]"),
+])
+def test_a_damaged_checkpoint_is_a_clear_error_and_stays_as_it_is(tmp_path, damage, message):
+    run(tmp_path / "other", **SMALL)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "model-copy.npz").write_bytes((tmp_path / "other" / MODEL).read_bytes())
+    train(TrainConfig(**SMALL), tmp_path / "run", log=quiet, stop_after=2)
+    damage(tmp_path / "run" / CHECKPOINT)
+    snapshot = {name: (tmp_path / "run" / name).read_bytes() for name in files(tmp_path / "run")}
+    with pytest.raises(ValueError, match=message):
+        train(TrainConfig(**SMALL), tmp_path / "run", resume=True, log=quiet)
+    assert {name: (tmp_path / "run" / name).read_bytes() for name in files(tmp_path / "run")} == snapshot
+
+
+# -- files written --------------------------------------------------------------------------
+
+def test_metrics_and_checkpoint_are_written_after_every_epoch(tmp_path, monkeypatch):
+    seen = []
+    real_json, real_state = io.atomic_write_json, io.save_state
+
+    def write_json(path, payload):
+        real_json(path, payload)
+        on_disk = json.loads(open(path).read())
+        seen.append(("metrics", on_disk["epochs_done"], on_disk["finished"], len(on_disk["history"])))
+
+    def save_state(path, tree):
+        real_state(path, tree)
+        seen.append((os.path.basename(path), io.load_state(path).get("epoch")))
+
+    monkeypatch.setattr(io, "atomic_write_json", write_json)
+    monkeypatch.setattr(io, "save_state", save_state)
+    result = run(tmp_path, **SMALL)
+    total = SMALL["epochs"] + SMALL["finetune_epochs"]
+    expected = []
+    for epoch in range(1, total + 1):
+        expected += [(CHECKPOINT, epoch), ("metrics", epoch, False, epoch)]
+    expected += [(MODEL, None), ("metrics", total, True, total)]
+    assert seen == expected
+    assert files(tmp_path) == [CHECKPOINT, METRICS, MODEL]
+    assert len(result.history) == total
+
+
+def test_final_metrics_hold_the_per_layer_table(pruning_run):
+    result = pruning_run
+    metrics = json.loads((result.out_dir / METRICS).read_text())
+    assert metrics["finished"] is True and metrics["epochs_done"] == 6 and metrics["dataset"] == "digits"
+    assert metrics["config"] == TrainConfig(**PRUNING).to_dict()
+    assert comparable(metrics["history"]) == comparable(result.history)
+    final = metrics["final"]
+    assert final["test_error"] == result.history[-1]["test_error"]
+    assert final["sparsity"] == result.history[-1]["sparsity"]
+    assert final["layers"] == result.layers
+    assert [row["layer"] for row in final["layers"]] == ["fc1", "fc2", "fc3"]
+    for row in final["layers"]:
+        assert row["weights"] == LAYER_SIZES[row["layer"]]
+        assert row["kept"] == round((1 - row["sparsity"]) * row["weights"])
+        assert row["dense_flops"] == 2 * row["weights"] and row["effective_flops"] == 2 * row["kept"]
+    assert sum(r["kept"] for r in final["layers"]) == round((1 - final["sparsity"]) * sum(LAYER_SIZES.values()))
+    for key in ("sclref", "numpy", "numba"):
+        assert isinstance(metrics[key], str) and metrics[key]
+
+
+def test_a_stopped_run_leaves_unfinished_metrics_and_no_model(tmp_path):
+    result = train(TrainConfig(**SMALL), tmp_path, log=quiet, stop_after=2)
+    metrics = json.loads((tmp_path / METRICS).read_text())
+    assert metrics["finished"] is False and metrics["final"] is None and metrics["epochs_done"] == 2
+    assert files(tmp_path) == [CHECKPOINT, METRICS] and result.layers == []
+
+
+def test_model_file_rebuilds_the_trained_network(pruning_run):
+    result = pruning_run
+    saved = io.load_state(result.out_dir / MODEL)
+    assert saved["format"] == "sclref-model" and saved["version"] == 1
+    config = TrainConfig.from_dict(saved["config"])
+    assert config == TrainConfig(**PRUNING)
+    assert saved["in_shape"] == [1, 8, 8] and saved["num_classes"] == 10
+    assert {k: v.tobytes() for k, v in saved["state"].items()} == param_bytes(result.model)
+    model = build_model(config, tuple(saved["in_shape"]), saved["num_classes"])
+    model.load_state_dict(saved["state"])
+    data = train_module._load_data(config)
+    assert evaluate(model, data.x_test, data.y_test) == result.history[-1]["test_error"]
+    assert [layer.num_kept() for _, layer in masked_layers(model)] == [r["kept"] for r in result.layers]
+
+
+def test_checkpoint_restores_a_trainer(tmp_path):
+    train(TrainConfig(**SMALL), tmp_path, log=quiet, stop_after=2)
+    state = io.load_state(tmp_path / CHECKPOINT)
+    assert state["format"] == "sclref-checkpoint" and state["epoch"] == 2 and len(state["history"]) == 2
+    config = TrainConfig.from_dict(state["config"])
+    trainer = Trainer(config, train_module._load_data(config))
+    trainer.load_state_dict(state)
+    assert trainer.epoch == 2 and param_bytes(trainer.model) == {k: v.tobytes() for k, v in state["model"].items()}
+
+
+def test_no_out_dir_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = run(**SMALL)
+    assert files(tmp_path) == [] and result.out_dir is None and len(result.history) == 5
+
+
+def test_one_log_line_per_epoch():
+    lines = []
+    train(TrainConfig(**SMALL), log=lines.append)
+    assert len(lines) == 5
+    assert lines[0].startswith("epoch   1/5 mask ") and lines[3].startswith("epoch   4/5 finetune ")
+    assert all("test err" in line and "sparsity" in line for line in lines)
+
+
+# -- bad input ------------------------------------------------------------------------------
+
+BAD_SETTINGS = [
+    (dict(lam=-1.0), "λ must be a finite number >= 0, got -1.0"),
+    (dict(lam=math.nan), "λ must be a finite number >= 0, got nan"),
+    (dict(lam=math.inf), "λ must be a finite number"),
+    (dict(target_sparsity=0.0), r"target sparsity must be in \(0, 100\) percent, got 0.0"),
+    (dict(target_sparsity=100.0), r"target sparsity must be in \(0, 100\) percent, got 100.0"),
+    (dict(target_sparsity=150.0), r"target sparsity must be in \(0, 100\) percent, got 150.0"),
+    (dict(target_sparsity=math.nan), "target sparsity must be in"),
+    (dict(ste="nope"), "unknown STE 'nope'; registered: identity"),
+    (dict(model="resnet"), "unknown model 'resnet'"),
+    (dict(epochs=0), "epochs must be >= 1, got 0"),
+    (dict(finetune_epochs=-1), "finetune_epochs must be >= 0"),
+    (dict(batch_size=0), "batch_size must be >= 1"),
+    (dict(lr=0.0), "lr must be a finite number > 0, got 0.0"),
+    (dict(lr=-0.1), "lr must be a finite number > 0"),
+    (dict(lr=math.nan), "lr must be a finite number > 0"),
+    (dict(mask_lr=0.0), "mask_lr must be a finite number > 0"),
+    (dict(momentum=1.0), r"momentum must be in \[0, 1\)"),
+    (dict(normalization="l3"), "unknown normalization 'l3'"),
+    (dict(weighting="bytes"), "unknown regularizer weighting 'bytes'"),
+    (dict(normalize="both"), "normalize must be 'task' or 'total'"),
+    (dict(dtype="float16"), "dtype must be float32 or float64, got 'float16'"),
+    (dict(dtype="int32"), "dtype must be float32 or float64"),
+    (dict(lam_gain=0.0), "lam_gain must be"),
+    (dict(score_init=math.inf), "score_init must be finite"),
+    (dict(seed=-1), "seed must be >= 0"),
+    (dict(train_limit=0), "train_limit must be >= 1"),
+    (dict(test_limit=0), "test_limit must be >= 1"),
+]
+# Found only once the data is at hand, still before anything is written.
+BAD_FOR_THE_DATA = [
+    (dict(train_limit=10**6), "n_train must be an integer from 1 to 1438"),
+    (dict(data="/nonexistent"), "unknown dataset '/nonexistent'"),
+    (dict(model="lenet5"), "too small"),  # 8x8 digits cannot feed two 5x5 convolutions
+]
+
+
+def _ids(cases):
+    return [f"{key}={value}" for bad, _ in cases for key, value in list(bad.items())[:1]]
+
+
+@pytest.mark.parametrize("bad, message", BAD_SETTINGS + BAD_FOR_THE_DATA, ids=_ids(BAD_SETTINGS + BAD_FOR_THE_DATA))
+def test_bad_settings_are_refused_before_anything_is_written(tmp_path, bad, message):
+    with pytest.raises(ValueError, match=message):
+        train(TrainConfig(**{**SMALL, **bad}), tmp_path / "run", log=quiet)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match=message):  # an existing directory stays empty
+        train(TrainConfig(**{**SMALL, **bad}), tmp_path, log=quiet)
+    assert files(tmp_path) == []
+
+
+@pytest.mark.parametrize("bad, message", BAD_SETTINGS, ids=_ids(BAD_SETTINGS))
+def test_bad_settings_are_refused_before_a_resume_reads_or_writes(tmp_path, bad, message):
+    train(TrainConfig(**SMALL), tmp_path, log=quiet, stop_after=1)
+    snapshot = {name: (tmp_path / name).read_bytes() for name in files(tmp_path)}
+    with pytest.raises(ValueError, match=message):
+        train(TrainConfig(**{**SMALL, **bad}), tmp_path, resume=True, log=quiet)
+    assert {name: (tmp_path / name).read_bytes() for name in files(tmp_path)} == snapshot
+
+
+def test_unknown_settings_in_from_dict():
+    with pytest.raises(ValueError, match=r"unknown training settings: \['lambda'\]"):
+        TrainConfig.from_dict({"lambda": 0.1})
+    assert TrainConfig.from_dict(TrainConfig(lam=0.2).to_dict()) == TrainConfig(lam=0.2)
