@@ -245,7 +245,8 @@ class Trainer:
         seconds = time.perf_counter() - t0
         self.epoch += 1
         record = {
-            "epoch": self.epoch, "phase": "finetune" if finetune else "mask", "loss": total_loss / seen,
+            "epoch": self.epoch, "phase": "finetune" if finetune else ("mask" if layers else "train"),
+            "loss": total_loss / seen,
             "penalty": self.objective.penalty(model) if layers else 0.0, "lam": self.objective.lam,
             "train_error": wrong / seen, "test_error": evaluate(model, self.data.x_test, self.data.y_test),
             "sparsity": sparsity(model) if layers else 0.0, "seconds": seconds,
@@ -263,7 +264,9 @@ class Trainer:
 def format_epoch(record: dict, total: int) -> str:
     return (f"epoch {record['epoch']:>3}/{total} {record['phase']:<8} loss {record['loss']:.4f}  "
             f"train err {100 * record['train_error']:5.2f}%  test err {100 * record['test_error']:5.2f}%  "
-            f"sparsity {100 * record['sparsity']:6.2f}%  λ {record['lam']:.2e}  {record['seconds']:.1f}s")
+            f"sparsity {100 * record['sparsity']:6.2f}%  "
+            + (f"λ {record['lam']:.2e}  " if record["layers"] else "")
+            + f"{record['seconds']:.2f}s")
 
 
 def format_layers(rows: list[dict]) -> str:
