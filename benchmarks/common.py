@@ -6,6 +6,7 @@ alternately after a warm-up and the medians are compared (see shared benchmark r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -46,10 +47,37 @@ def time_alternating(fns: dict, reps: int, warmup: int = 3) -> dict:
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
+def _rss_kib(field: str) -> int | None:
+    """A VmRSS/VmHWM line of /proc/self/status in KiB (None off Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> None:
+    # Linux resets the high-water mark VmHWM to the current RSS on "5" (proc(5), clear_refs).
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def _worker(conn, build, args):
     # Runs in its own process: build the workload once, then time blocks of calls on request.
     step = build(*args)
-    conn.send(step())  # the first call's result, for a same-work check
+    first = step()  # the first call's result, for a same-work check
+    # Memory a call needs on top of what stays between calls (the model, optimizer
+    # state, compiled code): the peak from here on less the resident size now. Taken
+    # after the first call, so one-off costs (JIT compilation, lazy state) are not counted.
+    base = _rss_kib("VmRSS")
+    _reset_peak_rss()
+    conn.send(first)
     while True:
         count = conn.recv()
         if not count:
@@ -60,10 +88,22 @@ def _worker(conn, build, args):
             step()
             times.append(time.perf_counter() - t0)
         conn.send(times)
+    peak = _rss_kib("VmHWM")
+    usage = None if base is None or peak is None else {"resident_mib": base / 1024,
+                                                       "step_peak_mib": (peak - base) / 1024}
+    conn.send(usage)
     conn.close()
 
 
-def time_in_workers(builders: dict, reps: int, block: int = 5, pause: float = 0.3) -> tuple[dict, dict]:
+def _recv(name: str, proc, conn):
+    """The worker's next message; a clear error instead of a hang when the worker died."""
+    while not conn.poll(1.0):
+        if not proc.is_alive():
+            raise RuntimeError(f"benchmark worker {name!r} died (exit code {proc.exitcode}); its traceback is above")
+    return conn.recv()
+
+
+def time_in_workers(builders: dict, reps: int, block: int = 5, pause: float = 0.3, memory: bool = False):
     """Median seconds per call for each workload, each in its own process, taken in turn.
 
     `builders` maps a name to ``(build, args)``: ``build(*args)`` runs in a fresh process
@@ -71,34 +111,43 @@ def time_in_workers(builders: dict, reps: int, block: int = 5, pause: float = 0.
     different engines (OpenBLAS, numba, PyTorch's OpenMP) from fighting over the cores;
     the workloads take turns in blocks of `block` calls (the first block is warm-up), with
     a `pause` between turns so the threads of the one that just ran stop spinning before
-    the other starts. Returns the medians and each callable's first result.
+    the other starts. Returns the medians and each callable's first result, and with
+    `memory` also each workload's memory: the resident size after its first call and the
+    peak the later calls added on top (MiB, from the kernel's high-water mark; Linux only).
     """
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
-    workers, first = {}, {}
+    workers, first, mem = {}, {}, {}
     try:
         for name, (build, args) in builders.items():
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=_worker, args=(child, build, args), daemon=True)
             proc.start()
             workers[name] = (proc, parent)
-        for name, (_, conn) in workers.items():
-            first[name] = conn.recv()
+        for name, (proc, conn) in workers.items():
+            first[name] = _recv(name, proc, conn)
         samples = {name: [] for name in workers}
         for turn in range(1 + -(-reps // block)):
-            for name, (_, conn) in workers.items():
+            for name, (proc, conn) in workers.items():
                 time.sleep(pause)
                 conn.send(block)
-                times = conn.recv()
+                times = _recv(name, proc, conn)
                 if turn:
                     samples[name] += times
+        for name, (proc, conn) in workers.items():
+            conn.send(0)
+            mem[name] = _recv(name, proc, conn)
     finally:
         for proc, conn in workers.values():
             if proc.is_alive():
-                conn.send(0)
+                with contextlib.suppress(OSError):
+                    conn.send(0)
                 proc.join(timeout=10)
-    return {name: statistics.median(s) for name, s in samples.items()}, first
+                if proc.is_alive():
+                    proc.kill()
+    medians = {name: statistics.median(s) for name, s in samples.items()}
+    return (medians, first, mem) if memory else (medians, first)
 
 
 def gemm_gflops(dtype="float32", n: int = 1024, reps: int = 10) -> float:

@@ -1,12 +1,18 @@
-"""One float32 training step (forward, backward, SGD with momentum) at batch 128:
-plain LeNet-300-100 and LeNet-5 in sclref against PyTorch CPU doing the same step.
+"""One float32 training step at batch 128, LeNet-300-100 and LeNet-5, sclref against
+PyTorch CPU doing the identical step:
 
-    python benchmarks/train_step.py [--threads 2] [--reps 50] [--out benchmarks/out/train_step.json]
+- ``plain``: the unmasked network, forward, backward, SGD with momentum;
+- ``scl``: the SCL step of `sclref.train.Trainer.step` (masked layers, identity STE,
+  per-feature L2 normalization of the mask gradient, regularizer λ, SGD with momentum on
+  θ and plain SGD on the mask variables), written in PyTorch as its users would.
+
+    python benchmarks/train_step.py [--kind plain|scl|both] [--threads 2] [--reps 50]
 
 Each engine runs in its own process (so their thread pools do not fight) from the same
-weights and batch; the first step's loss must agree, then the two take turns, one step
-each, and the script reports medians, the sclref/PyTorch ratio, and the floor: the
-step's FLOPs over NumPy's GEMM rate measured in the same run.
+weights and batch; the first step's loss must agree, then the two take turns in blocks
+of steps. The script reports medians, the sclref/PyTorch ratio, the floor (the step's
+FLOPs over NumPy's GEMM rate measured in the same run) and the memory each step adds on
+top of the built model (peak resident size), with its ratio.
 """
 
 from __future__ import annotations
@@ -113,17 +119,115 @@ def build_torch(model_name: str, batch: int, threads: int):
     return step
 
 
-def bench(model_name: str, batch: int, reps: int, threads: int, have_torch: bool) -> dict:
-    builders = {"sclref": (build_sclref, (model_name, batch))}
+SCL_MODELS = {"LeNet-300-100": "lenet300", "LeNet-5": "lenet5"}
+
+
+def _scl_trainer(model_name: str, batch: int):
+    """A `Trainer` with the default SCL settings in float32 on a random batch of MNIST shape."""
+    from sclref.data.datasets import Dataset
+    from sclref.train import TrainConfig, Trainer
+
+    gen = np.random.default_rng(0)
+    x = gen.standard_normal((batch, 1, 28, 28)).astype(np.float32)
+    y = gen.integers(0, 10, batch)
+    data = Dataset(x, y, x[:1], y[:1], name="random")
+    trainer = Trainer(TrainConfig(model=SCL_MODELS[model_name], dtype="float32", seed=0), data)
+    if model_name == "LeNet-300-100":
+        x = x.reshape(batch, -1)
+    return trainer, x, y
+
+
+def build_sclref_scl(model_name: str, batch: int):
+    """One step of `Trainer.step`, the step `sclref train` takes."""
+    trainer, x, y = _scl_trainer(model_name, batch)
+    return lambda: trainer.step(x, y)[0]
+
+
+def build_torch_scl(model_name: str, batch: int, threads: int):
+    """The same SCL step in PyTorch: θ * step(s) with an identity STE, from the same weights."""
+    from sclref.nn.masked import MaskedConv2d, MaskedLinear
+
+    torch = common.torch_or_none(threads)
+    F = torch.nn.functional
+    trainer, x_np, y_np = _scl_trainer(model_name, batch)
+    cfg = trainer.config
+
+    class StepSTE(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, s):
+            return (s > 0).to(s.dtype)
+
+        @staticmethod
+        def backward(ctx, g):
+            return g  # identity STE: g'(s) = 1
+
+    layers = []  # (kind, θ, b, s) for masked layers, kind for the others
+    for layer in trainer.model:
+        if isinstance(layer, (MaskedLinear, MaskedConv2d)):
+            theta, bias, score = (torch.nn.Parameter(torch.from_numpy(p.data.copy()))
+                                  for p in (layer.weight, layer.bias, layer.score))
+            kind = "linear" if isinstance(layer, MaskedLinear) else "conv"
+            layers.append((kind, theta, bias, score))
+        elif isinstance(layer, sclref.nn.MaxPool2d):
+            layers.append(("pool", layer.kernel_size))
+        else:
+            layers.append((type(layer).__name__.lower(),))
+
+    def forward(h):
+        for spec in layers:
+            kind = spec[0]
+            if kind in ("linear", "conv"):
+                _, theta, bias, score = spec
+                w = theta * StepSTE.apply(score)
+                h = F.linear(h, w, bias) if kind == "linear" else F.conv2d(h, w, bias)
+            elif kind == "pool":
+                h = F.max_pool2d(h, spec[1])
+            elif kind == "relu":
+                h = F.relu(h)
+            elif kind == "flatten":
+                h = h.flatten(1)
+        return h
+
+    weights = [p for spec in layers if len(spec) == 4 for p in spec[1:3]]
+    scores = [spec[3] for spec in layers if len(spec) == 4]
+    opt_w = torch.optim.SGD(weights, lr=cfg.lr, momentum=cfg.momentum)
+    opt_s = torch.optim.SGD(scores, lr=cfg.mask_lr)
+    xt, yt = torch.from_numpy(x_np), torch.from_numpy(y_np)
+
+    def step():
+        opt_w.zero_grad()
+        opt_s.zero_grad()
+        loss = F.cross_entropy(forward(xt), yt)
+        loss.backward()
+        with torch.no_grad():
+            for s in scores:  # per-feature L2 normalization, then + λ g'(s) = λ
+                g = s.grad.reshape(s.shape[0], -1)
+                g /= g.norm(dim=1, keepdim=True) + 1e-12
+                s.grad += cfg.lam
+        opt_s.step()
+        opt_w.step()
+        return loss.item()
+
+    return step
+
+
+BUILDERS = {"plain": (build_sclref, build_torch), "scl": (build_sclref_scl, build_torch_scl)}
+
+
+def bench(kind: str, model_name: str, batch: int, reps: int, threads: int, have_torch: bool) -> dict:
+    ours, peer = BUILDERS[kind]
+    builders = {"sclref": (ours, (model_name, batch))}
     if have_torch:
-        builders["torch"] = (build_torch, (model_name, batch, threads))
-    medians, first = common.time_in_workers(builders, reps)
-    row = {"model": model_name, "batch": batch, "loss_first_step": first}
+        builders["torch"] = (peer, (model_name, batch, threads))
+    medians, first, memory = common.time_in_workers(builders, reps, memory=True)
+    row = {"kind": kind, "model": model_name, "batch": batch, "loss_first_step": first, "memory": memory}
     if have_torch and not np.isclose(first["sclref"], first["torch"], rtol=1e-4):
         raise SystemExit(f"{model_name}: sclref and PyTorch disagree on the first loss: {first}")
     row.update({f"{k}_ms": v * 1e3 for k, v in medians.items()})
     if have_torch:
         row["ratio"] = medians["sclref"] / medians["torch"]
+        if memory["sclref"] and memory["torch"]:
+            row["memory_ratio"] = memory["sclref"]["step_peak_mib"] / max(memory["torch"]["step_peak_mib"], 1e-3)
     model, _, _ = _workload(model_name, batch)
     row["gflop"] = step_flops(model, (1, 28, 28), batch) / 1e9
     return row
@@ -132,24 +236,39 @@ def bench(model_name: str, batch: int, reps: int, threads: int, have_torch: bool
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=THREADS)
+    parser.add_argument("--kind", choices=("plain", "scl", "both"), default="both")
     parser.add_argument("--reps", type=int, default=50)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "train_step.json")
     args = parser.parse_args()
     have_torch = common.torch_or_none(args.threads) is not None
     gemm = common.gemm_gflops("float32")
-    rows = [bench(name, args.batch, args.reps, args.threads, have_torch) for name in MODELS]
+    kinds = ("plain", "scl") if args.kind == "both" else (args.kind,)
+    rows = [bench(kind, name, args.batch, args.reps, args.threads, have_torch) for kind in kinds for name in MODELS]
+    nan = float("nan")
     for r in rows:
         r["floor_ms"] = r["gflop"] / gemm * 1e3
     table = common.markdown_table(
-        ["model", "batch", "sclref ms", "PyTorch ms", "sclref/PyTorch", "GEMM floor ms"],
-        [[r["model"], r["batch"], f"{r['sclref_ms']:.2f}", f"{r.get('torch_ms', float('nan')):.2f}",
-          f"{r.get('ratio', float('nan')):.2f}", f"{r['floor_ms']:.2f}"] for r in rows],
+        ["step", "model", "sclref ms", "PyTorch ms", "sclref/PyTorch", "GEMM floor ms",
+         "step memory MiB (sclref / PyTorch)"],
+        [[r["kind"], r["model"], f"{r['sclref_ms']:.2f}", f"{r.get('torch_ms', nan):.2f}", f"{r.get('ratio', nan):.2f}",
+          f"{r['floor_ms']:.2f}", _memory_cell(r)] for r in rows],
     )
-    print(f"float32, {args.threads} threads, median of {args.reps}; NumPy GEMM {gemm:.1f} GFLOP/s\n")
+    print(f"float32, batch {args.batch}, {args.threads} threads, median of {args.reps}; "
+          f"NumPy GEMM {gemm:.1f} GFLOP/s\n")
     print(table)
     common.write_json(args.out, {"machine": common.machine(), "threads": args.threads, "gemm_gflops": gemm,
                                  "reps": args.reps, "rows": rows})
+
+
+def _memory_cell(row: dict) -> str:
+    mem = row["memory"]
+    if not mem.get("sclref"):
+        return "n/a"
+    if not mem.get("torch"):
+        return f"{mem['sclref']['step_peak_mib']:.1f}"
+    return (f"{mem['sclref']['step_peak_mib']:.1f} / {mem['torch']['step_peak_mib']:.1f} "
+            f"({row['memory_ratio']:.2f})")
 
 
 if __name__ == "__main__":

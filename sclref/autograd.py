@@ -63,8 +63,10 @@ class Function:
     Subclasses implement ``forward(*arrays, **params) -> ndarray`` and
     ``backward(grad) -> tuple`` with one gradient (or None) per tensor input, both on raw
     ndarrays. ``forward`` may keep on ``self`` whatever ``backward`` needs; neither may
-    modify its input arrays. Non-tensor parameters (axes, strides) are keyword arguments
-    and are kept in ``self.params`` so the op can be re-run (see `sclref.testing`).
+    modify its input arrays, and ``backward`` returns new arrays or views of its
+    argument, never an array it keeps (a leaf may adopt a new array as its grad).
+    Non-tensor parameters (axes, strides) are keyword arguments and are kept in
+    ``self.params`` so the op can be re-run (see `sclref.testing`).
     """
 
     def __init__(self, parents, params):
@@ -192,8 +194,10 @@ class Tensor:
                 raise ValueError(f"backward(): gradient shape {grad.shape} != tensor shape {self.shape}")
             if grad.dtype != self.dtype:
                 raise TypeError(f"backward(): gradient dtype {grad.dtype} != tensor dtype {self.dtype}")
+        # The caller's array is never adopted as a leaf's grad.
+        handed = {id(grad)}
         if self._ctx is None:
-            _accumulate_leaf(self, grad)
+            _accumulate_leaf(self, grad, handed)
             return
         pending = {id(self): grad}
         for node in _toposort(self):
@@ -214,7 +218,7 @@ class Tensor:
                         f"for an input of shape {parent.shape}"
                     )
                 if parent._ctx is None:
-                    _accumulate_leaf(parent, pg)
+                    _accumulate_leaf(parent, pg, handed)
                 else:
                     key = id(parent)
                     prev = pending.get(key)
@@ -294,11 +298,16 @@ class Tensor:
         return _ops.cast(self, dtype)
 
 
-def _accumulate_leaf(leaf: Tensor, g: np.ndarray) -> None:
+def _accumulate_leaf(leaf: Tensor, g: np.ndarray, handed: set) -> None:
     # A rule may hand back its upstream array or a view of it (add, reshape), so a leaf
-    # gets its own copy: two leaves never share one grad buffer.
+    # gets its own copy unless `g` is an array a rule just made: it owns its memory, is
+    # writable and contiguous, and was not handed to another leaf or passed in by the
+    # caller (ids in `handed`). Two leaves never share one grad buffer.
     if leaf.grad is None:
-        leaf.grad = np.array(g, dtype=leaf.dtype, copy=True)
+        own = (g.flags.owndata and g.flags.writeable and g.flags.c_contiguous and g.dtype == leaf.dtype
+               and id(g) not in handed)
+        leaf.grad = g if own else np.array(g, dtype=leaf.dtype, copy=True)
+        handed.add(id(g))
     else:
         leaf.grad = leaf.grad + g
 

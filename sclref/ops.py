@@ -315,6 +315,38 @@ def matmul(a, b) -> Tensor:
     return MatMul.apply(a, b)
 
 
+class Linear(Function):
+    """x @ w.T (+ b): a dense layer's affine map, x of shape (..., K), w (F, K), b (F,)"""
+
+    def forward(self, x, w, b=None):
+        self.x, self.w = x, w
+        y = x @ w.T
+        if b is not None:
+            y += b  # y is a fresh product: adding in place saves a pass
+        return y
+
+    def backward(self, g):
+        x, w = self.x, self.w
+        g2 = g.reshape(-1, g.shape[-1])
+        gx = (g2 @ w).reshape(x.shape) if self.needs_grad[0] else None
+        # (g2.T @ x2) is a fresh C-contiguous (F, K) array: the weight's gradient as is.
+        gw = g2.T @ x.reshape(-1, x.shape[-1]) if self.needs_grad[1] else None
+        gb = g2.sum(axis=0) if len(self.needs_grad) > 2 and self.needs_grad[2] else None
+        return gx, gw, gb
+
+
+def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+    """``x @ w.T + b`` in one op (a dense layer): x (..., K), weight w (F, K), bias b (F,) or None."""
+    tensors = [_tensor_arg("linear", x), _tensor_arg("linear", w)] + ([] if b is None else [_tensor_arg("linear", b)])
+    _check_dtypes("linear", *tensors)
+    if x.ndim < 1 or w.ndim != 2 or x.shape[-1] != w.shape[1]:
+        raise ValueError(f"linear: input {x.shape} and weight {w.shape} do not align "
+                         f"(need input (..., K) and weight (F, K))")
+    if b is not None and b.shape != (w.shape[0],):
+        raise ValueError(f"linear: bias shape {b.shape} != ({w.shape[0]},)")
+    return Linear.apply(*tensors)
+
+
 class Sum(Function):
     """sum of a over axes"""
 
@@ -404,6 +436,42 @@ def transpose(a: Tensor, axes=None) -> Tensor:
         if sorted(axes) != list(range(a.ndim)):
             raise ValueError(f"transpose: axes {axes} are not a permutation of {a.ndim} dimensions")
     return Transpose.apply(a, axes=axes)
+
+
+# -- masked weight ------------------------------------------------------------------------
+
+
+class MaskedWeight(Function):
+    """theta * H(s), H the exact unit step; d/ds through the surrogate g'(s) (1 when None)"""
+
+    def forward(self, theta, s, surrogate):
+        self.theta, self.s, self.surrogate = _contiguous(theta), _contiguous(s), surrogate
+        out = np.empty_like(self.theta)
+        K.masked_weight_fwd(self.theta, self.s, out)
+        return out
+
+    def backward(self, g):
+        g_theta, g_s = np.empty_like(self.theta), np.empty_like(self.theta)
+        K.masked_weight_bwd(_contiguous(g), self.theta, self.s, g_theta, g_s)
+        if self.surrogate is not None:
+            g_s *= self.surrogate(self.s)
+        return g_theta, g_s
+
+
+def masked_weight(theta: Tensor, s: Tensor, surrogate=None) -> Tensor:
+    """The SCL weight θ ⊙ H(s) in one op: the same values and gradients as
+    ``theta * ste.step(s, ste)``, without the intermediate mask and surrogate arrays.
+
+    `surrogate` maps s to the estimator's derivative g'(s) (an array like s); None means
+    g' = 1, the identity estimator, and skips that product.
+    """
+    theta, s = _tensor_arg("masked_weight", theta), _tensor_arg("masked_weight", s)
+    _check_dtypes("masked_weight", theta, s)
+    if theta.shape != s.shape:
+        raise ValueError(f"masked_weight: weight shape {theta.shape} != mask-variable shape {s.shape}")
+    if surrogate is not None and not callable(surrogate):
+        raise TypeError(f"masked_weight: surrogate must be callable or None, got {type(surrogate).__name__}")
+    return MaskedWeight.apply(theta, s, surrogate=surrogate)
 
 
 # -- activations and losses --------------------------------------------------------------

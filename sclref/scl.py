@@ -102,9 +102,16 @@ class SCLObjective:
         for layer, w in zip(layers, connection_weights(layers, self.weighting)):
             s = layer.score
             task = np.zeros_like(s.data) if s.grad is None else s.grad
-            reg = layer.ste.surrogate(s.data) * s.dtype.type(self.lam * w) if self.lam else 0
+            if not self.lam:
+                reg = 0
+            elif layer.ste.unit_surrogate:  # λ·w·g'(s) is one number: no array for it
+                reg = s.dtype.type(self.lam * w)
+            else:
+                reg = layer.ste.surrogate(s.data) * s.dtype.type(self.lam * w)
             if self.normalize == "task":
-                s.grad = normalize_per_feature(task, self.normalization, self.eps) + reg
+                g = normalize_per_feature(task, self.normalization, self.eps)
+                # normalize_per_feature returns a new array unless it had nothing to do.
+                s.grad = g + reg if g is task else np.add(g, reg, out=g)
             else:
                 s.grad = normalize_per_feature(task + reg, self.normalization, self.eps)
 

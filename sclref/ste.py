@@ -50,6 +50,8 @@ class STE:
 
     name = "ste"
     satisfies_principle: bool = False
+    # True when g'(s) = 1 everywhere: callers may then skip multiplying by it.
+    unit_surrogate: bool = False
 
     def surrogate(self, s: np.ndarray) -> np.ndarray:
         """The proxy derivative g'(s) used in place of dH/ds, elementwise."""
@@ -68,6 +70,7 @@ class Identity(STE):
     """g'(s) = 1: the estimator SCL adopts."""
 
     satisfies_principle = True
+    unit_surrogate = True
 
     def surrogate(self, s):
         return np.ones_like(s)

@@ -153,6 +153,7 @@ def _op_cases(gen: np.random.Generator):
 
     labels = gen.integers(0, 4, size=3)
     mask = (gen.random((3, 4)) > 0.5) / 0.5
+    scores = Tensor(away((3, 4)))  # mask variables, held fixed: their gradient is an estimator's
     return [
         ("add", lambda a, b: a + b, [away((3, 4)), away((4,))]),
         ("sub", lambda a, b: a - b, [away((3, 1)), away((3, 4))]),
@@ -163,6 +164,8 @@ def _op_cases(gen: np.random.Generator):
         ("exp", ops.exp, [away((5,))]),
         ("log", ops.log, [gen.uniform(0.2, 2.0, 5)]),
         ("matmul", ops.matmul, [away((3, 4)), away((4, 2))]),
+        ("linear", ops.linear, [away((3, 4)), away((2, 4)), away((2,))]),
+        ("masked_weight", lambda t: ops.masked_weight(t, scores), [away((3, 4))]),
         ("sum", lambda a: ops.sum(a, 1), [away((3, 4))]),
         ("mean", lambda a: ops.mean(a, (0, 2), keepdims=True), [away((2, 3, 4))]),
         ("reshape", lambda a: ops.reshape(a, (6, 2)), [away((3, 4))]),

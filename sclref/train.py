@@ -204,7 +204,21 @@ class Trainer:
         for _, layer in masked_layers(self.model):
             layer.freeze_mask(self.epoch >= self.config.epochs)
 
-    # -- one epoch ---------------------------------------------------------------------
+    # -- one step and one epoch ---------------------------------------------------------
+    def step(self, xb: np.ndarray, yb: np.ndarray, learn_masks: bool = True) -> tuple[float, np.ndarray]:
+        """One SGD step on a batch: θ always, the mask variables when `learn_masks`; returns (loss, logits)."""
+        self.opt_w.zero_grad()
+        if self.opt_s is not None:
+            self.opt_s.zero_grad()
+        logits = self.model(Tensor(xb))
+        loss = ops.cross_entropy(logits, yb)
+        loss.backward()
+        if learn_masks:
+            self.objective.apply(self.model)
+            self.opt_s.step()
+        self.opt_w.step()
+        return loss.item(), logits.data
+
     def run_epoch(self, progress=None) -> dict:
         cfg, model = self.config, self.model
         finetune = self.epoch >= cfg.epochs
@@ -219,16 +233,7 @@ class Trainer:
         mask_steps = cfg.epochs * self.steps_per_epoch
         step = self.epoch * self.steps_per_epoch
         for xb, yb in datasets.batches(self.data.x_train, self.data.y_train, cfg.batch_size, True, self.order_rng):
-            self.opt_w.zero_grad()
-            if self.opt_s is not None:
-                self.opt_s.zero_grad()
-            logits = model(Tensor(xb))
-            loss = ops.cross_entropy(logits, yb)
-            loss.backward()
-            if not finetune and layers:
-                self.objective.apply(model)
-                self.opt_s.step()
-            self.opt_w.step()
+            loss, logits = self.step(xb, yb, learn_masks=not finetune and bool(layers))
             if not finetune and layers:
                 for i, (_, layer) in enumerate(layers):
                     mask = layer.mask()
@@ -237,8 +242,8 @@ class Trainer:
                 step += 1
                 if self.controller is not None:
                     self.objective.lam = self.controller.update(sparsity(model), step / mask_steps)
-            total_loss += loss.item() * len(yb)
-            wrong += int(np.count_nonzero(logits.data.argmax(axis=1) != yb))
+            total_loss += loss * len(yb)
+            wrong += int(np.count_nonzero(logits.argmax(axis=1) != yb))
             seen += len(yb)
             if progress is not None:
                 progress.update(1)

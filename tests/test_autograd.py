@@ -66,12 +66,24 @@ def test_non_leaf_grads_are_not_kept():
     assert x.grad is not None
 
 
-def test_leaves_never_share_a_grad_buffer():
+@pytest.mark.parametrize("head", [lambda y: y.sum(), lambda y: ops.relu(y).sum()], ids=["view", "fresh"])
+def test_leaves_never_share_a_grad_buffer(head):
+    # "fresh": relu's backward makes a new array that add hands to both leaves as is.
     a, b = leaf([1.0, 2.0]), leaf([3.0, 4.0])
-    (a + b).sum().backward()
+    head(a + b).backward()
     assert not np.shares_memory(a.grad, b.grad)
     a.grad[0] = 100.0
     assert b.grad[0] == 1.0
+
+
+def test_a_leaf_grad_never_aliases_the_callers_gradient():
+    a, b = leaf([1.0, 2.0]), leaf([3.0, 4.0])
+    seed = np.array([1.0, 1.0])
+    (a + b).backward(grad=seed)
+    assert not np.shares_memory(a.grad, seed) and not np.shares_memory(b.grad, seed)
+    a.backward(grad=seed)  # a leaf's own backward accumulates a copy too
+    seed[0] = 7.0
+    np.testing.assert_array_equal(a.grad, [2.0, 2.0])
 
 
 def test_backward_does_not_mutate_forward_arrays():

@@ -24,6 +24,8 @@ from sclref.kernels import (
     conv2d_fwd,
     leaky_relu_bwd,
     leaky_relu_fwd,
+    masked_weight_bwd,
+    masked_weight_fwd,
     maxpool2d_bwd,
     maxpool2d_fwd,
     relu_bwd,
@@ -417,6 +419,39 @@ def test_activations_match_reference_bit_for_bit(x, seed, alpha):
         twin(*args, want)
         assert got.dtype == x.dtype
         np.testing.assert_array_equal(got, want, err_msg=kernel.__name__)
+
+
+@settings(deadline=None, max_examples=EXAMPLES)
+@given(theta=float_arrays(), seed=st.integers(0, 2**32 - 1))
+def test_masked_weight_matches_reference_bit_for_bit(theta, seed):
+    gen = np.random.default_rng(seed)
+    # s with exact zeros and negative zeros: H(0) = H(-0) = 0
+    s = (gen.integers(-2, 3, theta.shape) * gen.random(theta.shape)).astype(theta.dtype)
+    g = gen.standard_normal(theta.shape).astype(theta.dtype)
+    got, want = np.full_like(theta, 7.0), np.full_like(theta, -7.0)
+    masked_weight_fwd(theta, s, got)
+    ref.masked_weight_fwd(theta, s, want)
+    np.testing.assert_array_equal(got, want)
+    got = np.full_like(theta, 7.0), np.full_like(theta, 7.0)
+    want = np.full_like(theta, -7.0), np.full_like(theta, -7.0)
+    masked_weight_bwd(g, theta, s, *got)
+    ref.masked_weight_bwd(g, theta, s, *want)
+    for a, b in zip(got, want):
+        assert a.dtype == theta.dtype
+        np.testing.assert_array_equal(a, b)
+
+
+def test_masked_weight_on_special_values():
+    theta = np.array([2.0, 2.0, 2.0, np.nan, np.inf, 3.0])
+    s = np.array([-1.0, 0.0, -0.0, 1.0, 1.0, np.nan])
+    out = np.empty_like(theta)
+    masked_weight_fwd(theta, s, out)
+    np.testing.assert_array_equal(out, [0, 0, 0, np.nan, np.inf, 0])  # NaN score: off
+    g = np.full(theta.shape, 0.5)
+    g_theta, g_s = np.empty_like(theta), np.empty_like(theta)
+    masked_weight_bwd(g, theta, s, g_theta, g_s)
+    np.testing.assert_array_equal(g_theta, [0, 0, 0, 0.5, 0.5, 0])
+    np.testing.assert_array_equal(g_s, [1, 1, 1, np.nan, np.inf, 1.5])
 
 
 def test_activations_on_special_values():

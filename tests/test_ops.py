@@ -103,6 +103,54 @@ def test_matmul_forward_and_grad(m, k, n, batch, data):
     check_grads(ops.matmul, a, b)
 
 
+@given(k=st.integers(1, 5), f=st.integers(1, 5), batch=shapes(0, 2, 1, 4), bias=st.booleans(), data=st.data())
+def test_linear_forward_and_grad(k, f, batch, bias, data):
+    x, w, b = data.draw(arrays(batch + (k,))), data.draw(arrays((f, k))), data.draw(arrays((f,)))
+    inputs = (x, w, b) if bias else (x, w)
+    want = x @ w.T + (b if bias else 0)
+    np.testing.assert_allclose(ops.linear(*map(T, inputs)).data, want, rtol=1e-13, atol=1e-15)
+    check_grads(ops.linear, *inputs)
+
+
+def test_linear_bad_inputs():
+    with pytest.raises(ValueError, match=r"linear: input \(2, 3\) and weight \(4, 5\) do not align"):
+        ops.linear(T(np.ones((2, 3))), T(np.ones((4, 5))))
+    with pytest.raises(ValueError, match=r"linear: bias shape \(3,\) != \(4,\)"):
+        ops.linear(T(np.ones((2, 5))), T(np.ones((4, 5))), T(np.ones(3)))
+    with pytest.raises(TypeError, match="linear: mixed dtypes float32 and float64"):
+        ops.linear(T(np.ones((2, 5))), T(np.ones((4, 5), dtype=np.float32)))
+
+
+@pytest.mark.parametrize("ste", ["identity", "leaky_relu", "softplus", "relu", "clipped"])
+@given(shape=shapes(1, 4), data=st.data())
+def test_masked_weight_equals_weight_times_step(ste, shape, data):
+    # θ's gradient is a true derivative (checked by finite differences); s's is the
+    # estimator's by definition: the same as through θ * step(s).
+    from sclref import ste as ste_registry
+
+    est = ste_registry.get(ste)
+    theta, s = data.draw(arrays(shape)), data.draw(arrays(shape, kink=0.0))
+    surrogate = None if est.unit_surrogate else est.surrogate
+    fused_t, fused_s = T(theta, requires_grad=True), T(s, requires_grad=True)
+    plain_t, plain_s = T(theta, requires_grad=True), T(s, requires_grad=True)
+    fused = ops.masked_weight(fused_t, fused_s, surrogate)
+    plain = plain_t * ste_registry.step(plain_s, est)
+    np.testing.assert_array_equal(fused.data, plain.data)
+    g = np.random.default_rng(0).standard_normal(shape)
+    fused.backward(g)
+    plain.backward(g)
+    np.testing.assert_allclose(fused_t.grad, plain_t.grad, rtol=1e-15)
+    np.testing.assert_allclose(fused_s.grad, plain_s.grad, rtol=1e-15)
+    check_grads(lambda t: ops.masked_weight(t, T(s), surrogate), theta)
+
+
+def test_masked_weight_bad_inputs():
+    with pytest.raises(ValueError, match=r"masked_weight: weight shape \(2, 3\) != mask-variable shape \(3, 2\)"):
+        ops.masked_weight(T(np.ones((2, 3))), T(np.ones((3, 2))))
+    with pytest.raises(TypeError, match="masked_weight: surrogate must be callable"):
+        ops.masked_weight(T(np.ones(2)), T(np.ones(2)), surrogate=1.0)
+
+
 @given(k=st.integers(1, 5), n=st.integers(1, 4), data=st.data())
 def test_matmul_with_vectors(k, n, data):
     v, m, u = data.draw(arrays((k,))), data.draw(arrays((k, n))), data.draw(arrays((k,)))

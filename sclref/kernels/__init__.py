@@ -9,9 +9,16 @@ test oracle.
 
 from sclref.kernels._jit import CACHE, JIT_DISABLED, PARALLEL, num_threads
 from sclref.kernels.conv import conv2d_bwd_input, conv2d_bwd_weight, conv2d_fwd
-from sclref.kernels.elementwise import leaky_relu_bwd, leaky_relu_fwd, relu_bwd, relu_fwd
+from sclref.kernels.elementwise import (
+    leaky_relu_bwd,
+    leaky_relu_fwd,
+    masked_weight_bwd,
+    masked_weight_fwd,
+    relu_bwd,
+    relu_fwd,
+)
 from sclref.kernels.pool import maxpool2d_bwd, maxpool2d_fwd
 
 __all__ = ["CACHE", "JIT_DISABLED", "PARALLEL", "conv2d_bwd_input", "conv2d_bwd_weight", "conv2d_fwd",
-           "leaky_relu_bwd", "leaky_relu_fwd", "maxpool2d_bwd", "maxpool2d_fwd", "num_threads", "relu_bwd",
-           "relu_fwd"]
+           "leaky_relu_bwd", "leaky_relu_fwd", "masked_weight_bwd", "masked_weight_fwd", "maxpool2d_bwd",
+           "maxpool2d_fwd", "num_threads", "relu_bwd", "relu_fwd"]

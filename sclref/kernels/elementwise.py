@@ -1,4 +1,5 @@
-"""Compute ReLU and leaky ReLU, forward and backward, in one pass without temporaries.
+"""Compute ReLU, leaky ReLU and the masked weight θ ⊙ H(s), forward and backward, in one pass
+without temporaries.
 
 All arrays are C-contiguous with one shape and one float dtype; kernels see them as
 flat views. Each element is computed independently, so any parallel split is exact.
@@ -6,7 +7,7 @@ flat views. Each element is computed independently, so any parallel split is exa
 
 from sclref.kernels._jit import pjit, prange
 
-__all__ = ["leaky_relu_bwd", "leaky_relu_fwd", "relu_bwd", "relu_fwd"]
+__all__ = ["leaky_relu_bwd", "leaky_relu_fwd", "masked_weight_bwd", "masked_weight_fwd", "relu_bwd", "relu_fwd"]
 
 
 @pjit
@@ -61,3 +62,28 @@ def leaky_relu_fwd(x, alpha, out):
 def leaky_relu_bwd(x, gy, alpha, gx):
     """gx = gy where x > 0 else alpha * gy, with `alpha` rounded to x's dtype. O(size)."""
     _leaky_relu_bwd(x.reshape(-1), gy.reshape(-1), x.dtype.type(alpha), gx.reshape(-1))
+
+
+@pjit
+def _masked_weight_fwd(theta, s, out):
+    for t in prange(theta.size):
+        out[t] = theta[t] if s[t] > 0 else 0
+
+
+@pjit
+def _masked_weight_bwd(g, theta, s, g_theta, g_s):
+    for t in prange(theta.size):
+        v = g[t]
+        g_theta[t] = v if s[t] > 0 else 0
+        g_s[t] = v * theta[t]
+
+
+def masked_weight_fwd(theta, s, out):
+    """out = theta where s > 0 else 0: the weight θ ⊙ H(s) with the exact step. O(size)."""
+    _masked_weight_fwd(theta.reshape(-1), s.reshape(-1), out.reshape(-1))
+
+
+def masked_weight_bwd(g, theta, s, g_theta, g_s):
+    """g_theta = g where s > 0 else 0, and g_s = g * theta (the step's surrogate is applied
+    by the caller), for upstream `g` of θ ⊙ H(s); one pass over the five arrays. O(size)."""
+    _masked_weight_bwd(g.reshape(-1), theta.reshape(-1), s.reshape(-1), g_theta.reshape(-1), g_s.reshape(-1))

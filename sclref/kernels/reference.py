@@ -10,7 +10,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 __all__ = ["conv2d_bwd_input", "conv2d_bwd_weight", "conv2d_fwd", "leaky_relu_bwd", "leaky_relu_fwd",
-           "maxpool2d_bwd", "maxpool2d_fwd", "relu_bwd", "relu_fwd"]
+           "masked_weight_bwd", "masked_weight_fwd", "maxpool2d_bwd", "maxpool2d_fwd", "relu_bwd", "relu_fwd"]
 
 
 def _windows(x, kh, kw, sh, sw, ph, pw, oh, ow):
@@ -83,3 +83,15 @@ def leaky_relu_fwd(x, alpha, out):
 def leaky_relu_bwd(x, gy, alpha, gx):
     """gx = gy where x > 0 else alpha * gy, alpha in x's dtype."""
     gx[...] = np.where(x > 0, gy, x.dtype.type(alpha) * gy)
+
+
+def masked_weight_fwd(theta, s, out):
+    """out = theta where s > 0 else 0."""
+    out[...] = np.where(s > 0, theta, theta.dtype.type(0))
+
+
+def masked_weight_bwd(g, theta, s, g_theta, g_s):
+    """g_theta = g where s > 0 else 0; g_s = g * theta."""
+    g_theta[...] = np.where(s > 0, g, g.dtype.type(0))
+    g_s[...] = g * theta
+

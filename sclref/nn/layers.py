@@ -54,8 +54,7 @@ class Linear(Module):
             raise ValueError(
                 f"{type(self).__name__}: expected input with last dimension {self.in_features}, got shape {x.shape}"
             )
-        y = ops.matmul(x, self.effective_weight().T)
-        return y if self.bias is None else y + self.bias
+        return ops.linear(x, self.effective_weight(), self.bias)
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

@@ -56,7 +56,7 @@ class MaskedLayer(Module):
         """θ ⊙ H(s); with a frozen mask, H(s) is a constant and s gets no gradient."""
         if self.frozen:
             return ops.mul(self.weight, self.mask().astype(self.weight.dtype))
-        return ops.mul(self.weight, self.ste(self.score))
+        return ops.masked_weight(self.weight, self.score, None if self.ste.unit_surrogate else self.ste.surrogate)
 
     def freeze_mask(self, frozen: bool = True) -> None:
         """Fix the mask (for fine-tuning θ): the scores stop receiving gradients."""
