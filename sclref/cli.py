@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("gradcheck", help="check every op's gradient against finite differences")
     check.add_argument("--seed", type=int, default=0, help="seed of the test points (default 0)")
     check.set_defaults(func=_gradcheck)
+    from sclref.theory.cli import add_parser as add_theory
+
+    add_theory(sub)
     return parser
 
 

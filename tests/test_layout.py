@@ -22,6 +22,7 @@ FORBIDDEN = {
     "io.py": ["sclref.autograd", "sclref.ops", "sclref.kernels", "sclref.nn"],
     "train.py": ["sclref.kernels"],
     "kernels/": ["sclref.autograd", "sclref.ops", "sclref.nn", "sclref.optim", "sclref.testing"],
+    "theory/": ["sclref.kernels", "sclref.ops", "sclref.train", "sclref.cli"],
 }
 
 
