@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     from sclref.theory.cli import add_parser as add_theory
 
     add_theory(sub)
+    from sclref.sparse.cli import add_parsers as add_sparse
+
+    add_sparse(sub)
     return parser
 
 

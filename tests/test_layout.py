@@ -23,6 +23,7 @@ FORBIDDEN = {
     "train.py": ["sclref.kernels"],
     "kernels/": ["sclref.autograd", "sclref.ops", "sclref.nn", "sclref.optim", "sclref.testing"],
     "theory/": ["sclref.kernels", "sclref.ops", "sclref.train", "sclref.cli"],
+    "sparse/": ["sclref.autograd", "sclref.ops", "sclref.optim", "sclref.cli"],
 }
 
 

@@ -95,3 +95,37 @@ def masked_weight_bwd(g, theta, s, g_theta, g_s):
     g_theta[...] = np.where(s > 0, g, g.dtype.type(0))
     g_s[...] = g * theta
 
+
+def _csr_dense(indptr, indices, data, n_cols):
+    """The dense (F, n_cols) matrix of a CSR triple; np.add.at would sum duplicates."""
+    f = indptr.shape[0] - 1
+    dense = np.zeros((f, n_cols), dtype=data.dtype)
+    rows = np.repeat(np.arange(f), np.diff(indptr))
+    np.add.at(dense, (rows, indices), data)
+    return dense
+
+
+def csr_spmm(indptr, indices, data, bias, x, out):
+    """out = x @ W.T + bias with W the dense form of the CSR triple, shape (F, K)."""
+    out[...] = x @ _csr_dense(indptr, indices, data, x.shape[1]).T + bias
+
+
+def csr_matvecs(indptr, indices, data, bias, x, out):
+    """out = W @ x + bias[:, None], feature-major: x (K, N), out (F, N)."""
+    out[...] = _csr_dense(indptr, indices, data, x.shape[0]) @ x + bias[:, None]
+
+
+def gather_transpose(x, cols, out):
+    """out = x[:, cols].T."""
+    out[...] = x[:, cols].T
+
+
+def csr_conv2d(kh, kw, sh, sw, indptr, indices, data, bias, xp, out):
+    """out = conv2d_fwd(xp, W) + bias, W the CSR filters reshaped to (F, C, KH, KW)."""
+    nch = xp.shape[1]
+    w = _csr_dense(indptr, indices, data, nch * kh * kw).reshape(-1, nch, kh, kw)
+    conv2d_fwd(xp, w, sh, sw, 0, 0, out)
+    out += bias[:, None, None]
+
+
+__all__ += ["csr_conv2d", "csr_matvecs", "csr_spmm", "gather_transpose"]

@@ -1,0 +1,244 @@
+"""Measure an exported network layer by layer: dense NumPy, scipy.sparse, the sclref kernels
+and torch.sparse (when installed), at several batch sizes, with the memory-bound floor.
+
+Each backend runs in its own process (so thread pools of BLAS, numba and torch never
+fight over the cores) and the processes take turns in short blocks after a warm-up call;
+figures are medians, so the backends of one row are comparable. The floor of a layer at batch 1 is the bytes it
+must read (CSR values, indices, row pointer, input) over the copy bandwidth measured in
+the same run. The break-even density is where the sclref kernel, run on random CSR
+weights of the layer's shape, becomes as slow as dense BLAS (interpolated in density).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import warnings
+
+import numpy as np
+import scipy.sparse as sp
+
+from sclref.sparse import network as net
+from sclref.sparse.runtime import Runtime
+
+__all__ = ["BREAK_EVEN_GRID", "bandwidth", "bench", "median_times"]
+
+BREAK_EVEN_GRID = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+
+
+def median_times(fns: dict, reps: int, warmup: int = 3) -> dict:
+    """Median seconds per call of each function, called in turn `reps` times after `warmup` rounds."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    samples = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def bandwidth(megabytes: int = 256, reps: int = 7) -> float:
+    """Memory bandwidth in bytes/s: bytes read plus written by a large array copy."""
+    src = np.ones(megabytes * (1 << 20) // 8)
+    dst = np.empty_like(src)
+    secs = median_times({"copy": lambda: np.copyto(dst, src)}, reps, warmup=1)["copy"]
+    return 2 * src.nbytes / secs
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+def _layer_inputs(network, dtype, batch, seed=0):
+    """The input each weight layer sees in a forward pass of a random batch (rows or NCHW)."""
+    run = Runtime(network, dtype, "dense")
+    shape = network.input_shape or (network.weighted()[0].weight.shape[1],)
+    x = run._check_input(np.random.default_rng(seed).standard_normal((batch, *shape)))
+    layout, owned, seen = ("nchw" if x.ndim == 4 else "rows"), False, {}
+    for layer in network.layers:
+        if isinstance(layer, net.WEIGHTED):
+            seen[layer.name] = x.copy()
+        x, layout, owned = run.step(layer, x, layout, owned)
+    return seen
+
+
+def _fns(run: Runtime, layer, x, torch):
+    name = layer.name
+    if isinstance(layer, net.Conv2d):
+        fns = {b: (lambda b=b: run.conv2d(name, x, b)) for b in ("dense", "scipy", "sclref")}
+    else:
+        fns = {b: (lambda b=b: run.linear(name, x, "rows", b)) for b in ("dense", "scipy", "sclref")}
+        if torch is not None:
+            w = run.weights[name]
+            with warnings.catch_warnings():  # "CSR support is in beta": noise in a report
+                warnings.simplefilter("ignore")
+                a = torch.sparse_csr_tensor(torch.from_numpy(w.indptr.astype(np.int64)),
+                                            torch.from_numpy(w.indices.astype(np.int64)), torch.from_numpy(w.data),
+                                            size=w.csr.shape)
+            xt, bias = torch.from_numpy(x), torch.from_numpy(w.bias)[:, None]
+            fns["torch"] = lambda: a @ xt.T + bias
+    return fns
+
+
+def _random_like(layer, dtype, density: float, seed: int = 1):
+    """`layer` with random canonical CSR weights of the same shape and the given density."""
+    f, k = layer.weight.shape
+    w = sp.random_array((f, k), density=density, format="csr", dtype=dtype, rng=np.random.default_rng(seed))
+    w = sp.csr_array((w.data, w.indices.astype(np.int32), w.indptr.astype(np.int32)), shape=(f, k))
+    w.sort_indices()
+    return type(layer)(**{**vars(layer), "weight": w})
+
+
+def _worker(conn, network, dtype, backend, batches):
+    # One backend in its own process: its thread pool (BLAS, numba or torch) never spins
+    # on the cores while another backend is being timed.
+    torch = _torch() if backend == "torch" else None
+    run = Runtime(network, dtype, "auto" if backend == "torch" else backend)
+    inputs = {b: _layer_inputs(network, dtype, b) for b in batches}
+    layers = {layer.name: layer for layer in network.weighted()}
+    shape = network.input_shape or (network.weighted()[0].weight.shape[1],)
+    nets = {b: np.random.default_rng(0).standard_normal((b, *shape)).astype(dtype) for b in batches}
+    while True:
+        job = conn.recv()
+        if job is None:
+            break
+        what, name, batch, count, density = job
+        if what == "net":
+            fn = (lambda x=nets[batch]: run(x)) if backend != "torch" else None
+        elif what == "density":
+            trial = _random_like(layers[name], dtype, density)
+            trun = Runtime(net.SparseNetwork([trial], dtype), dtype, "sclref")
+            fn = _fns(trun, trial, inputs[batch][name], None)["sclref"]
+        else:
+            fn = _fns(run, layers[name], inputs[batch][name], torch).get(backend)
+        if fn is None:
+            conn.send(None)
+            continue
+        fn()
+        times = []
+        for _ in range(count):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        conn.send(times)
+    conn.close()
+
+
+class _Workers:
+    """One process per backend; `time` runs a job on each in turn, in blocks, and keeps medians."""
+
+    def __init__(self, network, dtype, backends, batches, pause):
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self.pause, self.procs = pause, {}
+        for b in backends:
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_worker, args=(child, network, dtype, b, batches), daemon=True)
+            proc.start()
+            self.procs[b] = (proc, parent)
+
+    def time(self, what, name, batch, reps, block=10, density=None, only=None) -> dict:
+        samples = {}
+        for _ in range(-(-reps // block)):
+            for b, (_, conn) in self.procs.items():
+                if only is not None and b not in only:
+                    continue
+                time.sleep(self.pause)
+                conn.send((what, name, batch, block, density))
+                got = conn.recv()
+                if got is not None:
+                    samples.setdefault(b, []).extend(got)
+        return {b: statistics.median(t) for b, t in samples.items()}
+
+    def close(self):
+        for proc, conn in self.procs.values():
+            conn.send(None)
+            proc.join(timeout=10)
+
+
+def bench(network: net.SparseNetwork, batches=(1, 64, 256), reps: int = 50, dtype=np.float32,
+          break_even: bool = True, pause: float = 0.05) -> dict:
+    """Per-layer and whole-network latencies (seconds) of every backend; see the module doc.
+
+    Each backend runs in its own process (spawned), the processes taking turns in blocks
+    of 10 calls with a `pause` between turns.
+    """
+    dtype = np.dtype(dtype)
+    torch = _torch()
+    bw = bandwidth()
+    backends = ("dense", "scipy", "sclref") + (("torch",) if torch is not None else ())
+    size = dtype.itemsize
+    layers, whole = [], {}
+    workers = _Workers(network, dtype, backends + ("auto",), batches, pause)
+    try:
+        for layer in network.weighted():
+            w = layer.weight
+            csr_bytes = size * w.nnz + w.indices.itemsize * w.nnz + w.indptr.nbytes
+            in_elems = int(np.prod(_layer_inputs(network, dtype, 1)[layer.name].shape))
+            row = {"layer": layer.name, "kind": layer.kind, "shape": list(w.shape), "nnz": int(w.nnz),
+                   "density": w.nnz / max(1, w.shape[0] * w.shape[1]),
+                   "bytes_dense": int(np.prod(w.shape)) * size, "bytes_csr": int(csr_bytes),
+                   "floor_batch1_s": (csr_bytes + in_elems * size) / bw, "batches": {}, "break_even_density": {}}
+            for b in batches:
+                times = workers.time("layer", layer.name, b, reps, only=backends)
+                row["batches"][str(b)] = times
+                if break_even:
+                    row["break_even_density"][str(b)] = _break_even(workers, layer.name, b, times["dense"],
+                                                                    max(10, reps // 5))
+            layers.append(row)
+        for b in batches:
+            whole[str(b)] = workers.time("net", None, b, reps)
+    finally:
+        workers.close()
+    return {"bandwidth_bytes_per_s": bw, "dtype": dtype.name, "torch": None if torch is None else torch.__version__,
+            "layers": layers, "network": whole}
+
+
+def _break_even(workers, name, batch, dense_secs, reps):
+    """Density at which the sclref kernel on random weights of the layer's shape is as slow as dense."""
+    prev = None
+    for density in BREAK_EVEN_GRID:
+        secs = workers.time("density", name, batch, reps, density=density, only=("sclref",))["sclref"]
+        if secs >= dense_secs:
+            if prev is None:
+                return density
+            d0, t0 = prev
+            return d0 + (density - d0) * (dense_secs - t0) / max(secs - t0, 1e-12)
+        prev = (density, secs)
+    return None  # sparse stays faster even fully dense
+
+
+def format_report(result: dict) -> str:
+    """A Markdown table of a `bench` result: microseconds per call, and ratios."""
+    lines = [f"copy bandwidth {result['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, {result['dtype']}", "",
+             "| layer | shape | density | batch | dense µs | scipy µs | sclref µs | torch µs | dense/sclref "
+             "| scipy/sclref | break-even density |", "|" + "---|" * 11]
+    for row in result["layers"]:
+        for b, t in row["batches"].items():
+            be = row["break_even_density"].get(b)
+            torch = f"{1e6 * t['torch']:.1f}" if "torch" in t else "n/a"
+            lines.append(f"| {row['layer']} | {row['shape'][0]}x{row['shape'][1]} | {100 * row['density']:.2f}% | {b} "
+                         f"| {1e6 * t['dense']:.1f} | {1e6 * t['scipy']:.1f} | {1e6 * t['sclref']:.1f} | {torch} "
+                         f"| {t['dense'] / t['sclref']:.1f}x | {t['scipy'] / t['sclref']:.1f}x "
+                         f"| {'-' if be is None else f'{100 * be:.1f}%'} |")
+    lines += ["", "| layer | bytes dense | bytes CSR | floor batch 1 µs | sclref batch 1 µs | sclref/floor |",
+              "|" + "---|" * 6]
+    for row in result["layers"]:
+        b1 = row["batches"].get("1")
+        s = "n/a" if b1 is None else f"{1e6 * b1['sclref']:.1f} | {b1['sclref'] / row['floor_batch1_s']:.1f}x"
+        lines.append(f"| {row['layer']} | {row['bytes_dense']:,} | {row['bytes_csr']:,} "
+                     f"| {1e6 * row['floor_batch1_s']:.2f} | {s} |")
+    lines += ["", "| network batch | dense µs | scipy µs | sclref µs | auto µs | dense/sclref | scipy/sclref |",
+              "|" + "---|" * 7]
+    for b, t in result["network"].items():
+        lines.append(f"| {b} | {1e6 * t['dense']:.1f} | {1e6 * t['scipy']:.1f} | {1e6 * t['sclref']:.1f} "
+                     f"| {1e6 * t['auto']:.1f} | {t['dense'] / t['sclref']:.1f}x | {t['scipy'] / t['sclref']:.1f}x |")
+    return "\n".join(lines)
