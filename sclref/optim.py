@@ -14,6 +14,8 @@ import numbers
 
 import numpy as np
 
+from sclref import kernels
+from sclref.kernels import reference
 from sclref.nn.module import Parameter
 
 __all__ = ["Adam", "CosineAnnealingLR", "LRScheduler", "Optimizer", "SGD", "StepLR"]
@@ -339,28 +341,15 @@ class SGD(Optimizer):
 
     def _update(self, param, grad, state, hyper):
         momentum = hyper["momentum"]
-        d_p = self._decayed_grad(param, grad, hyper["weight_decay"])
-        work = self._work(param, 1)
-        if momentum:
-            buf = state.get("momentum_buffer")
-            if buf is None:
-                # PyTorch's convention: the first buffer is the gradient itself, undamped.
-                buf = state["momentum_buffer"] = d_p.copy()
-            else:
-                buf *= momentum
-                if hyper["dampening"]:
-                    np.multiply(d_p, 1.0 - hyper["dampening"], out=work)
-                    buf += work
-                else:
-                    buf += d_p
-            if hyper["nesterov"]:
-                np.multiply(buf, momentum, out=work)
-                work += d_p
-                d_p = work
-            else:
-                d_p = buf
-        np.multiply(d_p, hyper["lr"], out=work)
-        param -= work
+        buf = state.get("momentum_buffer")
+        first = momentum != 0 and buf is None
+        if first:
+            # PyTorch's convention: the first buffer is the gradient itself, undamped.
+            buf = state["momentum_buffer"] = np.empty_like(param)
+        # One fused pass when the arrays allow it; NumPy operations otherwise (same result).
+        update = kernels.sgd_update if param.flags.c_contiguous and grad.flags.c_contiguous else reference.sgd_update
+        update(param, grad, param.reshape(-1)[:0] if buf is None else buf, hyper["lr"], momentum, hyper["dampening"],
+               hyper["weight_decay"], hyper["nesterov"], first)
 
 
 class Adam(Optimizer):

@@ -30,6 +30,7 @@ from sclref.kernels import (
     maxpool2d_fwd,
     relu_bwd,
     relu_fwd,
+    sgd_update,
 )
 from sclref.kernels import reference as ref
 
@@ -609,3 +610,26 @@ def test_cache_and_parallel_are_opt_in_through_the_environment():
     assert off.stdout.split() == ["False", "False"]
     assert on.stdout.split() == ["True", "True"]
 
+
+
+@settings(deadline=None, max_examples=EXAMPLES)
+@given(shape=hnp.array_shapes(min_dims=0, max_dims=3, max_side=6), dtype=st.sampled_from([np.float32, np.float64]),
+       seed=st.integers(0, 2**32 - 1), lr=st.floats(1e-4, 1.0), momentum=st.sampled_from([0.0, 0.5, 0.9]),
+       dampening=st.sampled_from([0.0, 0.3]), weight_decay=st.sampled_from([0.0, 1e-3]), nesterov=st.booleans(),
+       first=st.booleans())
+def test_sgd_update_matches_reference_bit_for_bit(shape, dtype, seed, lr, momentum, dampening, weight_decay,
+                                                  nesterov, first):
+    nesterov = nesterov and momentum != 0 and dampening == 0
+    gen = np.random.default_rng(seed)
+    p, g, buf = (gen.standard_normal(shape).astype(dtype) for _ in range(3))
+    args = (lr, momentum, dampening, weight_decay, nesterov, first)
+    p_k, buf_k, p_r, buf_r = p.copy(), buf.copy(), p.copy(), buf.copy()
+    g_before = g.copy()
+    sgd_update(p_k, g, buf_k, *args)
+    ref.sgd_update(p_r, g, buf_r, *args)
+    assert p_k.dtype == dtype
+    np.testing.assert_array_equal(p_k, p_r)
+    np.testing.assert_array_equal(buf_k, buf_r)
+    np.testing.assert_array_equal(g, g_before)  # the gradient is only read
+    if momentum == 0:
+        np.testing.assert_array_equal(buf_k, buf)

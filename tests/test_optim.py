@@ -616,3 +616,20 @@ def test_bad_schedule_state_dicts_are_named():
     with pytest.raises(ValueError, match="T_max must be a positive integer"):
         sched.load_state_dict({**good, "T_max": -1})
     assert sched.state_dict() == good
+
+
+@pytest.mark.parametrize("momentum,nesterov", [(0.0, False), (0.9, False), (0.9, True)])
+def test_sgd_takes_the_same_steps_for_non_contiguous_gradients(momentum, nesterov):
+    # Contiguous arrays take the fused kernel, others NumPy operations: the same numbers.
+    gen = np.random.default_rng(0)
+    start = gen.standard_normal((4, 5)).astype(np.float32)
+    a, b = Parameter(start.copy()), Parameter(start.copy())
+    opt_a = SGD([a], lr=0.1, momentum=momentum, nesterov=nesterov, weight_decay=0.01)
+    opt_b = SGD([b], lr=0.1, momentum=momentum, nesterov=nesterov, weight_decay=0.01)
+    for _ in range(3):
+        g = gen.standard_normal((5, 4)).astype(np.float32)
+        a.grad, b.grad = np.ascontiguousarray(g.T), g.T
+        assert not b.grad.flags.c_contiguous
+        opt_a.step()
+        opt_b.step()
+    np.testing.assert_array_equal(a.data, b.data)

@@ -17,11 +17,12 @@ from sclref.kernels.elementwise import (
     relu_bwd,
     relu_fwd,
 )
+from sclref.kernels.optim import sgd_update
 from sclref.kernels.pool import maxpool2d_bwd, maxpool2d_fwd
 
 __all__ = ["CACHE", "JIT_DISABLED", "PARALLEL", "conv2d_bwd_input", "conv2d_bwd_weight", "conv2d_fwd",
            "leaky_relu_bwd", "leaky_relu_fwd", "masked_weight_bwd", "masked_weight_fwd", "maxpool2d_bwd",
-           "maxpool2d_fwd", "num_threads", "relu_bwd", "relu_fwd"]
+           "maxpool2d_fwd", "num_threads", "relu_bwd", "relu_fwd", "sgd_update"]
 
 # Sparse inference (exported networks): CSR products and direct sparse convolution.
 from sclref.kernels.sparse import csr_conv2d, csr_matvecs, csr_spmm, gather_transpose  # noqa: E402

@@ -10,7 +10,8 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 __all__ = ["conv2d_bwd_input", "conv2d_bwd_weight", "conv2d_fwd", "leaky_relu_bwd", "leaky_relu_fwd",
-           "masked_weight_bwd", "masked_weight_fwd", "maxpool2d_bwd", "maxpool2d_fwd", "relu_bwd", "relu_fwd"]
+           "masked_weight_bwd", "masked_weight_fwd", "maxpool2d_bwd", "maxpool2d_fwd", "relu_bwd", "relu_fwd",
+           "sgd_update"]
 
 
 def _windows(x, kh, kw, sh, sw, ph, pw, oh, ow):
@@ -94,6 +95,19 @@ def masked_weight_bwd(g, theta, s, g_theta, g_s):
     """g_theta = g where s > 0 else 0; g_s = g * theta."""
     g_theta[...] = np.where(s > 0, g, g.dtype.type(0))
     g_s[...] = g * theta
+
+
+def sgd_update(p, g, buf, lr, momentum, dampening, weight_decay, nesterov, first):
+    """One SGD step in place, in NumPy operations of the arrays' dtype (see kernels.optim)."""
+    d = g + p * p.dtype.type(weight_decay) if weight_decay else g
+    if momentum:
+        if first:
+            buf[...] = d
+        else:
+            buf *= p.dtype.type(momentum)
+            buf += d * p.dtype.type(1.0 - dampening) if dampening else d
+        d = buf * p.dtype.type(momentum) + d if nesterov else buf
+    p -= d * p.dtype.type(lr)
 
 
 def _csr_dense(indptr, indices, data, n_cols):
