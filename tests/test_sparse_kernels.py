@@ -14,50 +14,77 @@ MAX = 12 if kernels.JIT_DISABLED else 40
 TOL = {np.float32: 1e-5, np.float64: 1e-12}
 
 
-@st.composite
-def csr_cases(draw):
-    gen = np.random.default_rng(draw(SEEDS))
-    f, k = draw(st.integers(0, MAX)), draw(st.integers(1, MAX))
-    n = draw(st.integers(1, 9 if kernels.JIT_DISABLED else 2 * MAX))
-    dtype = draw(st.sampled_from([np.float32, np.float64]))
-    w = sp.random_array((f, k), density=draw(st.sampled_from([0.0, 0.05, 0.3, 1.0])), format="csr", rng=gen)
+def _csr(gen, f, k, density, dtype):
+    w = sp.random_array((f, k), density=density, format="csr", rng=gen)
     w = sp.csr_array((w.data.astype(dtype), w.indices.astype(np.int32), w.indptr.astype(np.int32)), shape=(f, k))
     w.sort_indices()
-    return w, gen.standard_normal(f).astype(dtype), gen.standard_normal((n, k)).astype(dtype), dtype
+    return w
+
+
+@st.composite
+def chain_cases(draw):
+    """A chain of 1-3 random CSR layers (empty rows, empty and fully dense layers), activations, a batch."""
+    gen = np.random.default_rng(draw(SEEDS))
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    sizes = [draw(st.integers(1, MAX))] + draw(st.lists(st.integers(0, MAX), min_size=1, max_size=3))
+    weights, biases = [], []
+    for k, f in zip(sizes[:-1], sizes[1:]):
+        w = _csr(gen, f, k, draw(st.sampled_from([0.0, 0.05, 0.3, 1.0])), dtype)
+        if f and draw(st.booleans()):  # empty rows inside a non-empty layer
+            dense = w.toarray()
+            dense[gen.random(f) < 0.3] = 0
+            w = _csr(gen, f, k, 0.0, dtype) if not dense.any() else sp.csr_array(dense)
+            w = sp.csr_array((w.data, w.indices.astype(np.int32), w.indptr.astype(np.int32)), shape=(f, k))
+        weights.append(w)
+        biases.append(gen.standard_normal(f).astype(dtype))
+    acts = [draw(st.sampled_from([None, "relu", "leaky_relu"])) for _ in weights]
+    alphas = [0.1 if a == "leaky_relu" else None for a in acts]
+    n = draw(st.integers(1, 9 if kernels.JIT_DISABLED else 2 * MAX))
+    return weights, biases, acts, alphas, gen.standard_normal((n, sizes[0])).astype(dtype), dtype
+
+
+def _scipy_chain(weights, biases, acts, alphas, x):
+    h = x.astype(np.float64)
+    for w, b, act, alpha in zip(weights, biases, acts, alphas):
+        h = (w @ h.T).T + b
+        if act == "relu":
+            h = np.maximum(h, 0)
+        elif act == "leaky_relu":
+            h = np.where(h > 0, h, alpha * h)
+    return h
 
 
 @pytest.mark.parametrize("impl", [kernels, ref], ids=["kernel", "twin"])
-@given(case=csr_cases())
-def test_csr_spmm_and_matvecs_match_scipy(impl, case):
-    w, b, x, dtype = case
-    expect = (w @ x.T).T.astype(np.float64) + b
-    out = np.full((x.shape[0], w.shape[0]), np.nan, dtype)
-    impl.csr_spmm(w.indptr, w.indices, w.data, b, x, out)
+@given(case=chain_cases())
+def test_csr_chain_matches_scipy(impl, case):
+    weights, biases, acts, alphas, x, dtype = case
+    packed = kernels.pack_chain(weights, biases, acts, alphas, dtype)
+    out = np.full((x.shape[0], weights[-1].shape[0]), np.nan, dtype)
+    impl.csr_chain(*packed, x, out, kernels.chain_scratch(packed[0], x.shape[0], dtype))
+    expect = _scipy_chain(weights, biases, acts, alphas, x)
     np.testing.assert_allclose(out, expect, rtol=TOL[dtype], atol=TOL[dtype])
-    outt = np.full((w.shape[0], x.shape[0]), np.nan, dtype)
-    impl.csr_matvecs(w.indptr, w.indices, w.data, b, np.ascontiguousarray(x.T), outt)
-    np.testing.assert_allclose(outt.T, expect, rtol=TOL[dtype], atol=TOL[dtype])
 
 
-@given(case=csr_cases())
-def test_kernel_results_do_not_depend_on_the_batch(case):
-    w, b, x, dtype = case
-    whole = np.empty((x.shape[0], w.shape[0]), dtype)
-    kernels.csr_spmm(w.indptr, w.indices, w.data, b, x, whole)
-    for r in range(min(3, x.shape[0])):
-        one = np.empty((1, w.shape[0]), dtype)
-        kernels.csr_spmm(w.indptr, w.indices, w.data, b, x[r:r + 1], one)
-        assert np.array_equal(one[0], whole[r])
+@given(case=chain_cases(), tile=st.sampled_from([8, 16, 24]), threads=st.integers(1, 3))
+def test_chain_results_do_not_depend_on_batch_tiles_or_threads(case, tile, threads):
+    weights, biases, acts, alphas, x, dtype = case
+    layers, ints, vals = kernels.pack_chain(weights, biases, acts, alphas, dtype)
+    width = max(kernels.chain_scratch(layers, 1, dtype).shape[1], 1)
+    tiled = np.empty((x.shape[0], weights[-1].shape[0]), dtype)
+    kernels.csr_chain(layers, ints, vals, x, tiled, np.empty((threads, 2, width, tile), dtype))
+    for r in range(min(3, x.shape[0])):  # a sample alone takes the dot-product path
+        one = np.empty((1, tiled.shape[1]), dtype)
+        kernels.csr_chain(layers, ints, vals, x[r:r + 1], one, kernels.chain_scratch(layers, 1, dtype))
+        assert np.array_equal(one[0], tiled[r])
 
 
-@pytest.mark.parametrize("impl", [kernels, ref], ids=["kernel", "twin"])
-@given(case=csr_cases())
-def test_gather_transpose(impl, case):
-    _, _, x, dtype = case
-    cols = np.unique(np.random.default_rng(0).integers(0, x.shape[1], size=x.shape[1])).astype(np.int32)
-    out = np.empty((cols.size, x.shape[0]), dtype)
-    impl.gather_transpose(x, cols, out)
-    assert np.array_equal(out, x[:, cols].T)
+def test_pack_chain_rejects_mismatched_layers_and_unknown_activations():
+    gen = np.random.default_rng(0)
+    w1, w2 = _csr(gen, 3, 4, 0.5, np.float64), _csr(gen, 2, 5, 0.5, np.float64)
+    with pytest.raises(ValueError, match="layer 1 has 5 inputs"):
+        kernels.pack_chain([w1, w2], [np.zeros(3), np.zeros(2)], [None, None], [None, None], np.float64)
+    with pytest.raises(ValueError, match="unknown activation 'tanh'"):
+        kernels.pack_chain([w1], [np.zeros(3)], ["tanh"], [None], np.float64)
 
 
 @pytest.mark.parametrize("impl", [kernels, ref], ids=["kernel", "twin"])

@@ -24,7 +24,7 @@ __all__ = ["CACHE", "JIT_DISABLED", "PARALLEL", "conv2d_bwd_input", "conv2d_bwd_
            "leaky_relu_bwd", "leaky_relu_fwd", "masked_weight_bwd", "masked_weight_fwd", "maxpool2d_bwd",
            "maxpool2d_fwd", "num_threads", "relu_bwd", "relu_fwd", "sgd_update"]
 
-# Sparse inference (exported networks): CSR products and direct sparse convolution.
-from sclref.kernels.sparse import csr_conv2d, csr_matvecs, csr_spmm, gather_transpose  # noqa: E402
+# Sparse inference (exported networks): chains of CSR layers and direct sparse convolution.
+from sclref.kernels.sparse import chain_kernel, chain_scratch, csr_chain, csr_conv2d, pack_chain  # noqa: E402
 
-__all__ += ["csr_conv2d", "csr_matvecs", "csr_spmm", "gather_transpose"]
+__all__ += ["chain_kernel", "chain_scratch", "csr_chain", "csr_conv2d", "pack_chain"]

@@ -119,19 +119,22 @@ def _csr_dense(indptr, indices, data, n_cols):
     return dense
 
 
-def csr_spmm(indptr, indices, data, bias, x, out):
-    """out = x @ W.T + bias with W the dense form of the CSR triple, shape (F, K)."""
-    out[...] = x @ _csr_dense(indptr, indices, data, x.shape[1]).T + bias
+def csr_chain(layers, ints, vals, x, out, scratch):
+    """out = the chain's output: h = act(h @ W.T + b) layer by layer from h = x (scratch unused)."""
+    from sclref.kernels.sparse import CHAIN_COLUMNS
 
-
-def csr_matvecs(indptr, indices, data, bias, x, out):
-    """out = W @ x + bias[:, None], feature-major: x (K, N), out (F, N)."""
-    out[...] = _csr_dense(indptr, indices, data, x.shape[0]) @ x + bias[:, None]
-
-
-def gather_transpose(x, cols, out):
-    """out = x[:, cols].T."""
-    out[...] = x[:, cols].T
+    h = x
+    for row in layers:
+        c = dict(zip(CHAIN_COLUMNS, row.tolist()))
+        ip = ints[c["indptr"]:c["indptr"] + c["features"] + 1]
+        w = _csr_dense(ip, ints[c["indices"]:c["indices"] + c["nnz"]], vals[c["data"]:c["data"] + c["nnz"]],
+                       c["inputs"])
+        h = h @ w.T + vals[c["bias"]:c["bias"] + c["features"]]
+        if c["act"] == 1:
+            h = np.maximum(h, 0)
+        elif c["act"] == 2:
+            h = np.where(h > 0, h, vals[c["alpha"]] * h)
+    out[...] = h
 
 
 def csr_conv2d(kh, kw, sh, sw, indptr, indices, data, bias, xp, out):
@@ -142,4 +145,4 @@ def csr_conv2d(kh, kw, sh, sw, indptr, indices, data, bias, xp, out):
     out += bias[:, None, None]
 
 
-__all__ += ["csr_conv2d", "csr_matvecs", "csr_spmm", "gather_transpose"]
+__all__ += ["csr_chain", "csr_conv2d"]

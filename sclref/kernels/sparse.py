@@ -1,45 +1,73 @@
-"""Compute the layers of an exported sparse network: CSR products and direct sparse convolution.
+"""Compute the layers of an exported sparse network: chains of CSR layers and direct sparse convolution.
 
 A weight matrix W of shape (F, K) is held in canonical CSR: ``indptr`` (F+1,),
-``indices`` (nnz,) sorted and unique within each row, ``data`` (nnz,). Indices are
-int32 or int64; ``data``, ``bias``, inputs and outputs share one float dtype. Every
-output element is a sum over the kept connections of its row taken in index order,
-then the bias is added, whatever the batch size, tiling or thread count: results are
+``indices`` (nnz,) sorted and unique within each row, ``data`` (nnz,). Every output
+element is a sum over the kept connections of its row taken in index order, then the
+bias is added, whatever the batch size, tiling or thread count: results are
 bit-identical from run to run and equal for a sample alone or inside a batch.
 
-Parallel loops split the outputs (output rows of the batch, output features, or
-(image, filter) planes), never a sum, so threads write disjoint slices. Unlike the
-dense kernels, these loops run in parallel by default: sparse inference calls no
-BLAS, so the thread-pool contention described in `sclref.kernels._jit` does not
-arise. Small problems run on the serial twin of each loop, because waking threads
-costs more than the work (``SCLREF_SPARSE_PARALLEL=0`` makes every call serial).
+A chain is a run of linear layers, each followed by an optional activation, executed
+by one `csr_chain` call: a Python call and its argument checks cost about as much as a
+whole sparse layer at batch 1, so the layers travel packed (`pack_chain`) and are
+validated once.
+
+Parallel loops split the outputs (batch tiles, or (image, filter) planes), never a
+sum, so threads write disjoint slices. They run in parallel only with
+``SCLREF_SPARSE_PARALLEL=1`` and above `PARALLEL_MIN_WORK`: a parallel region waits
+for its slowest thread, and on a shared machine that thread may not be scheduled.
+Measured on 2 cores at load ~2.5 (LeNet-300-100, batch 256), numba's OpenMP layer
+took 6.7 ms per call against 0.09 ms serial, and its workqueue layer was no faster
+than serial.
 """
 
 import os
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
 
 from sclref.kernels._jit import JIT_DISABLED, _decorate, jit, prange
 
-__all__ = ["PARALLEL_MIN_WORK", "SPARSE_PARALLEL", "TILE", "TILE_MIN", "csr_conv2d", "csr_matvecs", "csr_spmm",
-           "gather_transpose"]
+__all__ = ["ACTIVATIONS", "CHAIN_COLUMNS", "PARALLEL_MIN_WORK", "SPARSE_PARALLEL", "TILE", "TILE_MIN",
+           "chain_kernel", "chain_scratch", "csr_chain", "csr_conv2d", "pack_chain"]
 
-SPARSE_PARALLEL = os.environ.get("SCLREF_SPARSE_PARALLEL", "1") != "0" and not JIT_DISABLED
+SPARSE_PARALLEL = os.environ.get("SCLREF_SPARSE_PARALLEL") == "1" and not JIT_DISABLED
 
-# Batch rows transposed together by `csr_spmm`: a (K, TILE) block of the input is
-# read column-wise by every kept connection, so it should stay in L1 (K=784,
-# float32: 25 KiB), and TILE lanes fill whole SIMD registers.
-TILE = 64
+# The widest batch tile of `csr_chain`. A tile runs feature-major, (features, lanes):
+# each kept connection is a vector multiply-add over the tile's lanes, so wide tiles
+# spread the per-connection cost (index, weight, loop set-up) over more lanes; 256
+# float32 lanes of LeNet-300-100's input (784 features) take 0.8 MiB per buffer,
+# inside L2 (tiles of 16 to 128 lanes measured 1.1x to 2x slower).
+TILE = 256
 
-# Batches narrower than this take the gathered dot-product loop: one dependent
-# chain of additions per output, but no block transposes and no loads and stores of
-# partial sums.
+# Batches narrower than this run sample by sample (gathered dot products): no
+# transposes, and the scratch is two feature vectors.
 TILE_MIN = 4
 
 # Below this many multiply-adds (batch rows x nnz, or output pixels x nnz) a call
-# runs serially: waking the worker threads costs several microseconds.
-PARALLEL_MIN_WORK = 1 << 16
+# runs serially: waking the worker threads costs several microseconds, and a worker
+# the scheduler has not run yet stalls the call.
+PARALLEL_MIN_WORK = 1 << 19
+
+# Activation codes in the "act" column of a chain's layer table.
+ACTIVATIONS = {None: 0, "relu": 1, "leaky_relu": 2}
+
+# Columns of a chain's int64 layer table, one row per layer: output and input features,
+# nnz; offsets into `ints` of its row pointer, its column indices and the first column
+# of each block of BLOCK_BYTES // itemsize input columns some connection reads
+# ("blocks", "nblocks" of them); offsets into `vals` of its weights, bias and
+# activation slope; the activation code.
+CHAIN_COLUMNS = ("features", "inputs", "nnz", "indptr", "indices", "blocks", "nblocks", "data", "bias", "alpha",
+                 "act")
+_F, _K, _NNZ, _PTR, _IDX, _BLK, _NBLK, _W, _B, _ALPHA, _ACT = range(len(CHAIN_COLUMNS))
+
+# A batch tile enters feature-major in square blocks of one SIMD register's width
+# (8 float32 or 4 float64): a block is loaded row by row into registers, transposed
+# there with shuffles and stored column by column (2.3x faster than an element-wise
+# copy of LeNet-300-100's input).
+BLOCK_BYTES = 32
 
 
 def _parallel(fn):
@@ -47,144 +75,272 @@ def _parallel(fn):
     return _decorate(fn, parallel=True)
 
 
-def _spmm_rows(indptr, indices, data, bias, x, out):
-    # out[r, j] = sum_p data[p] * x[r, indices[p]] + bias[j]: for a few batch rows,
-    # a gathered dot product per output; parallel over the outputs j.
-    n = x.shape[0]
-    f = out.shape[1]
-    for j in prange(f):
-        p0, p1 = indptr[j], indptr[j + 1]
-        for r in range(n):
-            xr = x[r]
-            acc = out.dtype.type(0)
-            for p in range(p0, p1):
-                acc += data[p] * xr[indices[p]]
-            out[r, j] = acc + bias[j]
+def pack_chain(weights, biases, activations, alphas, dtype):
+    """Pack the layers of a chain into the three arrays `csr_chain` reads: (layers, ints, vals).
+
+    weights: canonical scipy CSR matrices (F_l, K_l) with K_{l+1} == F_l; biases (F_l,);
+    activations: per layer None, "relu" or "leaky_relu"; alphas: the leaky slopes (or None).
+    ``ints`` holds every row pointer and index array (uint32 unless some layer needs 64 bits),
+    ``vals`` every weight, bias and slope in `dtype`; ``layers`` (L, len(CHAIN_COLUMNS))
+    int64 gives their offsets (see CHAIN_COLUMNS).
+    """
+    dtype = np.dtype(dtype)
+    for i in range(1, len(weights)):
+        if weights[i].shape[1] != weights[i - 1].shape[0]:
+            raise ValueError(f"chain layer {i} has {weights[i].shape[1]} inputs, layer {i - 1} has "
+                             f"{weights[i - 1].shape[0]} outputs")
+    # Unsigned: numba indexes with a signed integer through a negative-index check
+    # (a compare and a conditional move per access), which doubled the time of the
+    # dot-product loop.
+    wide = any(w.indices.dtype == np.int64 or w.indptr.dtype == np.int64 for w in weights)
+    itype = np.uint64 if wide else np.uint32
+    layers = np.zeros((len(weights), len(CHAIN_COLUMNS)), np.int64)
+    ints, vals = [], [np.zeros(1, dtype)]  # vals[0]: the slope of layers without one
+    ni, nv = 0, 1
+
+    def put(parts, arr, offset):
+        parts.append(arr)
+        return offset + arr.size
+
+    for i, (w, b, act, alpha) in enumerate(zip(weights, biases, activations, alphas)):
+        if act not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {act!r}")
+        f, k = w.shape
+        step = BLOCK_BYTES // dtype.itemsize
+        blocks = (np.unique(w.indices // step) * step).astype(itype)
+        row = layers[i]
+        row[[_F, _K, _NNZ, _NBLK, _ACT]] = f, k, w.nnz, blocks.size, ACTIVATIONS[act]
+        row[_PTR], ni = ni, put(ints, w.indptr.astype(itype), ni)
+        row[_IDX], ni = ni, put(ints, w.indices.astype(itype), ni)
+        row[_BLK], ni = ni, put(ints, blocks, ni)
+        row[_W], nv = nv, put(vals, w.data.astype(dtype), nv)
+        row[_B], nv = nv, put(vals, np.asarray(b).astype(dtype), nv)
+        if act == "leaky_relu":
+            row[_ALPHA], nv = nv, put(vals, np.asarray([alpha], dtype), nv)
+    return layers, np.concatenate(ints or [np.zeros(0, itype)]).astype(itype), np.concatenate(vals)
 
 
-def _spmm_tiles(indptr, indices, data, bias, x, out):
-    # Batch rows in tiles of TILE: the tile of x is transposed into a (K, TILE)
-    # block, so each kept connection adds w * block[k, :] to TILE accumulators with
-    # a few vector instructions; parallel over tiles, each owning its rows of `out`.
+def chain_scratch(layers, n, dtype):
+    """A scratch buffer for `csr_chain` on a batch of `n` rows (reusable for every call with `n` rows).
+
+    (2, W) below TILE_MIN rows, else (threads, 2, W, tile); W is the widest vector the
+    chain holds (its input or any layer's outputs). The kernel's choices: numba's thread
+    count with SCLREF_SPARSE_PARALLEL=1 above PARALLEL_MIN_WORK (else 1 thread), and the
+    fewest tiles of at most TILE lanes (a multiple of 8) that give every thread one.
+    """
+    width = int(max(layers[0, _K], layers[:, _F].max())) if layers.shape[0] else 0
+    if n < TILE_MIN:
+        return np.empty((2, width), dtype)
+    work = n * int(layers[:, _NNZ].sum())
+    threads = numba.get_num_threads() if SPARSE_PARALLEL and work >= PARALLEL_MIN_WORK else 1
+    tiles = max(min(threads, -(-n // 8)), -(-n // TILE))
+    tile = -(-n // tiles)
+    tile += -tile % 8  # whole vectors of lanes
+    return np.empty((min(threads, tiles), 2, width, tile), dtype)
+
+
+def _rows_layer(ip, ix, w, b, act, alpha, src, dst):
+    # dst[j] = act(sum_p w[p] * src[ix[p]] + b[j]): one dependent chain of additions per
+    # output, independent between outputs, so the CPU overlaps consecutive rows. ip and
+    # ix are unsigned, so neither p nor ix[p] goes through a negative-index check.
+    zero = dst.dtype.type(0)
+    for j in range(dst.shape[0]):
+        acc = zero
+        for p in range(ip[j], ip[j + 1]):
+            acc += w[p] * src[ix[p]]
+        v = acc + b[j]
+        if act == 1:
+            v = zero if v < zero else v
+        elif act == 2:
+            v = v if v > zero else alpha * v
+        dst[j] = v
+
+
+def _chain_rows(layers, ints, vals, x, out, scratch):
+    # Sample by sample, layer by layer; hidden vectors alternate between scratch[0] and scratch[1].
+    nl = layers.shape[0]
+    for r in range(x.shape[0]):
+        src = x[r]
+        for li in range(nl):
+            f, nnz, ptr, idx = layers[li, _F], layers[li, _NNZ], layers[li, _PTR], layers[li, _IDX]
+            dst = out[r] if li == nl - 1 else scratch[li % 2, :f]
+            _rows_layer(ints[ptr:ptr + f + 1], ints[idx:idx + nnz], vals[layers[li, _W]:layers[li, _W] + nnz],
+                        vals[layers[li, _B]:layers[li, _B] + f], layers[li, _ACT], vals[layers[li, _ALPHA]], src, dst)
+            src = dst
+
+
+def _lanes_layer(ip, ix, w, b, act, alpha, src, dst, nb):
+    # Feature-major: dst[j, :nb] = act(sum_p w[p] * src[ix[p], :nb] + b[j]). Eight, then
+    # four connections per pass over the lanes, added one after the other (the order of
+    # the sum is unchanged), so each lane is loaded and stored once per eight products
+    # (eight measured 1.2x faster than four on LeNet-300-100 at batch 256). Positions p
+    # stay unsigned (see `pack_chain`).
+    zero = dst.dtype.type(0)
+    one, four, eight = np.uint64(1), np.uint64(4), np.uint64(8)
+    for j in range(ip.shape[0] - 1):
+        d = dst[j]
+        p, p1 = np.uint64(ip[j]), np.uint64(ip[j + 1])
+        for r in range(nb):
+            d[r] = zero
+        while p + eight <= p1:
+            w0, w1, w2, w3 = w[p], w[p + one], w[p + 2 * one], w[p + 3 * one]
+            w4, w5, w6, w7 = w[p + 4 * one], w[p + 5 * one], w[p + 6 * one], w[p + 7 * one]
+            s0, s1, s2, s3 = src[ix[p]], src[ix[p + one]], src[ix[p + 2 * one]], src[ix[p + 3 * one]]
+            s4, s5, s6, s7 = src[ix[p + 4 * one]], src[ix[p + 5 * one]], src[ix[p + 6 * one]], src[ix[p + 7 * one]]
+            for r in range(nb):
+                d[r] = (((((((d[r] + w0 * s0[r]) + w1 * s1[r]) + w2 * s2[r]) + w3 * s3[r]) + w4 * s4[r]) + w5 * s5[r])
+                        + w6 * s6[r]) + w7 * s7[r]
+            p += eight
+        while p + four <= p1:
+            w0, w1, w2, w3 = w[p], w[p + one], w[p + 2 * one], w[p + 3 * one]
+            s0, s1, s2, s3 = src[ix[p]], src[ix[p + one]], src[ix[p + 2 * one]], src[ix[p + 3 * one]]
+            for r in range(nb):
+                d[r] = (((d[r] + w0 * s0[r]) + w1 * s1[r]) + w2 * s2[r]) + w3 * s3[r]
+            p += four
+        while p < p1:
+            w0, s0 = w[p], src[ix[p]]
+            for r in range(nb):
+                d[r] += w0 * s0[r]
+            p += one
+        bj = b[j]
+        if act == 0:
+            for r in range(nb):
+                d[r] += bj
+        elif act == 1:
+            for r in range(nb):
+                v = d[r] + bj
+                d[r] = zero if v < zero else v
+        else:
+            for r in range(nb):
+                v = d[r] + bj
+                d[r] = v if v > zero else alpha * v
+
+
+def _transpose_block_py(src, s0, ss, dst, d0, ds):
+    # dst.flat[d0 + c*ds + r] = src.flat[s0 + r*ss + c] for r, c < BLOCK_BYTES // itemsize.
+    b = BLOCK_BYTES // src.itemsize
+    s, d = src.reshape(-1), dst.reshape(-1)
+    for r in range(b):
+        for c in range(b):
+            d[d0 + c * ds + r] = s[s0 + r * ss + c]
+
+
+@intrinsic
+def _transpose_block_ir(typingctx, src, s0, ss, dst, d0, ds):
+    # `_transpose_block_py` as B vector loads, log2(B) rounds of B two-register
+    # shuffles (round d swaps the off-diagonal d x d sub-blocks of every 2d x 2d
+    # block) and B vector stores; numba has no SIMD types, so it is written in LLVM IR.
+    def codegen(context, builder, signature, args):
+        src_v, s0_v, ss_v, dst_v, d0_v, ds_v = args
+        sdata = context.make_array(signature.args[0])(context, builder, src_v).data
+        ddata = context.make_array(signature.args[3])(context, builder, dst_v).data
+        elt = context.get_data_type(signature.args[0].dtype)
+        size = context.get_abi_sizeof(elt)
+        b = BLOCK_BYTES // size
+        vec = ir.VectorType(elt, b).as_pointer()
+
+        def at(data, base, stride, i):
+            offset = builder.add(base, builder.mul(stride, ir.Constant(stride.type, i)))
+            return builder.bitcast(builder.gep(data, [offset]), vec)
+
+        rows = [builder.load(at(sdata, s0_v, ss_v, r), align=size) for r in range(b)]
+        d = b // 2
+        while d:
+            new = list(rows)
+            for i in (i for i in range(b) if not i & d):
+                lo = [j if not j & d else b + j - d for j in range(b)]
+                hi = [j + d if not j & d else b + j for j in range(b)]
+                for k, mask in ((i, lo), (i + d, hi)):
+                    new[k] = builder.shuffle_vector(rows[i], rows[i + d], ir.Constant(ir.VectorType(ir.IntType(32), b),
+                                                                                       mask))
+            rows, d = new, d // 2
+        for c in range(b):
+            builder.store(rows[c], at(ddata, d0_v, ds_v, c), align=size)
+        return context.get_dummy_value()
+
+    return types.void(src, types.intp, types.intp, dst, types.intp, types.intp), codegen
+
+
+_transpose_block = _transpose_block_py if JIT_DISABLED else _transpose_block_ir
+
+
+def _chain_tiles(layers, ints, vals, x, out, scratch):
+    # Batch tiles of `tile` rows; thread t takes tiles t, t + threads, ... with its own
+    # scratch[t]. The blocks of input columns the first layer reads are transposed
+    # into scratch (the only transpose of the input), every layer then stays
+    # feature-major in scratch, and the last layer's tile is transposed, in blocks
+    # too, into its rows of `out`.
     n, k = x.shape
-    f = out.shape[1]
-    zero = out.dtype.type(0)
-    for t in prange((n + TILE - 1) // TILE):
-        n0 = t * TILE
-        nb = min(TILE, n - n0)
-        block = np.zeros((k, TILE), dtype=x.dtype)
-        # Column-major walk: each block row is written whole, the x rows are read
-        # from a few cache lines that stay in L1 (the row-major walk measured several times slower).
-        for c in range(k):
-            dst = block[c]
+    nl = layers.shape[0]
+    threads, tile = scratch.shape[0], scratch.shape[3]
+    ntiles = (n + tile - 1) // tile
+    nblocks, blocks = layers[0, _NBLK], layers[0, _BLK]
+    bw = BLOCK_BYTES // x.itemsize
+    for t in prange(threads):
+        a, b = scratch[t, 0], scratch[t, 1]
+        for q in range(t, ntiles, threads):
+            r0 = q * tile
+            nb = min(tile, n - r0)
+            full = nb - nb % bw
+            # Block columns outermost: the stores fill a few scratch rows at a time
+            # (rows outermost measured 2.3x slower).
+            for e in range(nblocks):
+                c0 = np.int64(ints[blocks + e])
+                if c0 + bw <= k:
+                    for r in range(0, full, bw):
+                        _transpose_block(x, (r0 + r) * k + c0, k, a, c0 * tile + r, tile)
+                    rest = full
+                else:
+                    rest = 0
+                for c in range(c0, min(c0 + bw, k)):
+                    dst = a[c]
+                    for r in range(rest, nb):
+                        dst[r] = x[r0 + r, c]
+            src, dst = a, b
+            for li in range(nl):
+                f, nnz, ptr, idx = layers[li, _F], layers[li, _NNZ], layers[li, _PTR], layers[li, _IDX]
+                _lanes_layer(ints[ptr:ptr + f + 1], ints[idx:idx + nnz], vals[layers[li, _W]:layers[li, _W] + nnz],
+                             vals[layers[li, _B]:layers[li, _B] + f], layers[li, _ACT], vals[layers[li, _ALPHA]],
+                             src, dst, nb)
+                src, dst = dst, src
+            fo = out.shape[1]
+            for j0 in range(0, fo - fo % bw, bw):
+                for r in range(0, full, bw):
+                    _transpose_block(src, j0 * tile + r, tile, out, (r0 + r) * fo + j0, fo)
             for r in range(nb):
-                dst[r] = x[n0 + r, c]
-        acc = np.empty(TILE, dtype=out.dtype)
-        for j in range(f):
-            for r in range(TILE):
-                acc[r] = zero
-            for p in range(indptr[j], indptr[j + 1]):
-                w = data[p]
-                src = block[indices[p]]
-                for r in range(TILE):
-                    acc[r] += w * src[r]
-            b = bias[j]
-            for r in range(nb):
-                out[n0 + r, j] = acc[r] + b
+                o = out[r0 + r]
+                for j in range(fo - fo % bw if r < full else 0, fo):
+                    o[j] = src[j, r]
 
 
-def _matvecs(indptr, indices, data, bias, x, out):
-    # Feature-major: out[j, :] = sum_p data[p] * x[indices[p], :] + bias[j], each kept
-    # connection one vector multiply-add over the batch; parallel over the outputs j.
-    f, n = out.shape
-    zero = out.dtype.type(0)
-    for j in prange(f):
-        dst = out[j]
-        for r in range(n):
-            dst[r] = zero
-        for p in range(indptr[j], indptr[j + 1]):
-            w = data[p]
-            src = x[indices[p]]
-            for r in range(n):
-                dst[r] += w * src[r]
-        b = bias[j]
-        for r in range(n):
-            dst[r] += b
+_rows_layer = jit(_rows_layer)
+_lanes_layer = jit(_lanes_layer)
+_ROWS = jit(_chain_rows)
+_TILES = {False: jit(_chain_tiles), True: _parallel(_chain_tiles)}
 
 
-_ROWS = {False: jit(_spmm_rows), True: _parallel(_spmm_rows)}
-_TILES = {False: jit(_spmm_tiles), True: _parallel(_spmm_tiles)}
-_MATVECS = {False: jit(_matvecs), True: _parallel(_matvecs)}
+def chain_kernel(scratch):
+    """The compiled loop `csr_chain` runs with this scratch buffer; callers on a hot path call it directly."""
+    if scratch.ndim == 2:
+        return _ROWS
+    return _TILES[scratch.shape[0] > 1]
+
+
+def csr_chain(layers, ints, vals, x, out, scratch):
+    """out = the chain's output for the rows of x: h_{l+1} = act_l(h_l @ W_l.T + b_l), h_0 = x.
+
+    layers, ints, vals from `pack_chain`; x (N, K_0), out (N, F_last), C-contiguous, of
+    vals' dtype; scratch from `chain_scratch` for N rows (its contents are overwritten).
+    O(N * (nnz + K_0 + F_last)) time. Below TILE_MIN rows: gathered dot products,
+    sample by sample. Otherwise batch tiles (parallel over tiles when scratch has a
+    thread axis longer than 1), feature-major inside the tile, with the bias and the
+    activation applied as each output row is finished.
+    """
+    chain_kernel(scratch)(layers, ints, vals, x, out, scratch)
 
 
 def _use_threads(work):
     return SPARSE_PARALLEL and work >= PARALLEL_MIN_WORK and numba.get_num_threads() > 1
-
-
-def csr_spmm(indptr, indices, data, bias, x, out):
-    """out = x @ W.T + bias for a CSR weight W of shape (F, K).
-
-    indptr (F+1,), indices (nnz,), data (nnz,), bias (F,), x (N, K), out (N, F);
-    C-contiguous, canonical CSR, one float dtype for data/bias/x/out.
-    O(N*nnz + N*K + N*F) time. Fewer than TILE rows: a gathered dot product per output
-    (parallel over outputs); otherwise the batch in tiles of TILE rows, each tile
-    transposed once so every connection updates TILE outputs with one vector
-    multiply-add (parallel over tiles).
-    """
-    n = x.shape[0]
-    par = _use_threads(n * data.shape[0])
-    if n < TILE_MIN:
-        _ROWS[par](indptr, indices, data, bias, x, out)
-    else:
-        _TILES[par](indptr, indices, data, bias, x, out)
-
-
-def csr_matvecs(indptr, indices, data, bias, x, out):
-    """out = W @ x + bias[:, None] in feature-major layout, for a CSR weight W (F, K).
-
-    indptr (F+1,), indices (nnz,), data (nnz,), bias (F,), x (K, N), out (F, N): the
-    batch runs along the last axis, as in scipy's ``csr_matvecs``. C-contiguous,
-    canonical CSR, one float dtype. O(N*nnz + N*F) time: every kept connection is one
-    vector multiply-add over the batch, with no transposes; parallel over outputs.
-    Below TILE columns it takes the gathered dot-product loop of `csr_spmm` (the same
-    sums in the same order).
-    """
-    n = x.shape[1]
-    par = _use_threads(n * data.shape[0])
-    if n < TILE_MIN:
-        _ROWS[par](indptr, indices, data, bias, x.T, out.T)
-    else:
-        _MATVECS[par](indptr, indices, data, bias, x, out)
-
-
-def _gather_t(x, cols, out):
-    # out[q, r] = x[r, cols[q]] in blocks of 16 batch rows: the 16 rows being read stay
-    # in L1 while every kept column is visited; parallel over row blocks, each owning
-    # its columns of `out`.
-    n = x.shape[0]
-    u = cols.shape[0]
-    for t in prange((n + 15) // 16):
-        r0 = t * 16
-        r1 = min(n, r0 + 16)
-        for q in range(u):
-            c = cols[q]
-            dst = out[q]
-            for r in range(r0, r1):
-                dst[r] = x[r, c]
-
-
-_GATHER = {False: jit(_gather_t), True: _parallel(_gather_t)}
-
-
-def gather_transpose(x, cols, out):
-    """out = x[:, cols].T: the columns a sparse layer reads, turned feature-major.
-
-    x (N, K), cols (U,) int32/int64 in [0, K), out (U, N) of x's dtype, C-contiguous.
-    O(N*U) time. This is how a row-major batch enters `csr_matvecs`: only the input
-    columns that some connection reads are copied (the CSR indices are renumbered to
-    positions in `cols`), and every later layer stays feature-major.
-    """
-    _GATHER[_use_threads(x.shape[0] * cols.shape[0])](x, cols, out)
 
 
 def _conv(kh, kw, sh, sw, indptr, indices, data, bias, xp, out):

@@ -61,11 +61,11 @@ def _layer_inputs(network, dtype, batch, seed=0):
     run = Runtime(network, dtype, "dense")
     shape = network.input_shape or (network.weighted()[0].weight.shape[1],)
     x = run._check_input(np.random.default_rng(seed).standard_normal((batch, *shape)))
-    layout, owned, seen = ("nchw" if x.ndim == 4 else "rows"), False, {}
+    seen = {}
     for layer in network.layers:
         if isinstance(layer, net.WEIGHTED):
-            seen[layer.name] = x.copy()
-        x, layout, owned = run.step(layer, x, layout, owned)
+            seen[layer.name] = np.ascontiguousarray(x)
+        x = run.step(layer, x)
     return seen
 
 
@@ -74,7 +74,7 @@ def _fns(run: Runtime, layer, x, torch):
     if isinstance(layer, net.Conv2d):
         fns = {b: (lambda b=b: run.conv2d(name, x, b)) for b in ("dense", "scipy", "sclref")}
     else:
-        fns = {b: (lambda b=b: run.linear(name, x, "rows", b)) for b in ("dense", "scipy", "sclref")}
+        fns = {b: (lambda b=b: run.linear(name, x, b)) for b in ("dense", "scipy", "sclref")}
         if torch is not None:
             w = run.weights[name]
             with warnings.catch_warnings():  # "CSR support is in beta": noise in a report
@@ -134,14 +134,15 @@ def _worker(conn, network, dtype, backend, batches):
 class _Workers:
     """One process per backend; `time` runs a job on each in turn, in blocks, and keeps medians."""
 
-    def __init__(self, network, dtype, backends, batches, pause):
+    def __init__(self, network, dtype, backends, batches, pause, masked=None):
         import multiprocessing as mp
 
         ctx = mp.get_context("spawn")
         self.pause, self.procs = pause, {}
-        for b in backends:
+        for b in backends + (("masked",) if masked is not None else ()):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker, args=(child, network, dtype, b, batches), daemon=True)
+            args = (child, masked, dtype, "dense", batches) if b == "masked" else (child, network, dtype, b, batches)
+            proc = ctx.Process(target=_worker, args=args, daemon=True)
             proc.start()
             self.procs[b] = (proc, parent)
 
@@ -165,11 +166,13 @@ class _Workers:
 
 
 def bench(network: net.SparseNetwork, batches=(1, 64, 256), reps: int = 50, dtype=np.float32,
-          break_even: bool = True, pause: float = 0.05) -> dict:
+          break_even: bool = True, pause: float = 0.05, masked: net.SparseNetwork | None = None) -> dict:
     """Per-layer and whole-network latencies (seconds) of every backend; see the module doc.
 
     Each backend runs in its own process (spawned), the processes taking turns in blocks
-    of 10 calls with a `pause` between turns.
+    of 10 calls with a `pause` between turns. `masked`, when given, is the same network
+    before dead-unit removal: its dense form joins the whole-network turns as "masked".
+    The whole-network floor at batch 1 is the sum of the layers' floors.
     """
     dtype = np.dtype(dtype)
     torch = _torch()
@@ -177,7 +180,7 @@ def bench(network: net.SparseNetwork, batches=(1, 64, 256), reps: int = 50, dtyp
     backends = ("dense", "scipy", "sclref") + (("torch",) if torch is not None else ())
     size = dtype.itemsize
     layers, whole = [], {}
-    workers = _Workers(network, dtype, backends + ("auto",), batches, pause)
+    workers = _Workers(network, dtype, backends + ("auto",), batches, pause, masked)
     try:
         for layer in network.weighted():
             w = layer.weight
@@ -199,7 +202,7 @@ def bench(network: net.SparseNetwork, batches=(1, 64, 256), reps: int = 50, dtyp
     finally:
         workers.close()
     return {"bandwidth_bytes_per_s": bw, "dtype": dtype.name, "torch": None if torch is None else torch.__version__,
-            "layers": layers, "network": whole}
+            "layers": layers, "network": whole, "floor_batch1_s": sum(row["floor_batch1_s"] for row in layers)}
 
 
 def _break_even(workers, name, batch, dense_secs, reps):
@@ -236,9 +239,15 @@ def format_report(result: dict) -> str:
         s = "n/a" if b1 is None else f"{1e6 * b1['sclref']:.1f} | {b1['sclref'] / row['floor_batch1_s']:.1f}x"
         lines.append(f"| {row['layer']} | {row['bytes_dense']:,} | {row['bytes_csr']:,} "
                      f"| {1e6 * row['floor_batch1_s']:.2f} | {s} |")
-    lines += ["", "| network batch | dense µs | scipy µs | sclref µs | auto µs | dense/sclref | scipy/sclref |",
-              "|" + "---|" * 7]
+    masked = all("masked" in t for t in result["network"].values())
+    lines += ["", "| network batch | dense µs |" + (" dense masked µs |" if masked else "")
+              + " scipy µs | sclref µs | auto µs | dense/sclref |" + (" masked/sclref |" if masked else "")
+              + " scipy/sclref | floor µs | sclref/floor |", "|" + "---|" * (9 + 2 * masked)]
+    floor = result.get("floor_batch1_s")
     for b, t in result["network"].items():
-        lines.append(f"| {b} | {1e6 * t['dense']:.1f} | {1e6 * t['scipy']:.1f} | {1e6 * t['sclref']:.1f} "
-                     f"| {1e6 * t['auto']:.1f} | {t['dense'] / t['sclref']:.1f}x | {t['scipy'] / t['sclref']:.1f}x |")
+        m = (f" {1e6 * t['masked']:.1f} |", f" {t['masked'] / t['sclref']:.1f}x |") if masked else ("", "")
+        f = (f"{1e6 * floor:.2f} | {t['sclref'] / floor:.1f}x" if b == "1" and floor else "- | -")
+        lines.append(f"| {b} | {1e6 * t['dense']:.1f} |{m[0]} {1e6 * t['scipy']:.1f} | {1e6 * t['sclref']:.1f} "
+                     f"| {1e6 * t['auto']:.1f} | {t['dense'] / t['sclref']:.1f}x |{m[1]} "
+                     f"{t['scipy'] / t['sclref']:.1f}x | {f} |")
     return "\n".join(lines)

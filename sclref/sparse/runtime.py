@@ -1,6 +1,6 @@
 """Run an exported `SparseNetwork` on a CPU with one of three backends per weight layer.
 
-* ``sclref``: the numba CSR kernels of `sclref.kernels.sparse`, parallel over outputs.
+* ``sclref``: the numba kernels of `sclref.kernels.sparse`.
 * ``scipy``: scipy.sparse products (the reference sparse implementation).
 * ``dense``: NumPy/BLAS on the dense form of the same weights (a reference, and the
   fastest choice for dense-enough layers).
@@ -11,30 +11,36 @@ disabled, where the interpreted kernels are slow). The choice depends only on th
 network and the batch size, never on timings, so results are reproducible; a string or a
 {layer name: backend} dict overrides it.
 
-Linear layers run feature-major, (features, batch), for the sparse backends: every kept
-connection is then one vector multiply-add over the batch. A row-major batch enters that
-layout through `gather_transpose`, which copies only the input columns some connection
-reads. Convolutions run on NCHW arrays.
+Consecutive linear layers on the sclref backend, each with the activation after it,
+form a chain that runs as one `csr_chain` call: the chain is packed once, its scratch
+buffers are kept per thread and batch size, and only the chain's input and output are
+row-major (inside, batch tiles run feature-major). The plan of a batch size (the
+chains and the other steps) is built on its first call and reused. Convolutions run
+on NCHW arrays.
 """
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from sclref import kernels
-from sclref.kernels.sparse import TILE_MIN
 from sclref.sparse import network as net
 
 __all__ = ["BACKENDS", "DENSE_FROM", "Runtime"]
 
 BACKENDS = ("auto", "sclref", "scipy", "dense")
 
-# Break-even densities (kept / all weights) above which dense BLAS beats the sclref
-# kernels, by batch size (the largest key <= batch applies). Measured with
-# `sclref bench` on LeNet layers (2 cores, float32): a batch of one is a matrix-vector
-# product, memory-bound for both; larger batches let BLAS use its full FLOP rate.
-DENSE_FROM = {1: 0.5, 16: 0.25}
+# Density (kept / all weights) from which a layer runs on dense BLAS instead of the
+# sclref kernels, by batch size (the largest key <= batch applies). `sclref bench` on
+# the LeNet layers (2 cores, float32) measured the break-even of one layer alone at
+# 10-31 % for batch 1 (lowest for the widest layers, where BLAS's matrix-vector product
+# is fastest; highest for small ones, where the call overhead that a chain of sclref
+# layers shares dominates) and 11-49 % for batches of 64 and 256 (94 % for 10x78).
+# A dense layer also ends the chain it sits in, so the threshold errs high.
+DENSE_FROM = {1: 0.3}
 
 
 class _Weights:
@@ -47,9 +53,6 @@ class _Weights:
         self.data, self.bias = w.data.astype(dtype, copy=False), layer.bias.astype(dtype, copy=False)
         self.csr = type(w)((self.data, self.indices, self.indptr), shape=w.shape)
         self.density = w.nnz / max(1, w.shape[0] * w.shape[1])
-        # Input columns read by some connection, and the indices renumbered to them.
-        self.cols = np.unique(self.indices).astype(self.indices.dtype)
-        self.compact = np.searchsorted(self.cols, self.indices).astype(self.indices.dtype)
         self._dense = None
 
     @property
@@ -87,6 +90,7 @@ class Runtime:
             raise ValueError(f"unknown backend {bad[0]!r}; choose from {', '.join(BACKENDS)}")
         self.backend = {name: chosen.get(name, "auto") for name in names}
         self.weights = {layer.name: _Weights(layer, self.dtype) for layer in network.weighted()}
+        self._chains, self._plans = {}, {}
 
     def choose(self, name: str, batch: int) -> str:
         """The backend layer `name` runs with for a batch of `batch` samples."""
@@ -105,17 +109,49 @@ class Runtime:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """The network's output for the batch `x` (N, ...): (N, F) or (N, F, OH, OW)."""
         x = self._check_input(x)
-        layout = "nchw" if x.ndim == 4 else "rows"
-        owned = False
-        for layer in self.network.layers:
-            x, layout, owned = self.step(layer, x, layout, owned)
-        return np.ascontiguousarray(x.T) if layout == "features" else x
+        steps = self._plans.get(x.shape[0])
+        if steps is None:
+            if len(self._plans) > 64:  # bounded: a stream of new batch sizes does not keep every plan
+                self._plans.clear()
+            steps = self._plans[x.shape[0]] = self._steps(x.shape[0])
+        for step in steps:
+            x = step(x)
+        return x if x.flags.c_contiguous else np.ascontiguousarray(x)
+
+    def _steps(self, batch: int) -> list:
+        """The calls a batch of `batch` samples takes: chains of sclref linear layers, other layers one by one."""
+        steps, layers, i = [], self.network.layers, 0
+        while i < len(layers):
+            chain = []
+            while (i < len(layers) and isinstance(layers[i], net.Linear)
+                   and self.choose(layers[i].name, batch) == "sclref"):
+                act = layers[i + 1] if i + 1 < len(layers) and isinstance(layers[i + 1], net.Activation) else None
+                chain.append((self.weights[layers[i].name], act))
+                i += 1 + (act is not None)
+            if chain:
+                if steps and steps[-1] is _flatten:
+                    steps.pop()  # the chain flattens its input itself
+                key = tuple((w.layer.name, act and act.name) for w, act in chain)
+                if key not in self._chains:
+                    self._chains[key] = _Chain(chain, self.dtype)
+                steps.append(self._chains[key])
+            else:
+                layer = layers[i]
+                if isinstance(layer, net.Flatten):
+                    steps.append(_flatten)
+                else:
+                    steps.append(lambda x, layer=layer: self.step(layer, x))
+                i += 1
+        return steps
 
     def _check_input(self, x) -> np.ndarray:
+        shape = self.network.input_shape
+        if (type(x) is np.ndarray and x.dtype == self.dtype and x.flags.c_contiguous and x.ndim in (2, 4)
+                and (shape is None or x.shape[1:] == shape)):
+            return x  # already what the kernels take: skip the copies and checks below
         x = np.asarray(x)
         if x.dtype.kind not in "fiu":
             raise TypeError(f"input must be numeric, got {x.dtype}")
-        shape = self.network.input_shape
         if shape is not None and x.shape[1:] != shape:
             if x.ndim < 1 or x[:0].size != 0 or int(np.prod(x.shape[1:])) != int(np.prod(shape)):
                 raise ValueError(f"input must have per-sample shape {shape}, got {x.shape[1:]}")
@@ -124,19 +160,19 @@ class Runtime:
             raise ValueError(f"input must be (N, features) or (N, C, H, W), got shape {x.shape}")
         return np.ascontiguousarray(x, dtype=self.dtype)
 
-    def step(self, layer, x, layout: str, owned: bool):
-        """Apply one layer to `x` held in `layout` ("rows", "features" or "nchw"); `owned`: x may be overwritten."""
+    def step(self, layer, x: np.ndarray, backend: str | None = None) -> np.ndarray:
+        """Apply one layer to `x`, (N, features) or (N, C, H, W); `backend` for weight layers (default: `choose`)."""
         if isinstance(layer, net.Linear):
-            return (*self.linear(layer.name, x, layout, self.choose(layer.name, _batch(x, layout))), True)
+            return self.linear(layer.name, x, backend or self.choose(layer.name, x.shape[0]))
         if isinstance(layer, net.Conv2d):
-            return self.conv2d(layer.name, _nchw(layer, x, layout), self.choose(layer.name, x.shape[0])), "nchw", True
+            return self.conv2d(layer.name, _nchw(layer, x), backend or self.choose(layer.name, x.shape[0]))
         if isinstance(layer, net.Activation):
             if layer.kind == "relu":
-                return np.maximum(x, 0, out=x if owned else None), layout, True
+                return np.maximum(x, 0)
             alpha = self.dtype.type(layer.alpha)
-            return np.where(x > 0, x, alpha * x), layout, True
+            return np.where(x > 0, x, alpha * x)
         if isinstance(layer, net.MaxPool2d):
-            x = _nchw(layer, x, layout)
+            x = _nchw(layer, x)
             (kh, kw), (sh, sw) = layer.kernel_size, layer.stride
             if x.shape[2] < kh or x.shape[3] < kw:
                 raise ValueError(f"{layer.name}: pooling window {layer.kernel_size} is larger than the input "
@@ -144,35 +180,24 @@ class Runtime:
             shape = (*x.shape[:2], (x.shape[2] - kh) // sh + 1, (x.shape[3] - kw) // sw + 1)
             out, argmax = np.empty(shape, x.dtype), np.empty(shape, np.int64)
             kernels.maxpool2d_fwd(x, kh, kw, sh, sw, out, argmax)
-            return out, "nchw", True
-        if layout == "nchw":  # Flatten
-            return x.reshape(x.shape[0], -1), "rows", owned
-        return x, layout, owned
+            return out
+        return _flatten(x)
 
-    def linear(self, name: str, x: np.ndarray, layout: str, backend: str):
-        """One linear layer; returns (output, layout)."""
+    def linear(self, name: str, x: np.ndarray, backend: str) -> np.ndarray:
+        """One linear layer on rows (N, K), without its activation; returns (N, F)."""
         w = self.weights[name]
-        f, k = w.csr.shape
-        rows = layout == "rows"
-        if x.shape[1 if rows else 0] != k:
-            raise ValueError(f"{name}: expected {k} input features, got {x.shape[1 if rows else 0]}")
-        n = x.shape[0] if rows else x.shape[1]
+        k = w.csr.shape[1]
+        if x.ndim != 2 or x.shape[1] != k:
+            raise ValueError(f"{name}: expected (N, {k}) input, got shape {x.shape}")
         if backend == "dense":
-            return (x @ w.dense.T + w.bias, "rows") if rows else (w.dense @ x + w.bias[:, None], "features")
+            return x @ w.dense.T + w.bias
         if backend == "scipy":
-            return w.csr @ (x.T if rows else x) + w.bias[:, None], "features"
-        if rows and n < TILE_MIN:
-            out = np.empty((n, f), self.dtype)
-            kernels.csr_spmm(w.indptr, w.indices, w.data, w.bias, x, out)
-            return out, "rows"
-        indices = w.indices
-        if rows:
-            xt = np.empty((w.cols.size, n), self.dtype)
-            kernels.gather_transpose(x, w.cols, xt)
-            x, indices = xt, w.compact
-        out = np.empty((f, n), self.dtype)
-        kernels.csr_matvecs(w.indptr, indices, w.data, w.bias, x, out)
-        return out, "features"
+            # (N, F) as a transposed view: a following scipy layer reads it without a copy.
+            return (w.csr @ x.T).T + w.bias
+        key = ((name, None),)
+        if key not in self._chains:
+            self._chains[key] = _Chain([(w, None)], self.dtype)
+        return self._chains[key](x)
 
     def conv2d(self, name: str, x: np.ndarray, backend: str) -> np.ndarray:
         """One convolution on NCHW input."""
@@ -202,11 +227,44 @@ class Runtime:
         return np.ascontiguousarray(y.reshape(f, n, oh, ow).transpose(1, 0, 2, 3))
 
 
-def _batch(x, layout: str) -> int:
-    return x.shape[1] if layout == "features" else x.shape[0]
+def _flatten(x: np.ndarray) -> np.ndarray:
+    return x.reshape(x.shape[0], -1)
 
 
-def _nchw(layer, x, layout: str) -> np.ndarray:
-    if layout != "nchw":
+def _nchw(layer, x) -> np.ndarray:
+    if x.ndim != 4:
         raise ValueError(f"{layer.name}: {layer.kind} needs (N, C, H, W) input, got a flattened batch")
     return x
+
+
+class _Chain:
+    """Linear layers, each with the activation after it, packed for one `csr_chain` call."""
+
+    def __init__(self, chain, dtype):
+        self.layers, self.ints, self.vals = kernels.pack_chain(
+            [w.csr for w, _ in chain], [w.bias for w, _ in chain], [act and act.kind for _, act in chain],
+            [act and act.alpha for _, act in chain], dtype)
+        self.inputs, self.features, self.dtype = chain[0][0].csr.shape[1], chain[-1][0].csr.shape[0], dtype
+        # Per thread, {batch size: (compiled kernel, scratch)}: threads never share a scratch buffer.
+        self._local = threading.local()
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        n = x.shape[0]
+        calls = getattr(self._local, "calls", None)
+        if calls is None:
+            calls = self._local.calls = {}
+        call = calls.get(n)
+        if call is None:
+            if len(calls) > 8:  # bounded: a stream of new batch sizes does not keep every buffer
+                calls.clear()
+            scratch = kernels.chain_scratch(self.layers, n, self.dtype)
+            call = calls[n] = (kernels.chain_kernel(scratch), scratch)
+        if x.ndim != 2:
+            x = _flatten(x)
+        if x.shape[1] != self.inputs:
+            raise ValueError(f"expected (N, {self.inputs}) input, got shape {x.shape}")
+        if not x.flags.c_contiguous:
+            x = np.ascontiguousarray(x)
+        out = np.empty((n, self.features), self.dtype)
+        call[0](self.layers, self.ints, self.vals, x, out, call[1])
+        return out
