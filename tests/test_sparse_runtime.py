@@ -69,3 +69,31 @@ def test_float32_runtime_takes_any_numeric_input():
     got = Runtime(network, dtype=np.float32)(x.tolist())
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, _expected(network, x), rtol=1e-4, atol=1e-4)
+
+
+def _csr_with_density(rows, cols, nnz_per_row, gen):
+    idx = np.sort(np.stack([gen.choice(cols, nnz_per_row, replace=False) for _ in range(rows)]), axis=1)
+    indptr = np.arange(0, rows * nnz_per_row + 1, nnz_per_row, dtype=np.int32)
+    return sp.csr_array((gen.standard_normal(rows * nnz_per_row), idx.ravel().astype(np.int32), indptr),
+                        shape=(rows, cols))
+
+
+def test_auto_takes_dense_for_convolutions_sooner_than_for_linear_layers():
+    # 8 % density: dense for a convolution at batch 1 (break-even 7 %), sparse for a
+    # linear layer (30 %); big batches follow the table of the parallel or serial kernel.
+    from sclref.sparse import Conv2d
+    from sclref.sparse.runtime import CONV_DENSE_FROM, DENSE_FROM
+
+    gen = np.random.default_rng(0)
+    conv = Conv2d("conv", _csr_with_density(4, 100, 8, gen), np.zeros(4), in_channels=4, kernel_size=(5, 5))
+    fc = Linear("fc", _csr_with_density(3, 64, 5, gen), np.zeros(3))
+    network = SparseNetwork([conv, Flatten("flatten"), fc], np.dtype(np.float64), input_shape=(4, 8, 8))
+    run = Runtime(network)
+    sparse = "scipy" if kernels.JIT_DISABLED else "sclref"
+    assert CONV_DENSE_FROM[1] <= 0.08 < DENSE_FROM[1]
+    assert run.choose("conv", 1) == "dense" and run.choose("fc", 1) == sparse
+    big = "dense" if 0.08 >= CONV_DENSE_FROM[16] else sparse
+    assert [run.choose("conv", b) for b in (64, 256)] == [big, big]
+    assert [run.choose("fc", b) for b in (64, 256)] == [sparse, sparse]
+    x = gen.standard_normal((2, 4, 8, 8))
+    np.testing.assert_allclose(run(x), Runtime(network, backend="scipy")(x), rtol=1e-12, atol=1e-12)

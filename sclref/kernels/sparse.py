@@ -12,12 +12,12 @@ whole sparse layer at batch 1, so the layers travel packed (`pack_chain`) and ar
 validated once.
 
 Parallel loops split the outputs (batch tiles, or (image, filter) planes), never a
-sum, so threads write disjoint slices. They run in parallel only with
-``SCLREF_SPARSE_PARALLEL=1`` and above `PARALLEL_MIN_WORK`: a parallel region waits
-for its slowest thread, and on a shared machine that thread may not be scheduled.
-Measured on 2 cores at load ~2.5 (LeNet-300-100, batch 256), numba's OpenMP layer
-took 6.7 ms per call against 0.09 ms serial, and its workqueue layer was no faster
-than serial.
+sum, so threads write disjoint slices. They run in parallel above `PARALLEL_MIN_WORK`
+unless ``SCLREF_SPARSE_PARALLEL=0``: on 2 idle cores a 98.5 %-sparse LeNet-300-100 at
+batch 256 took 48 µs in parallel against 98 µs serial. A parallel region waits for its
+slowest thread, though, and on a machine whose cores are busy with other work that
+thread may not be scheduled: at load ~2.5 on 2 cores numba's OpenMP layer took 6.7 ms
+per call against 0.09 ms serial. Set ``SCLREF_SPARSE_PARALLEL=0`` on such machines.
 """
 
 import os
@@ -33,7 +33,7 @@ from sclref.kernels._jit import JIT_DISABLED, _decorate, jit, prange
 __all__ = ["ACTIVATIONS", "CHAIN_COLUMNS", "PARALLEL_MIN_WORK", "SPARSE_PARALLEL", "TILE", "TILE_MIN",
            "chain_kernel", "chain_scratch", "csr_chain", "csr_conv2d", "pack_chain"]
 
-SPARSE_PARALLEL = os.environ.get("SCLREF_SPARSE_PARALLEL") == "1" and not JIT_DISABLED
+SPARSE_PARALLEL = os.environ.get("SCLREF_SPARSE_PARALLEL", "1") != "0" and not JIT_DISABLED
 
 # The widest batch tile of `csr_chain`. A tile runs feature-major, (features, lanes):
 # each kept connection is a vector multiply-add over the tile's lanes, so wide tiles
@@ -125,7 +125,7 @@ def chain_scratch(layers, n, dtype):
 
     (2, W) below TILE_MIN rows, else (threads, 2, W, tile); W is the widest vector the
     chain holds (its input or any layer's outputs). The kernel's choices: numba's thread
-    count with SCLREF_SPARSE_PARALLEL=1 above PARALLEL_MIN_WORK (else 1 thread), and the
+    count above PARALLEL_MIN_WORK unless SCLREF_SPARSE_PARALLEL=0 (else 1 thread), and the
     fewest tiles of at most TILE lanes (a multiple of 8) that give every thread one.
     """
     width = int(max(layers[0, _K], layers[:, _F].max())) if layers.shape[0] else 0

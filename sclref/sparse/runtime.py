@@ -6,7 +6,7 @@
   fastest choice for dense-enough layers).
 
 ``auto`` picks per layer and batch size: dense when the layer's density is at least the
-measured break-even density (`DENSE_FROM`), otherwise the sclref kernels (scipy when JIT is
+measured break-even density (`DENSE_FROM`, `CONV_DENSE_FROM`), otherwise the sclref kernels (scipy when JIT is
 disabled, where the interpreted kernels are slow). The choice depends only on the
 network and the batch size, never on timings, so results are reproducible; a string or a
 {layer name: backend} dict overrides it.
@@ -29,7 +29,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from sclref import kernels
 from sclref.sparse import network as net
 
-__all__ = ["BACKENDS", "DENSE_FROM", "Runtime"]
+__all__ = ["BACKENDS", "CONV_DENSE_FROM", "DENSE_FROM", "Runtime"]
 
 BACKENDS = ("auto", "sclref", "scipy", "dense")
 
@@ -41,6 +41,13 @@ BACKENDS = ("auto", "sclref", "scipy", "dense")
 # layers shares dominates) and 11-49 % for batches of 64 and 256 (94 % for 10x78).
 # A dense layer also ends the chain it sits in, so the threshold errs high.
 DENSE_FROM = {1: 0.3}
+# The same for convolutions against im2col + BLAS: LeNet-5's conv2 broke even at 7 %
+# density for batch 1. For 64 and 256 the serial direct convolution (SCLREF_SPARSE_PARALLEL=0)
+# broke even at 4-4.5 %; the parallel one at 9-10 % for conv2 and 35-37 % for conv1 alone,
+# but a forward pass that alternates BLAS's and numba's thread pools loses more than a
+# dense layer saves (LeNet-5, batch 256: 29.5 ms with conv1 dense, 15.9 ms all sparse), so
+# with parallel kernels convolutions go dense only when half their connections are kept.
+CONV_DENSE_FROM = {1: 0.07, 16: 0.5} if kernels.sparse.SPARSE_PARALLEL else {1: 0.07, 16: 0.04}
 
 
 class _Weights:
@@ -97,7 +104,8 @@ class Runtime:
         backend = self.backend[name]
         if backend != "auto":
             return backend
-        threshold = DENSE_FROM[max(b for b in DENSE_FROM if b <= max(batch, 1))]
+        table = CONV_DENSE_FROM if isinstance(self.weights[name].layer, net.Conv2d) else DENSE_FROM
+        threshold = table[max(b for b in table if b <= max(batch, 1))]
         if self.weights[name].density >= threshold:
             return "dense"
         return "scipy" if kernels.JIT_DISABLED else "sclref"
