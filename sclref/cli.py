@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     from sclref.sparse.cli import add_parsers as add_sparse
 
     add_sparse(sub)
+    from sclref.reproduce_cli import add_parser as add_reproduce
+
+    add_reproduce(sub)
     return parser
 
 

@@ -13,17 +13,9 @@ import os
 import sys
 import tempfile
 
+from sclref.argtypes import nonnegative_int
+
 __all__ = ["add_parser", "main", "run_theory"]
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
-    return value
 
 
 def _configure(p: argparse.ArgumentParser) -> None:
@@ -31,7 +23,7 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the JSON record on stdout instead of the table")
     p.add_argument("--out", default="runs/theory", metavar="DIR",
                    help="where theory.json, table.md and the PNG plots go (default runs/theory)")
-    p.add_argument("--seed", type=_seed, default=0, help="seed of every random draw (default 0)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of every random draw (default 0)")
     p.add_argument("--ste", action="append", default=None, metavar="NAME",
                    help="measure only this registered estimator (repeatable; default: all)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")

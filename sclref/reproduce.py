@@ -1,0 +1,492 @@
+"""The results experiment: SCL against dense training and magnitude pruning, several seeds, one JSON.
+
+For each model, seed and method, `reproduce` trains on the same data with the same epoch
+budget (``epochs`` where SCL learns masks + ``finetune_epochs`` where it fine-tunes θ):
+
+- ``dense``: the plain network, no masks;
+- ``scl_identity``, ``scl_leaky_relu``, ``scl_softplus``: SCL with that STE, one λ for all;
+- ``magnitude``: magnitude pruning + retraining (`sclref.baselines`) to the per-layer
+  sparsity that ``scl_identity`` reached with the same seed;
+- ``scl_identity_no_norm``: the ablation, SCL identity without per-feature normalization;
+- ``scl_identity_global_scale`` (not run by default): the fairer ablation, no per-feature
+  normalization but one global scale c in its place: λ·c and mask lr / c, so that the
+  mask variables move as far as in SCL while features stay unbalanced;
+- ``magnitude_global`` (not run by default): one global magnitude threshold at the
+  overall sparsity of ``scl_identity``.
+
+Every finished run is added to a JSON file at once (atomically), keyed by model, data,
+method and seed with its full settings, so an interrupted reproduction continues where it
+stopped: a run already in the file with the same settings is skipped. `summarize` turns
+the runs into mean ± std over seeds of the *final-epoch* test error, sparsity overall and
+per layer, FLOPs and mask flips; `markdown` prints them beside the published MNIST rows
+of the paper's peers (other data, for orientation only); `plot` draws the figures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+
+from sclref import data as datasets
+from sclref import io, models, nn
+from sclref._version import __version__
+from sclref.baselines import prune_and_retrain
+from sclref.scl import layer_report, masked_layers
+from sclref.train import TrainConfig, Trainer, build_model, format_epoch
+
+FORMAT = "sclref-reproduce"
+FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
+DATA_ALIASES = {"fashion-mnist": FASHION_MNIST}
+# λ of every SCL variant unless given: the `sclref train` default on digits; on 28x28 data
+# 0.003 gave 97.3 % sparsity at dense-level error on Fashion-MNIST (20 + 5 epochs).
+DEFAULT_LAM = {"digits": 0.03}
+FALLBACK_LAM = 0.003
+
+
+@dataclass(frozen=True)
+class Method:
+    label: str
+    kind: str  # "dense", "scl" or "magnitude"
+    overrides: tuple = ()  # TrainConfig fields that differ from the shared settings
+    scope: str = "layer"  # magnitude only: per-layer counts or one global threshold
+    global_scale: bool = False  # λ · c and mask_lr / c, c = Settings.no_norm_scale
+
+
+METHODS = {
+    "dense": Method("dense", "dense", (("masked", False),)),
+    "scl_identity": Method("SCL, identity STE (the paper's)", "scl", (("ste", "identity"),)),
+    "scl_leaky_relu": Method("SCL, Leaky ReLU STE (α 0.1)", "scl", (("ste", "leaky_relu"),)),
+    "scl_softplus": Method("SCL, Softplus STE", "scl", (("ste", "softplus"),)),
+    "magnitude": Method("magnitude prune + retrain, SCL-identity's per-layer sparsity", "magnitude"),
+    "scl_identity_no_norm": Method("ablation: SCL identity, no normalization", "scl",
+                                   (("ste", "identity"), ("normalization", "none"))),
+    "scl_identity_global_scale": Method("ablation: SCL identity, one global scale c instead of normalization",
+                                        "scl", (("ste", "identity"), ("normalization", "none")), global_scale=True),
+    "magnitude_global": Method("magnitude prune + retrain, one global threshold", "magnitude", scope="global"),
+}
+DEFAULT_METHODS = ("dense", "scl_identity", "scl_leaky_relu", "scl_softplus", "magnitude", "scl_identity_no_norm")
+MODEL_LABELS = {"lenet300": "LeNet-300-100", "lenet5": "LeNet-5"}
+
+# ../shared/SCL.md: published rows of the paper's peers on MNIST, (sparsity %, test error %).
+PUBLISHED_MNIST = {
+    "lenet300": [("dense", "0", "1.64"), ("magnitude prune + retrain (Han 2015)", "91.7", "1.6"),
+                 ("Dynamic Network Surgery (Guo 2016)", "98.2", "2.0"),
+                 ("Sparse Variational Dropout (Molchanov 2017)", "98.5", "1.9"), ("SNIP (Lee 2019)", "98.0", "2.4")],
+    "lenet5": [("dense", "0", "0.80"), ("magnitude prune + retrain (Han 2015)", "91.7", "0.8"),
+               ("Dynamic Network Surgery (Guo 2016)", "99.1", "0.9"),
+               ("Sparse Variational Dropout (Molchanov 2017)", "99.6", "0.8"), ("SNIP (Lee 2019)", "99.0", "1.1")],
+}
+
+
+@dataclass
+class Settings:
+    """What a reproduction runs; every run shares all of it but the method's own overrides."""
+
+    models: tuple = ("lenet300", "lenet5")
+    data: str = "fashion-mnist"
+    seeds: tuple = (0, 1, 2)
+    methods: tuple = DEFAULT_METHODS
+    epochs: int = 20
+    finetune_epochs: int = 5
+    lam: float | None = None  # None: DEFAULT_LAM of the data, else FALLBACK_LAM
+    train_limit: int | None = None
+    test_limit: int | None = None
+    dtype: str = "float32"
+    # c of scl_identity_global_scale: the RMS of the raw over the L2-normalized task gradient of
+    # the mask variables, measured in fc1 of LeNet-300-100 at initialization on Fashion-MNIST
+    # (7.9e-4; 5.8e-4 to 1.1e-3 over the first three epochs).
+    no_norm_scale: float = 1e-3
+
+    @classmethod
+    def quick(cls, **changes) -> "Settings":
+        """The seconds-long version: LeNet-300-100 on a digits subset, 2 + 1 epochs, one seed."""
+        return dataclasses.replace(cls(models=("lenet300",), data="digits", seeds=(0,), epochs=2, finetune_epochs=1,
+                                       train_limit=300, test_limit=100), **changes)
+
+    @property
+    def data_spec(self) -> str:
+        return DATA_ALIASES.get(self.data, self.data)
+
+    @property
+    def data_label(self) -> str:
+        return self.data if self.data in DATA_ALIASES or self.data == "digits" else Path(self.data).name
+
+    @property
+    def lam_value(self) -> float:
+        return self.lam if self.lam is not None else DEFAULT_LAM.get(self.data, FALLBACK_LAM)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad setting, before anything runs."""
+        for name, known in (("models", models.MODELS), ("methods", METHODS)):
+            chosen = getattr(self, name)
+            if not chosen:
+                raise ValueError(f"{name}: choose at least one of {', '.join(known)}")
+            unknown = [c for c in chosen if c not in known]
+            if unknown:
+                raise ValueError(f"unknown {name} {', '.join(map(repr, unknown))}; choose from {', '.join(known)}")
+            if len(set(chosen)) != len(chosen):
+                raise ValueError(f"{name}: each may be given once, got {list(chosen)}")
+        if not (math.isfinite(self.no_norm_scale) and self.no_norm_scale > 0):
+            raise ValueError(f"no_norm_scale must be a finite number > 0, got {self.no_norm_scale}")
+        if not self.seeds:
+            raise ValueError("seeds: give at least one seed")
+        if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.seeds):
+            raise ValueError(f"seeds must be integers >= 0, got {list(self.seeds)}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds: each may be given once, got {list(self.seeds)}")
+        magnitude = [m for m in self.methods if METHODS[m].kind == "magnitude"]
+        if magnitude and "scl_identity" not in self.methods:
+            raise ValueError(f"{', '.join(magnitude)} prune to the sparsity scl_identity reaches: "
+                             f"add scl_identity to the methods")
+        if magnitude and self.finetune_epochs < 1:
+            raise ValueError("magnitude pruning retrains during the fine-tune epochs: finetune_epochs must be >= 1")
+        if self.data != "digits" and not Path(self.data_spec).exists():
+            raise ValueError(f"data {self.data!r}: no such directory or file ('digits', 'fashion-mnist', "
+                             f"or a directory of MNIST-format IDX files)")
+        for model in self.models:  # every other setting is checked by TrainConfig itself
+            self.config(model, "dense", self.seeds[0]).validate()
+
+    def config(self, model: str, method: str, seed: int) -> TrainConfig:
+        """The `TrainConfig` of one run."""
+        scale = self.no_norm_scale if METHODS[method].global_scale else 1.0
+        return TrainConfig(model=model, data=self.data_spec, lam=self.lam_value * scale, epochs=self.epochs,
+                           finetune_epochs=self.finetune_epochs, seed=seed, dtype=self.dtype,
+                           train_limit=self.train_limit, test_limit=self.test_limit,
+                           mask_lr=TrainConfig.mask_lr / scale, **dict(METHODS[method].overrides))
+
+
+def machine() -> dict:
+    """Where and with what the numbers were measured."""
+    return {
+        "node": platform.node(), "machine": platform.machine(), "processor": platform.processor(),
+        "cpus": os.cpu_count(), "python": platform.python_version(), "sclref": __version__,
+        **{pkg: version(pkg) for pkg in ("numpy", "scipy", "numba")},
+        "threads": {var: os.environ.get(var) for var in ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                                         "OMP_NUM_THREADS")},
+    }
+
+
+def load_runs(path) -> dict:
+    """The results file at `path`, or an empty one when there is none yet."""
+    path = Path(path)
+    if not path.exists():
+        return {"format": FORMAT, "version": 1, "machine": machine(), "runs": []}
+    import json
+
+    try:
+        store = json.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{path}: not a readable JSON file ({err}); move it away to start afresh") from None
+    if not isinstance(store, dict) or store.get("format") != FORMAT or not isinstance(store.get("runs"), list):
+        raise ValueError(f"{path}: not an sclref reproduce results file; choose another output")
+    return store
+
+
+def _find(store: dict, key: dict) -> dict | None:
+    for run in store["runs"]:
+        if all(run.get(k) == v for k, v in key.items()):
+            return run
+    return None
+
+
+def _plain_layer_report(model) -> list[dict]:
+    """`layer_report` rows for a network without masks: every connection kept."""
+    rows = []
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            uses = 1 if isinstance(module, nn.Linear) else int(np.prod(module.output_size))
+            n = module.weight.size
+            rows.append({"layer": name, "weights": n, "kept": n, "sparsity": 0.0, "dense_flops": 2 * uses * n,
+                         "effective_flops": 2 * uses * n})
+    return rows
+
+
+def _record(key: dict, run_settings: dict, model, history: list, wall: float, load: float) -> dict:
+    layers = layer_report(model) if masked_layers(model) else _plain_layer_report(model)
+    weights, kept = sum(r["weights"] for r in layers), sum(r["kept"] for r in layers)
+    final = history[-1]
+    return {
+        **key, "settings": run_settings,
+        "test_error": final["test_error"], "train_error": final["train_error"],
+        "sparsity": 1 - kept / weights, "layers": layers,
+        "dense_flops": sum(r["dense_flops"] for r in layers),
+        "effective_flops": sum(r["effective_flops"] for r in layers),
+        # Mask flips per epoch over all layers (0 where masks are frozen or absent).
+        "flips": [sum(layer["flips"] for layer in rec["layers"].values()) for rec in history],
+        "history": [{k: rec[k] for k in ("epoch", "phase", "loss", "train_error", "test_error", "sparsity", "lam",
+                                         "seconds")} for rec in history],
+        "train_seconds": sum(rec["seconds"] for rec in history), "wall_seconds": wall,
+        "load_average": load,
+    }
+
+
+def _load_data(settings: Settings):
+    dataset = datasets.load(settings.data_spec, dtype=np.dtype(settings.dtype))
+    if settings.train_limit is not None or settings.test_limit is not None:
+        dataset = datasets.subset(dataset, settings.train_limit or len(dataset.x_train),
+                                  settings.test_limit or len(dataset.x_test))
+    return dataset
+
+
+def _ordered(methods) -> list[str]:
+    """The methods with scl_identity before the baselines that prune to its sparsity."""
+    return sorted(methods, key=lambda m: (METHODS[m].kind == "magnitude", list(METHODS).index(m)))
+
+
+def reproduce(settings: Settings, json_path, log=print, dataset=None) -> dict:
+    """Run every (model, seed, method) not yet in `json_path` with these settings; return the file's content.
+
+    `dataset` may be passed to skip loading (it must be what ``settings.data`` names).
+    """
+    settings.validate()
+    json_path = Path(json_path)
+    store = load_runs(json_path)
+    dataset = _load_data(settings) if dataset is None else dataset
+    for model in settings.models:  # a model that cannot take this data fails now, not after hours
+        try:
+            build_model(settings.config(model, "dense", 0), dataset.in_shape, dataset.num_classes)
+        except ValueError as err:
+            raise ValueError(f"model {model} cannot take the data {settings.data_label!r}: {err}") from None
+    for model in settings.models:
+        for seed in settings.seeds:
+            for method in _ordered(settings.methods):
+                key = {"model": model, "data": settings.data_label, "method": method, "seed": seed}
+                config = settings.config(model, method, seed)
+                run_settings = {"config": config.to_dict()}
+                if METHODS[method].kind == "magnitude":
+                    reference = _find(store, {**key, "method": "scl_identity"})
+                    run_settings.update(scope=METHODS[method].scope,
+                                        kept={r["layer"]: r["kept"] for r in reference["layers"]})
+                tag = f"[{MODEL_LABELS[model]} seed {seed} {method}]"
+                done = _find(store, key)
+                if done is not None and done["settings"] == run_settings:
+                    log(f"{tag} already in {json_path.name}, skipped")
+                    continue
+                load = os.getloadavg()[0]
+                t0 = time.perf_counter()
+                if METHODS[method].kind == "magnitude":
+                    result = prune_and_retrain(config, dataset, _prune_target(run_settings, reference),
+                                               METHODS[method].scope, log=lambda line, tag=tag: log(f"{tag} {line}"))
+                    trained, history = result.model, result.history
+                else:
+                    trainer = Trainer(config, dataset)
+                    while trainer.epoch < config.total_epochs:
+                        log(f"{tag} {format_epoch(trainer.run_epoch(), config.total_epochs)}")
+                    trained, history = trainer.model, trainer.history
+                record = _record(key, run_settings, trained, history, time.perf_counter() - t0, load)
+                store["runs"] = [r for r in store["runs"] if r is not done] + [record]
+                store["machine"] = machine()
+                io.atomic_write_json(json_path, store)
+                log(f"{tag} test error {100 * record['test_error']:.2f}%, sparsity {100 * record['sparsity']:.2f}%, "
+                    f"{record['wall_seconds']:.1f}s")
+    return store
+
+
+def _prune_target(run_settings: dict, reference: dict):
+    """The sparsity to prune to: each layer's as SCL-identity left it, or its overall one for a global threshold."""
+    if run_settings["scope"] == "global":
+        return reference["sparsity"]
+    return {r["layer"]: 1 - r["kept"] / r["weights"] for r in reference["layers"]}
+
+
+def _stats(values) -> dict:
+    """Mean and sample standard deviation (ddof 1; None for a single value) of `values`."""
+    values = [float(v) for v in values]
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
+            "values": values}
+
+
+def summarize(store: dict, settings: Settings) -> list[dict]:
+    """Mean ± std over seeds per (model, method), for the runs these settings asked for."""
+    rows = []
+    for model in settings.models:
+        for method in settings.methods:
+            runs = [_find(store, {"model": model, "data": settings.data_label, "method": method, "seed": s})
+                    for s in settings.seeds]
+            runs = [r for r in runs if r is not None]
+            if not runs:
+                continue
+            mask_epochs = [i for i, rec in enumerate(runs[0]["history"]) if rec["phase"] == "mask"]
+            rows.append({
+                "model": model, "method": method, "label": METHODS[method].label,
+                "seeds": [r["seed"] for r in runs],
+                "test_error": _stats(r["test_error"] for r in runs),
+                "sparsity": _stats(r["sparsity"] for r in runs),
+                "layers": {row["layer"]: _stats(r["layers"][i]["sparsity"] for r in runs)
+                           for i, row in enumerate(runs[0]["layers"])},
+                "dense_flops": runs[0]["dense_flops"],
+                "effective_flops": _stats(r["effective_flops"] for r in runs),
+                "flips_per_epoch": [statistics.fmean(r["flips"][i] for r in runs) for i in mask_epochs],
+                "train_seconds": _stats(r["train_seconds"] for r in runs),
+                "wall_seconds": _stats(r["wall_seconds"] for r in runs),
+            })
+    return rows
+
+
+def _pm(stat: dict, scale: float = 100, digits: int = 2) -> str:
+    mean = f"{scale * stat['mean']:.{digits}f}"
+    return mean if stat["std"] is None else f"{mean} ± {scale * stat['std']:.{digits}f}"
+
+
+def markdown(summary: list[dict], settings: Settings) -> str:
+    """Per model: the measured table, the per-layer table, and the published MNIST rows beside them."""
+    out = []
+    for model in settings.models:
+        rows = [r for r in summary if r["model"] == model]
+        if not rows:
+            continue
+        seeds = ", ".join(map(str, settings.seeds))
+        out.append(f"### {MODEL_LABELS[model]} on {settings.data_label}: measured\n\n"
+                   f"Seeds {seeds}; {settings.epochs} mask-learning + {settings.finetune_epochs} fine-tune epochs "
+                   f"for every method (dense: {settings.epochs + settings.finetune_epochs} epochs; magnitude: "
+                   f"{settings.epochs} dense + {settings.finetune_epochs} retraining); λ = {settings.lam_value:g} for "
+                   f"every SCL variant"
+                   + (f" (the global-scale ablation: λ·c = {settings.lam_value * settings.no_norm_scale:g}, mask lr "
+                      f"{TrainConfig.mask_lr / settings.no_norm_scale:g}, c = {settings.no_norm_scale:g})"
+                      if any(METHODS[r["method"]].global_scale for r in rows) else "")
+                   + "; final-epoch test error, mean ± std (ddof 1) over seeds.\n")
+        out.append("| method | seeds | test error % | sparsity % | FLOPs kept % (reduction) | mask flips, first → "
+                   "last mask epoch | s per run: train / wall |")
+        out.append("|---|---|---|---|---|---|---|")
+        for r in rows:
+            kept = r["effective_flops"]["mean"] / r["dense_flops"]
+            flips = r["flips_per_epoch"]
+            out.append(f"| {r['label']} | {len(r['seeds'])} | {_pm(r['test_error'])} | {_pm(r['sparsity'])} | "
+                       f"{100 * kept:.2f} ({f'{1 / kept:.1f}×' if kept else 'nothing left'}) | "
+                       f"{f'{flips[0]:,.0f} → {flips[-1]:,.0f}' if flips else '—'} | "
+                       f"{r['train_seconds']['mean']:.1f} / {r['wall_seconds']['mean']:.1f} |")
+        layer_names = list(rows[0]["layers"])
+        out.append(f"\nPer-layer sparsity % (mean ± std); dense multiply-adds per sample: "
+                   f"{rows[0]['dense_flops'] // 2:,}\n")
+        out.append("| method | " + " | ".join(layer_names) + " |")
+        out.append("|---|" + "---|" * len(layer_names))
+        for r in rows:
+            out.append(f"| {r['label']} | " + " | ".join(_pm(r["layers"][n], digits=1) for n in layer_names) + " |")
+        out.append(f"\n{MODEL_LABELS[model]}, published, MNIST — other data (the peers' own MNIST numbers, as the "
+                   f"SCL paper compares against them; for orientation only, not comparable with the rows above)\n")
+        out.append("| method (published, MNIST — other data) | sparsity % | test error % |")
+        out.append("|---|---|---|")
+        out += [f"| {name} | {sp} | {err} |" for name, sp, err in PUBLISHED_MNIST[model]]
+        out.append("")
+    return "\n".join(out)
+
+
+def plot(summary: list[dict], store: dict, settings: Settings, out_dir) -> list[Path]:
+    """Per model: error vs connections kept, per-layer sparsity bars, mask flips per epoch; returns the PNGs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    colors = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for model in settings.models:
+        rows = [r for r in summary if r["model"] == model]
+        if not rows:
+            continue
+        stem = f"{model}-{settings.data_label}"
+        title = f"{MODEL_LABELS[model]} on {settings.data_label}, {len(settings.seeds)} seed(s)"
+
+        # Left: every method on a log axis; right: the sparse ones up close, dense as a line.
+        # A run that pruned everything has no place on a log axis: it is named in the legend.
+        fig, (wide, close) = plt.subplots(1, 2, figsize=(11, 4.5))
+        for r in rows:
+            points = [(100 * (1 - s), 100 * e) for s, e in zip(r["sparsity"]["values"], r["test_error"]["values"])]
+            drawn = [(k, e) for k, e in points if k > 0]
+            label = r["label"] + ("" if len(drawn) == len(points) else f" ({len(points) - len(drawn)} run(s) kept "
+                                                                       f"nothing: not drawn)")
+            axes = (wide,) if r["method"] == "dense" else (wide, close)
+            for ax in axes:
+                if not drawn:
+                    ax.plot([], [], "o", color=colors[r["method"]], label=label)
+                    continue
+                ax.scatter(*zip(*drawn), s=14, alpha=0.5, color=colors[r["method"]])
+                errs = [e for _, e in drawn]
+                ax.errorbar(statistics.fmean(k for k, _ in drawn), statistics.fmean(errs),
+                            yerr=statistics.stdev(errs) if len(errs) > 1 else None, fmt="o", ms=8, capsize=3,
+                            color=colors[r["method"]], label=label if ax is wide else None)
+            if r["method"] == "dense":
+                close.axhline(100 * r["test_error"]["mean"], color=colors["dense"], ls="--", lw=1,
+                              label="dense (mean)")
+        _log_axis(wide.xaxis, wide.set_xscale)
+        wide.set_xlabel("connections kept % (log; 100 = dense)")
+        wide.set_ylabel("final-epoch test error %")
+        wide.legend(fontsize=7)
+        close.set_xlabel("connections kept %")
+        close.set_title("sparse methods up close", fontsize=9)
+        if close.get_legend_handles_labels()[0]:
+            close.legend(fontsize=7)
+        for ax in (wide, close):
+            ax.grid(alpha=0.3, which="both")
+        fig.suptitle(f"Error vs sparsity (mean ± std and each seed): {title}", fontsize=10)
+        written.append(_save(fig, out_dir / f"{stem}-error_vs_sparsity.png"))
+
+        sparse_rows = [r for r in rows if r["method"] != "dense"]
+        if sparse_rows:
+            names = list(sparse_rows[0]["layers"])
+            fig, ax = plt.subplots(figsize=(7, 4.5))
+            width = 0.8 / len(sparse_rows)
+            # Kept share on a log axis: at 97 % and 99 % sparsity, bars of sparsity would look alike.
+            for i, r in enumerate(sparse_rows):
+                x = np.arange(len(names)) + (i - (len(sparse_rows) - 1) / 2) * width
+                sparsities = [100 * r["layers"][n]["mean"] for n in names]
+                bars = ax.bar(x, [max(100 - sp, 1e-2) for sp in sparsities], width, color=colors[r["method"]],
+                              label=r["label"])
+                ax.bar_label(bars, [f"{sp:.1f}" for sp in sparsities], fontsize=6, rotation=90, padding=2)
+            ax.set_xticks(np.arange(len(names)), names)
+            _log_axis(ax.yaxis, ax.set_yscale)
+            ax.set_ylim(top=300)
+            ax.set_ylabel("connections kept % (log) = 100 − sparsity")
+            ax.set_title(f"Per-layer sparsity (label: sparsity %, mean over seeds): {title}", fontsize=9)
+            ax.legend(fontsize=7, loc="upper left")
+            written.append(_save(fig, out_dir / f"{stem}-layer_sparsity.png"))
+
+        scl_rows = [r for r in rows if METHODS[r["method"]].kind == "scl" and r["flips_per_epoch"]]
+        if scl_rows:
+            fig, ax = plt.subplots(figsize=(7, 4.5))
+            for r in scl_rows:
+                flips = r["flips_per_epoch"]
+                ax.plot(np.arange(1, len(flips) + 1), np.maximum(flips, 0.5), marker=".", color=colors[r["method"]],
+                        label=r["label"])
+            ax.set_yscale("log")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_xlabel("mask-learning epoch")
+            ax.set_ylabel("mask flips per epoch (mean over seeds; 0 drawn at 0.5)")
+            ax.set_title(f"Mask flips: {title}")
+            ax.legend(fontsize=7)
+            ax.grid(alpha=0.3, which="both")
+            written.append(_save(fig, out_dir / f"{stem}-mask_flips.png"))
+    return written
+
+
+def _log_axis(axis, set_scale) -> None:
+    """A log axis with plain tick labels (2, 10, 100) instead of powers of ten."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    set_scale("log")
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    # Through a temporary name and a rename, like every other file sclref writes.
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

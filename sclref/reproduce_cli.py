@@ -1,0 +1,87 @@
+"""The `sclref reproduce` subcommand: run the results experiment of `sclref.reproduce` and print its tables.
+
+`add_parser(subparsers)` registers the subcommand. It writes ``results.json`` (resumable:
+runs already there with the same settings are skipped) and the PNG plots to ``--out``,
+and prints the Markdown tables, or with ``--json`` the summary as JSON on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sclref.argtypes import nonnegative_int
+
+__all__ = ["add_parser", "run_reproduce"]
+
+RESULTS = "results.json"
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``reproduce`` on `subparsers` (from ``ArgumentParser.add_subparsers``); return its parser."""
+    from sclref.reproduce import DEFAULT_METHODS, METHODS, Settings
+
+    d = Settings()
+    p = subparsers.add_parser(
+        "reproduce", help="SCL vs dense vs magnitude pruning over several seeds: tables, plots, one JSON",
+        description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=None, metavar="MODEL",
+                   help=f"lenet300 and/or lenet5 (default: {' '.join(d.models)}; --quick: lenet300)")
+    p.add_argument("--data", default=None,
+                   help="'fashion-mnist' (default), 'digits', or a directory of MNIST-format IDX files "
+                        "(--quick: digits)")
+    p.add_argument("--seeds", nargs="+", type=nonnegative_int, default=None, metavar="SEED",
+                   help=f"seeds (default: {' '.join(map(str, d.seeds))}; --quick: 0)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help=f"mask-learning epochs, the dense phase of magnitude pruning (default {d.epochs}; --quick 2)")
+    p.add_argument("--finetune-epochs", type=int, default=None,
+                   help=f"fine-tune / retraining epochs (default {d.finetune_epochs}; --quick 1)")
+    p.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
+                   help=f"any of {', '.join(METHODS)} (default: {' '.join(DEFAULT_METHODS)})")
+    p.add_argument("--lam", type=float, default=None,
+                   help="λ of every SCL variant (default 0.03 on digits, 0.003 otherwise)")
+    p.add_argument("--no-norm-scale", type=float, default=None, metavar="C",
+                   help=f"c of the scl_identity_global_scale ablation: λ·c, mask lr / c (default {d.no_norm_scale:g})")
+    p.add_argument("--train-limit", type=int, default=None, metavar="N", help="use the first N training samples")
+    p.add_argument("--test-limit", type=int, default=None, metavar="N", help="use the first N test samples")
+    p.add_argument("--out", default="runs/reproduce", metavar="DIR",
+                   help=f"where {RESULTS} and the plots go (default runs/reproduce)")
+    p.add_argument("--quick", action="store_true",
+                   help="the seconds-long version: LeNet-300-100, 300 digits, 2 + 1 epochs, seed 0")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout instead of the tables")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.set_defaults(func=run_reproduce)
+    return p
+
+
+def run_reproduce(args: argparse.Namespace) -> int:
+    """Handler of ``sclref reproduce``: 0 on success, 2 on a bad setting, bad data or an unwritable --out."""
+    import json
+    from pathlib import Path
+
+    from sclref.reproduce import Settings, markdown, plot, reproduce, summarize
+
+    given = {name: getattr(args, name) for name in ("models", "data", "seeds", "epochs", "finetune_epochs",
+                                                    "methods", "lam", "no_norm_scale", "train_limit",
+                                                    "test_limit")
+             if getattr(args, name) is not None}
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
+    out = Path(args.out)
+    log = (lambda line: print(line, file=sys.stderr)) if args.json else print
+    try:
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} exists and is not a directory")
+        settings = Settings.quick(**given) if args.quick else Settings(**given)
+        store = reproduce(settings, out / RESULTS, log=log)
+        summary = summarize(store, settings)
+        written = [] if args.no_plots else plot(summary, store, settings, out)
+    except (ValueError, OSError) as err:  # OSError: unreadable data, unwritable --out
+        print(f"sclref reproduce: error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print()
+    print(markdown(summary, settings))
+    print(f"wrote {out / RESULTS}" + (f" and {', '.join(p.name for p in written)}" if written else "") + f" to {out}/")
+    return 0

@@ -1,0 +1,257 @@
+"""The results driver in quick mode: every method and seed in one JSON, resumption, determinism, tables, errors."""
+
+import dataclasses
+import json
+import statistics
+
+import numpy as np
+import pytest
+
+from sclref import reproduce as rp
+from sclref.cli import main
+from sclref.reproduce import METHODS, Settings, markdown, plot, reproduce, summarize
+from sclref.train import Trainer
+
+QUICK = Settings.quick(seeds=(0, 1))
+VOLATILE = ("wall_seconds", "train_seconds", "load_average", "seconds")
+
+
+def quiet(line):
+    pass
+
+
+def stable(run):
+    """A run record without its timings, which differ between identical runs."""
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k not in VOLATILE}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return value
+    return strip(run)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("reproduce") / "results.json"
+    return path, reproduce(QUICK, path, log=quiet)
+
+
+def runs_by_key(store):
+    return {(r["model"], r["method"], r["seed"]): r for r in store["runs"]}
+
+
+def test_the_json_holds_every_method_and_seed(quick_run):
+    path, store = quick_run
+    on_disk = json.loads(path.read_text())
+    assert on_disk == json.loads(json.dumps(store))
+    assert set(runs_by_key(on_disk)) == {("lenet300", m, s) for m in QUICK.methods for s in QUICK.seeds}
+    assert on_disk["machine"]["numpy"] == np.__version__
+    for run in on_disk["runs"]:
+        total = QUICK.epochs + QUICK.finetune_epochs
+        assert len(run["history"]) == len(run["flips"]) == total
+        assert run["test_error"] == run["history"][-1]["test_error"]  # the final epoch, never the best
+        assert run["settings"]["config"]["seed"] == run["seed"]
+        assert run["effective_flops"] == sum(r["effective_flops"] for r in run["layers"])
+
+
+def test_every_method_runs_its_own_settings(quick_run):
+    runs = runs_by_key(quick_run[1])
+    configs = {m: runs[("lenet300", m, 0)]["settings"]["config"] for m in QUICK.methods}
+    assert not configs["dense"]["masked"]
+    assert {m: configs[m]["ste"] for m in ("scl_identity", "scl_leaky_relu", "scl_softplus")} == {
+        "scl_identity": "identity", "scl_leaky_relu": "leaky_relu", "scl_softplus": "softplus"}
+    assert configs["scl_identity_no_norm"]["normalization"] == "none"
+    assert configs["scl_identity"]["normalization"] == "l2"
+    assert len({c["lam"] for c in configs.values()}) == 1
+    # Same budget: every method runs the same number of epochs.
+    assert len({len(runs[("lenet300", m, 0)]["history"]) for m in QUICK.methods}) == 1
+
+
+def test_the_global_scale_ablation_rescales_lam_and_the_mask_learning_rate():
+    base = QUICK.config("lenet300", "scl_identity", 0)
+    scaled = QUICK.config("lenet300", "scl_identity_global_scale", 0)
+    c = QUICK.no_norm_scale
+    assert scaled.normalization == "none" and base.normalization == "l2"
+    assert scaled.lam == pytest.approx(base.lam * c) and scaled.mask_lr == pytest.approx(base.mask_lr / c)
+    assert {k: v for k, v in scaled.to_dict().items() if k not in ("lam", "mask_lr", "normalization")} == {
+        k: v for k, v in base.to_dict().items() if k not in ("lam", "mask_lr", "normalization")}
+
+
+def test_dense_keeps_everything_and_frozen_epochs_flip_nothing(quick_run):
+    for (_, method, _), run in runs_by_key(quick_run[1]).items():
+        if method == "dense":
+            assert run["sparsity"] == 0 and run["effective_flops"] == run["dense_flops"]
+            assert run["flips"] == [0] * len(run["flips"])
+        finetune = [f for f, rec in zip(run["flips"], run["history"]) if rec["phase"] == "finetune"]
+        assert finetune and all(f == 0 for f in finetune)
+
+
+def test_magnitude_prunes_each_layer_to_scl_identity_of_the_same_seed(quick_run):
+    runs = runs_by_key(quick_run[1])
+    for seed in QUICK.seeds:
+        scl = {r["layer"]: r["kept"] for r in runs[("lenet300", "scl_identity", seed)]["layers"]}
+        mag = runs[("lenet300", "magnitude", seed)]
+        assert {r["layer"]: r["kept"] for r in mag["layers"]} == scl == mag["settings"]["kept"]
+    assert runs[("lenet300", "scl_identity", 0)]["sparsity"] > 0  # the quick run does prune something
+
+
+def test_summary_is_mean_and_sample_std_over_seeds(quick_run):
+    store = quick_run[1]
+    runs = runs_by_key(store)
+    rows = {r["method"]: r for r in summarize(store, QUICK)}
+    assert set(rows) == set(QUICK.methods)
+    errors = [runs[("lenet300", "scl_identity", s)]["test_error"] for s in QUICK.seeds]
+    assert rows["scl_identity"]["test_error"]["mean"] == pytest.approx(statistics.fmean(errors))
+    assert rows["scl_identity"]["test_error"]["std"] == pytest.approx(statistics.stdev(errors))
+    assert len(rows["scl_identity"]["flips_per_epoch"]) == QUICK.epochs
+    one_seed = summarize(store, dataclasses.replace(QUICK, seeds=(1,)))
+    assert all(r["test_error"]["std"] is None and r["seeds"] == [1] for r in one_seed)
+
+
+def test_tables_show_every_method_and_the_published_rows_labelled_as_other_data(quick_run):
+    text = markdown(summarize(quick_run[1], QUICK), QUICK)
+    for method in QUICK.methods:
+        assert f"| {METHODS[method].label} |" in text
+    assert "published, MNIST — other data" in text
+    assert "| SNIP (Lee 2019) | 98.0 | 2.4 |" in text
+    assert "λ = 0.03" in text
+
+
+def test_plots_are_written(quick_run, tmp_path):
+    store = quick_run[1]
+    written = plot(summarize(store, QUICK), store, QUICK, tmp_path)
+    assert sorted(p.name for p in written) == ["lenet300-digits-error_vs_sparsity.png",
+                                               "lenet300-digits-layer_sparsity.png", "lenet300-digits-mask_flips.png"]
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in written)
+
+
+def test_same_seed_gives_the_same_numbers(quick_run, tmp_path):
+    again = reproduce(dataclasses.replace(QUICK, seeds=(1,)), tmp_path / "again.json", log=quiet)
+    first = runs_by_key(quick_run[1])
+    for key, run in runs_by_key(again).items():
+        assert stable(run) == stable(first[key])
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Count the epochs trained and the baselines run, through the real code."""
+    calls = {"epochs": 0, "magnitude": 0}
+    real_epoch, real_magnitude = Trainer.run_epoch, rp.prune_and_retrain
+
+    def run_epoch(self, *args, **kwargs):
+        calls["epochs"] += 1
+        return real_epoch(self, *args, **kwargs)
+
+    def prune_and_retrain(*args, **kwargs):
+        calls["magnitude"] += 1
+        return real_magnitude(*args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "run_epoch", run_epoch)
+    monkeypatch.setattr(rp, "prune_and_retrain", prune_and_retrain)
+    return calls
+
+
+def test_resuming_skips_finished_runs_and_runs_only_new_ones(quick_run, tmp_path, counted):
+    path = tmp_path / "results.json"
+    path.write_text(quick_run[0].read_text())
+    lines = []
+    store = reproduce(QUICK, path, log=lines.append)
+    assert counted == {"epochs": 0, "magnitude": 0}
+    assert sum("skipped" in line for line in lines) == len(QUICK.methods) * len(QUICK.seeds)
+    assert store == json.loads(quick_run[0].read_text())
+    store = reproduce(dataclasses.replace(QUICK, seeds=(0, 1, 2)), path, log=quiet)
+    assert counted["magnitude"] == 1  # only seed 2 ran
+    assert len(store["runs"]) == len(QUICK.methods) * 3
+    old = runs_by_key(json.loads(quick_run[0].read_text()))
+    assert all(runs_by_key(store)[key] == run for key, run in old.items())  # timings too: not run again
+
+
+def test_other_settings_replace_a_run_instead_of_adding_one(quick_run, tmp_path, counted):
+    path = tmp_path / "results.json"
+    path.write_text(quick_run[0].read_text())
+    changed = dataclasses.replace(QUICK, seeds=(0,), methods=("dense",), finetune_epochs=2)
+    store = reproduce(changed, path, log=quiet)
+    assert counted["epochs"] == 4
+    dense0 = [r for r in store["runs"] if r["method"] == "dense" and r["seed"] == 0]
+    assert len(dense0) == 1 and len(dense0[0]["history"]) == 4
+    assert len(store["runs"]) == len(QUICK.methods) * len(QUICK.seeds)
+
+
+def test_an_interrupted_reproduction_continues_where_it_stopped(tmp_path, monkeypatch):
+    path = tmp_path / "results.json"
+    settings = dataclasses.replace(QUICK, seeds=(0,), methods=("dense", "scl_identity", "magnitude"))
+    real = rp.prune_and_retrain
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rp, "prune_and_retrain", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        reproduce(settings, path, log=quiet)
+    before = json.loads(path.read_text())
+    assert [r["method"] for r in before["runs"]] == ["dense", "scl_identity"]
+    monkeypatch.setattr(rp, "prune_and_retrain", real)
+    after = reproduce(settings, path, log=quiet)
+    assert after["runs"][:2] == before["runs"] and after["runs"][2]["method"] == "magnitude"
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(methods=("dense", "sgd")), "unknown methods 'sgd'"),
+    (dict(methods=()), "choose at least one"),
+    (dict(models=("resnet",)), "unknown models 'resnet'"),
+    (dict(methods=("dense", "magnitude")), "add scl_identity"),
+    (dict(seeds=()), "at least one seed"),
+    (dict(seeds=(0, 0)), "each may be given once"),
+    (dict(seeds=(-1,)), "integers >= 0"),
+    (dict(epochs=0), "epochs must be >= 1"),
+    (dict(finetune_epochs=0), "finetune_epochs must be >= 1"),
+    (dict(lam=-1.0), "λ must be"),
+    (dict(no_norm_scale=0.0), "no_norm_scale must be"),
+    (dict(data="/no/such/dir"), "no such directory"),
+    (dict(models=("lenet5",)), "lenet5 cannot take the data 'digits'"),
+])
+def test_bad_settings_are_clear_errors_before_anything_runs(tmp_path, change, message, counted):
+    with pytest.raises(ValueError, match=message):
+        reproduce(dataclasses.replace(QUICK, **change), tmp_path / "results.json", log=quiet)
+    assert counted["epochs"] == 0 and not (tmp_path / "results.json").exists()
+
+
+def test_a_foreign_json_file_is_refused_and_kept(tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text('{"something": "else"}')
+    with pytest.raises(ValueError, match="not an sclref reproduce results file"):
+        reproduce(QUICK, path, log=quiet)
+    assert path.read_text() == '{"something": "else"}'
+
+
+def test_cli_quick_run_prints_the_tables_and_writes_the_files(quick_run, tmp_path, capsys):
+    (tmp_path / "results.json").write_text(quick_run[0].read_text())  # resumed: nothing to train
+    assert main(["reproduce", "--quick", "--seeds", "0", "1", "--out", str(tmp_path), "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    assert "published, MNIST — other data" in out and "already in results.json, skipped" in out
+    assert main(["reproduce", "--quick", "--seeds", "0", "1", "--out", str(tmp_path), "--json", "--no-plots"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert {row["method"] for row in summary} == set(QUICK.methods)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", "foo"], "unknown methods 'foo'"),
+    (["--models", "lenet5"], "cannot take the data 'digits'"),
+    (["--epochs", "0"], "epochs must be >= 1"),
+])
+def test_cli_bad_arguments_exit_2_with_a_message(tmp_path, capsys, argv, message):
+    assert main(["reproduce", "--quick", "--out", str(tmp_path / "out"), *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_out_that_is_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert main(["reproduce", "--quick", "--out", str(tmp_path / "file")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+
+
+def test_cli_seeds_must_be_nonnegative_integers(capsys):
+    with pytest.raises(SystemExit):
+        main(["reproduce", "--quick", "--seeds", "x"])
+    assert "must be an integer >= 0" in capsys.readouterr().err
