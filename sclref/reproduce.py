@@ -36,12 +36,11 @@ from pathlib import Path
 
 import numpy as np
 
-from sclref import data as datasets
 from sclref import io, models, nn
 from sclref._version import __version__
 from sclref.baselines import prune_and_retrain
 from sclref.scl import layer_report, masked_layers
-from sclref.train import TrainConfig, Trainer, build_model, format_epoch
+from sclref.train import TrainConfig, Trainer, build_model, format_epoch, load_data
 
 FORMAT = "sclref-reproduce"
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
@@ -229,14 +228,6 @@ def _record(key: dict, run_settings: dict, model, history: list, wall: float, lo
     }
 
 
-def _load_data(settings: Settings):
-    dataset = datasets.load(settings.data_spec, dtype=np.dtype(settings.dtype))
-    if settings.train_limit is not None or settings.test_limit is not None:
-        dataset = datasets.subset(dataset, settings.train_limit or len(dataset.x_train),
-                                  settings.test_limit or len(dataset.x_test))
-    return dataset
-
-
 def _ordered(methods) -> list[str]:
     """The methods with scl_identity before the baselines that prune to its sparsity."""
     return sorted(methods, key=lambda m: (METHODS[m].kind == "magnitude", list(METHODS).index(m)))
@@ -250,7 +241,7 @@ def reproduce(settings: Settings, json_path, log=print, dataset=None) -> dict:
     settings.validate()
     json_path = Path(json_path)
     store = load_runs(json_path)
-    dataset = _load_data(settings) if dataset is None else dataset
+    dataset = load_data(settings.config(settings.models[0], "dense", settings.seeds[0])) if dataset is None else dataset
     for model in settings.models:  # a model that cannot take this data fails now, not after hours
         try:
             build_model(settings.config(model, "dense", 0), dataset.in_shape, dataset.num_classes)

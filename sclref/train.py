@@ -287,7 +287,8 @@ def format_layers(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _load_data(config: TrainConfig):
+def load_data(config: TrainConfig):
+    """The dataset `config` names, in its dtype, cut to its train/test limits."""
     dataset = datasets.load(config.data, dtype=np.dtype(config.dtype))
     if config.train_limit is not None or config.test_limit is not None:
         dataset = datasets.subset(dataset, config.train_limit or len(dataset.x_train),
@@ -306,7 +307,7 @@ def train(config: TrainConfig, out_dir=None, resume: bool = False, log=print, pr
     out = None if out_dir is None else Path(out_dir)
     if resume and (out is None or not (out / CHECKPOINT).is_file()):
         raise FileNotFoundError(f"--resume: no checkpoint at {None if out is None else out / CHECKPOINT}")
-    dataset = _load_data(config)
+    dataset = load_data(config)
     trainer = Trainer(config, dataset)
     if resume:
         trainer.load_state_dict(io.load_state(out / CHECKPOINT))

@@ -102,7 +102,7 @@ def test_dense_run_has_no_masks(default_runs):
 
 def test_finetune_freezes_every_mask_and_trains_the_weights():
     config = TrainConfig(**PRUNING)
-    trainer = Trainer(config, train_module._load_data(config))
+    trainer = Trainer(config, train_module.load_data(config))
     for _ in range(config.epochs):
         trainer.run_epoch()
     layers = masked_layers(trainer.model)
@@ -169,7 +169,7 @@ def test_flip_counts_are_consistent_with_the_masks(default_runs):
 
 def test_pruned_and_revived_match_mask_snapshots():
     config = TrainConfig(**PRUNING)
-    trainer = Trainer(config, train_module._load_data(config))
+    trainer = Trainer(config, train_module.load_data(config))
     layers = masked_layers(trainer.model)
     for _ in range(config.epochs):
         before = [layer.mask().copy() for _, layer in layers]
@@ -395,7 +395,7 @@ def test_model_file_rebuilds_the_trained_network(pruning_run):
     assert {k: v.tobytes() for k, v in saved["state"].items()} == param_bytes(result.model)
     model = build_model(config, tuple(saved["in_shape"]), saved["num_classes"])
     model.load_state_dict(saved["state"])
-    data = train_module._load_data(config)
+    data = train_module.load_data(config)
     assert evaluate(model, data.x_test, data.y_test) == result.history[-1]["test_error"]
     assert [layer.num_kept() for _, layer in masked_layers(model)] == [r["kept"] for r in result.layers]
 
@@ -405,7 +405,7 @@ def test_checkpoint_restores_a_trainer(tmp_path):
     state = io.load_state(tmp_path / CHECKPOINT)
     assert state["format"] == "sclref-checkpoint" and state["epoch"] == 2 and len(state["history"]) == 2
     config = TrainConfig.from_dict(state["config"])
-    trainer = Trainer(config, train_module._load_data(config))
+    trainer = Trainer(config, train_module.load_data(config))
     trainer.load_state_dict(state)
     assert trainer.epoch == 2 and param_bytes(trainer.model) == {k: v.tobytes() for k, v in state["model"].items()}
 
