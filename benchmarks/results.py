@@ -6,6 +6,11 @@ reproduction continues where it stopped when started again with the same argumen
 
     python benchmarks/results.py                                   # LeNet-300-100, Fashion-MNIST, 3 seeds
     python benchmarks/results.py --models lenet5 --seeds 0 --epochs 4 --finetune-epochs 1
+    python benchmarks/results.py --methods scl_identity magnitude --sweep 0.001 0.01 0.03   # error vs sparsity
+
+With ``--sweep``, the masked methods run again at each λ given, each λ into its own
+``results-lam{λ}.json`` beside the main file, and one more plot draws error against
+sparsity over every λ measured (the main file's λ included).
 """
 
 from __future__ import annotations
@@ -20,26 +25,34 @@ PLOTS = ROOT / "docs" / "img" / "results"
 
 
 def main(argv=None) -> int:
-    from sclref.reproduce import DEFAULT_METHODS, Settings, markdown, plot, reproduce, summarize
+    from sclref import reproduce as rp
+    from sclref.reproduce import Settings
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["lenet300"])
     p.add_argument("--data", default="fashion-mnist")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
+    p.add_argument("--methods", nargs="+", default=list(rp.DEFAULT_METHODS))
     p.add_argument("--epochs", type=int, default=20, help="mask-learning epochs (default 20)")
     p.add_argument("--finetune-epochs", type=int, default=5, help="fine-tune / retraining epochs (default 5)")
     p.add_argument("--lam", type=float, default=None, help="λ of every SCL variant (default 0.003 on 28x28 data)")
     p.add_argument("--no-norm-scale", type=float, default=Settings.no_norm_scale,
                    help="c of the scl_identity_global_scale ablation (λ·c, mask lr / c)")
+    p.add_argument("--sweep", nargs="+", type=float, default=None, metavar="LAM",
+                   help="also run the masked methods at each of these λ (error vs sparsity)")
     args = p.parse_args(argv)
     settings = Settings(models=tuple(args.models), data=args.data, seeds=tuple(args.seeds),
                         methods=tuple(args.methods), epochs=args.epochs, finetune_epochs=args.finetune_epochs,
                         lam=args.lam, no_norm_scale=args.no_norm_scale)
-    store = reproduce(settings, JSON, log=lambda line: print(line, file=sys.stderr, flush=True))
-    summary = summarize(store, settings)
-    plot(summary, store, settings, PLOTS)
-    print(markdown(summary, settings))
+    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    store = rp.reproduce(settings, JSON, log=log)
+    summary = rp.summarize(store, settings)
+    rp.plot(summary, store, settings, PLOTS)
+    print(rp.markdown(summary, settings))
+    if args.sweep:
+        rows = rp.sweep_summary(rp.sweep(settings, args.sweep, JSON, log=log), settings)
+        rp.plot_sweep(rows, settings, PLOTS)
+        print(rp.sweep_markdown(rows, settings))
     return 0
 
 

@@ -462,6 +462,117 @@ def plot(summary: list[dict], store: dict, settings: Settings, out_dir) -> list[
     return written
 
 
+def sweep_path(json_path, lam: float) -> Path:
+    """Where the runs at another λ go: ``results.json`` → ``results-lam0.01.json`` beside it."""
+    json_path = Path(json_path)
+    return json_path.with_name(f"{json_path.stem}-lam{lam:g}{json_path.suffix}")
+
+
+def sweep(settings: Settings, lams, json_path, log=print, dataset=None) -> dict[float, dict]:
+    """The masked methods of `settings` again at each λ of `lams`, each λ in its own `sweep_path` file.
+
+    Dense training does not depend on λ and is left out. Returns λ → results file content,
+    with the runs of `json_path` itself (at ``settings.lam_value``) when there are any, so
+    that `sweep_summary` can draw error against sparsity over every λ measured.
+    """
+    lams = [float(lam) for lam in lams]
+    if not lams or any(not (math.isfinite(lam) and lam > 0) for lam in lams):
+        raise ValueError(f"sweep: give one or more λ > 0, got {lams}")
+    if len(set(lams)) != len(lams):
+        raise ValueError(f"sweep: each λ may be given once, got {lams}")
+    methods = tuple(m for m in settings.methods if METHODS[m].kind != "dense")
+    runs = [dataclasses.replace(settings, lam=lam, methods=methods) for lam in lams]
+    for run in runs:  # every λ is checked before the first one runs
+        run.validate()
+    dataset = load_data(settings.config(settings.models[0], "dense", settings.seeds[0])) if dataset is None \
+        else dataset
+    stores = {lam: reproduce(run, sweep_path(json_path, lam), log=log, dataset=dataset)
+              for lam, run in zip(lams, runs)}
+    if Path(json_path).exists() and settings.lam_value not in stores:
+        stores[settings.lam_value] = load_runs(json_path)
+    return dict(sorted(stores.items()))
+
+
+def sweep_summary(stores: dict[float, dict], settings: Settings) -> list[dict]:
+    """`summarize` of every λ's runs, each row with its ``lam``; dense once (λ None) when any λ's file holds it."""
+    rows = []
+    methods = tuple(dict.fromkeys(("dense",) + tuple(settings.methods)))
+    for lam, store in stores.items():
+        for row in summarize(store, dataclasses.replace(settings, lam=lam, methods=methods)):
+            if row["method"] == "dense":
+                if not any(r["method"] == "dense" and r["model"] == row["model"] for r in rows):
+                    rows.append({**row, "lam": None})
+            else:
+                rows.append({**row, "lam": lam})
+    return rows
+
+
+def sweep_markdown(rows: list[dict], settings: Settings) -> str:
+    """Per model: test error and sparsity of each method at each λ."""
+    out = []
+    for model in settings.models:
+        mine = [r for r in rows if r["model"] == model]
+        if not mine:
+            continue
+        out.append(f"### {MODEL_LABELS[model]} on {settings.data_label}: λ sweep\n")
+        out.append("| method | λ | seeds | test error % | sparsity % | FLOPs kept % |")
+        out.append("|---|---|---|---|---|---|")
+        for r in sorted(mine, key=lambda r: (list(METHODS).index(r["method"]), r["lam"] or 0)):
+            kept = r["effective_flops"]["mean"] / r["dense_flops"]
+            lam = "—" if r["lam"] is None else f"{r['lam']:g}"
+            out.append(f"| {r['label']} | {lam} | {len(r['seeds'])} | {_pm(r['test_error'])} | "
+                       f"{_pm(r['sparsity'])} | {100 * kept:.2f} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def plot_sweep(rows: list[dict], settings: Settings, out_dir) -> list[Path]:
+    """Per model: final-epoch test error against connections kept, one line per method over λ."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    colors = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    written = []
+    for model in settings.models:
+        mine = [r for r in rows if r["model"] == model]
+        if not mine:
+            continue
+        fig, ax = plt.subplots(figsize=(7.5, 4.8))
+        for method in METHODS:
+            points = sorted((r for r in mine if r["method"] == method and r["sparsity"]["mean"] < 1),
+                            key=lambda r: r["sparsity"]["mean"])
+            if not points:
+                continue
+            if method == "dense":
+                err = points[0]["test_error"]
+                ax.axhline(100 * err["mean"], color=colors[method], ls="--", lw=1, label=f"{METHODS[method].label} "
+                           f"(mean; band ± std)")
+                if err["std"]:
+                    ax.axhspan(100 * (err["mean"] - err["std"]), 100 * (err["mean"] + err["std"]),
+                               color=colors[method], alpha=0.1)
+                continue
+            kept = [100 * (1 - r["sparsity"]["mean"]) for r in points]
+            errs = [100 * r["test_error"]["mean"] for r in points]
+            ax.errorbar(kept, errs, yerr=[100 * (r["test_error"]["std"] or 0) for r in points], marker="o", ms=5,
+                        capsize=3, color=colors[method], label=METHODS[method].label)
+            if METHODS[method].kind == "scl":
+                for k, e, r in zip(kept, errs, points):
+                    ax.annotate(f"λ {r['lam']:g}", (k, e), textcoords="offset points", xytext=(4, 4), fontsize=6,
+                                color=colors[method])
+        _log_axis(ax.xaxis, ax.set_xscale)
+        ax.set_xlabel("connections kept % (log) = 100 − sparsity")
+        ax.set_ylabel("final-epoch test error % (mean ± std over seeds)")
+        ax.set_title(f"Error vs sparsity over λ: {MODEL_LABELS[model]} on {settings.data_label}", fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+        written.append(_save(fig, out_dir / f"{model}-{settings.data_label}-lam_sweep.png"))
+    return written
+
+
 def _log_axis(axis, set_scale) -> None:
     """A log axis with plain tick labels (2, 10, 100) instead of powers of ten."""
     from matplotlib.ticker import FuncFormatter, NullFormatter

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sclref.argtypes import nonnegative_int
+from sclref.argtypes import nonnegative_int, positive_float
 
 __all__ = ["add_parser", "run_reproduce"]
 
@@ -42,13 +42,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="λ of every SCL variant (default 0.03 on digits, 0.003 otherwise)")
     p.add_argument("--no-norm-scale", type=float, default=None, metavar="C",
                    help=f"c of the scl_identity_global_scale ablation: λ·c, mask lr / c (default {d.no_norm_scale:g})")
+    p.add_argument("--sweep", nargs="+", type=positive_float, default=None, metavar="LAM",
+                   help="then run the masked methods again at each of these λ, each into results-lam{λ}.json, "
+                        "and draw error against sparsity over every λ")
     p.add_argument("--train-limit", type=int, default=None, metavar="N", help="use the first N training samples")
     p.add_argument("--test-limit", type=int, default=None, metavar="N", help="use the first N test samples")
     p.add_argument("--out", default="runs/reproduce", metavar="DIR",
                    help=f"where {RESULTS} and the plots go (default runs/reproduce)")
     p.add_argument("--quick", action="store_true",
                    help="the seconds-long version: LeNet-300-100, 300 digits, 2 + 1 epochs, seed 0")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout instead of the tables")
+    p.add_argument("--json", action="store_true",
+                   help="print the summary as JSON on stdout instead of the tables (with --sweep: every λ's rows)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.set_defaults(func=run_reproduce)
     return p
@@ -59,7 +63,17 @@ def run_reproduce(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from sclref.reproduce import Settings, markdown, plot, reproduce, summarize
+    from sclref.reproduce import (
+        Settings,
+        markdown,
+        plot,
+        plot_sweep,
+        reproduce,
+        summarize,
+        sweep,
+        sweep_markdown,
+        sweep_summary,
+    )
 
     given = {name: getattr(args, name) for name in ("models", "data", "seeds", "epochs", "finetune_epochs",
                                                     "methods", "lam", "no_norm_scale", "train_limit",
@@ -75,13 +89,18 @@ def run_reproduce(args: argparse.Namespace) -> int:
         store = reproduce(settings, out / RESULTS, log=log)
         summary = summarize(store, settings)
         written = [] if args.no_plots else plot(summary, store, settings, out)
+        rows = sweep_summary(sweep(settings, args.sweep, out / RESULTS, log=log), settings) if args.sweep else None
+        if rows is not None and not args.no_plots:
+            written += plot_sweep(rows, settings, out)
     except (ValueError, OSError) as err:  # OSError: unreadable data, unwritable --out
         print(f"sclref reproduce: error: {err}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(summary, indent=2))
+        print(json.dumps(summary if rows is None else rows, indent=2))
         return 0
     print()
     print(markdown(summary, settings))
+    if rows is not None:
+        print(sweep_markdown(rows, settings))
     print(f"wrote {out / RESULTS}" + (f" and {', '.join(p.name for p in written)}" if written else "") + f" to {out}/")
     return 0

@@ -255,3 +255,64 @@ def test_cli_seeds_must_be_nonnegative_integers(capsys):
     with pytest.raises(SystemExit):
         main(["reproduce", "--quick", "--seeds", "x"])
     assert "must be an integer >= 0" in capsys.readouterr().err
+
+
+SWEEP = dataclasses.replace(QUICK, seeds=(0,), methods=("dense", "scl_identity", "magnitude"))
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sweep") / "results.json"
+    reproduce(SWEEP, path, log=quiet)
+    return path, rp.sweep(SWEEP, [0.3, 0.003], path, log=quiet)
+
+
+def test_sweep_runs_the_masked_methods_at_each_lambda_into_its_own_file(swept):
+    path, stores = swept
+    assert list(stores) == [0.003, SWEEP.lam_value, 0.3]  # the main file's λ included, in order
+    for lam in (0.003, 0.3):
+        on_disk = json.loads(rp.sweep_path(path, lam).read_text())
+        assert on_disk == json.loads(json.dumps(stores[lam]))
+        assert {r["method"] for r in on_disk["runs"]} == {"scl_identity", "magnitude"}  # dense needs no λ
+        assert all(r["settings"]["config"]["lam"] == lam for r in on_disk["runs"] if r["method"] == "scl_identity")
+        scl, magnitude = (next(r for r in on_disk["runs"] if r["method"] == m) for m in ("scl_identity", "magnitude"))
+        assert [r["kept"] for r in magnitude["layers"]] == [r["kept"] for r in scl["layers"]]
+    sparsity = [next(r for r in stores[lam]["runs"] if r["method"] == "scl_identity")["sparsity"] for lam in stores]
+    assert sparsity[0] < sparsity[1] < sparsity[2]  # a larger λ prunes more
+
+
+def test_sweep_summary_has_every_lambda_and_dense_once(swept, tmp_path):
+    rows = rp.sweep_summary(swept[1], SWEEP)
+    assert sorted((r["method"], r["lam"] or 0) for r in rows) == [
+        ("dense", 0), *[(m, lam) for m in ("magnitude", "scl_identity") for lam in (0.003, SWEEP.lam_value, 0.3)]]
+    table = rp.sweep_markdown(rows, SWEEP)
+    assert table.count("| SCL, identity STE") == 3 and "| 0.3 |" in table
+    (png,) = rp.plot_sweep(rows, SWEEP, tmp_path)
+    assert png.name == "lenet300-digits-lam_sweep.png" and png.read_bytes().startswith(b"\x89PNG")
+
+
+def test_sweep_again_trains_nothing(swept, counted):
+    path, stores = swept
+    assert rp.sweep(SWEEP, [0.3, 0.003], path, log=quiet) == stores
+    assert counted == {"epochs": 0, "magnitude": 0}
+
+
+@pytest.mark.parametrize("lams, message", [([], "one or more"), ([0.0], "λ > 0"), ([float("nan")], "λ > 0"),
+                                           ([0.1, 0.1], "once")])
+def test_bad_sweeps_are_clear_errors_before_anything_runs(tmp_path, lams, message, counted):
+    with pytest.raises(ValueError, match=message):
+        rp.sweep(SWEEP, lams, tmp_path / "results.json", log=quiet)
+    assert counted["epochs"] == 0 and not list(tmp_path.iterdir())
+
+
+def test_cli_sweep_prints_every_lambda(swept, tmp_path, capsys):
+    for source in [swept[0], rp.sweep_path(swept[0], 0.3)]:
+        (tmp_path / source.name).write_text(source.read_text())  # resumed: nothing to train
+    argv = ["reproduce", "--quick", "--seeds", "0", "--methods", *SWEEP.methods, "--out", str(tmp_path), "--no-plots"]
+    assert main([*argv, "--sweep", "0.3", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {(r["method"], r["lam"]) for r in rows} >= {("dense", None), ("scl_identity", 0.3),
+                                                       ("scl_identity", SWEEP.lam_value)}
+    with pytest.raises(SystemExit):
+        main([*argv, "--sweep", "-1"])
+    assert "must be a finite number > 0" in capsys.readouterr().err
