@@ -73,6 +73,8 @@ METHODS = {
     "magnitude_global": Method("magnitude prune + retrain, one global threshold", "magnitude", scope="global"),
 }
 DEFAULT_METHODS = ("dense", "scl_identity", "scl_leaky_relu", "scl_softplus", "magnitude", "scl_identity_no_norm")
+# A run erring this much has collapsed (chance is 90 % on ten classes); plots leave it out.
+COLLAPSED_ERROR = 0.5
 MODEL_LABELS = {"lenet300": "LeNet-300-100", "lenet5": "LeNet-5"}
 
 # ../shared/SCL.md: published rows of the paper's peers on MNIST, (sparsity %, test error %).
@@ -391,18 +393,21 @@ def plot(summary: list[dict], store: dict, settings: Settings, out_dir) -> list[
         title = f"{MODEL_LABELS[model]} on {settings.data_label}, {len(settings.seeds)} seed(s)"
 
         # Left: every method on a log axis; right: the sparse ones up close, dense as a line.
-        # A run that pruned everything has no place on a log axis: it is named in the legend.
+        # A run that pruned everything has no place on a log axis, and one that collapsed to
+        # near-chance error would squash every other point into one line: both are left out
+        # and counted in the legend (the tables hold them).
         fig, (wide, close) = plt.subplots(1, 2, figsize=(11, 4.5))
         for r in rows:
             points = [(100 * (1 - s), 100 * e) for s, e in zip(r["sparsity"]["values"], r["test_error"]["values"])]
-            drawn = [(k, e) for k, e in points if k > 0]
-            label = r["label"] + ("" if len(drawn) == len(points) else f" ({len(points) - len(drawn)} run(s) kept "
-                                                                       f"nothing: not drawn)")
+            drawn = [(k, e) for k, e in points if k > 0 and e < 100 * COLLAPSED_ERROR]
+            label = r["label"] + ("" if len(drawn) == len(points) else
+                                  f" ({len(points) - len(drawn)} run(s) kept nothing or err ≥ "
+                                  f"{100 * COLLAPSED_ERROR:g} %: not drawn)")
             axes = (wide,) if r["method"] == "dense" else (wide, close)
+            if not drawn:
+                wide.plot([], [], "o", color=colors[r["method"]], label=label)
+                continue
             for ax in axes:
-                if not drawn:
-                    ax.plot([], [], "o", color=colors[r["method"]], label=label)
-                    continue
                 ax.scatter(*zip(*drawn), s=14, alpha=0.5, color=colors[r["method"]])
                 errs = [e for _, e in drawn]
                 ax.errorbar(statistics.fmean(k for k, _ in drawn), statistics.fmean(errs),
@@ -414,14 +419,16 @@ def plot(summary: list[dict], store: dict, settings: Settings, out_dir) -> list[
         _log_axis(wide.xaxis, wide.set_xscale)
         wide.set_xlabel("connections kept % (log; 100 = dense)")
         wide.set_ylabel("final-epoch test error %")
-        wide.legend(fontsize=7)
         close.set_xlabel("connections kept %")
         close.set_title("sparse methods up close", fontsize=9)
-        if close.get_legend_handles_labels()[0]:
-            close.legend(fontsize=7)
         for ax in (wide, close):
             ax.grid(alpha=0.3, which="both")
+        # One legend under both panels, where it hides no point.
+        handles, labels = [sum(pair, []) for pair in zip(wide.get_legend_handles_labels(),
+                                                          close.get_legend_handles_labels())]
+        fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=7, frameon=False)
         fig.suptitle(f"Error vs sparsity (mean ± std and each seed): {title}", fontsize=10)
+        fig.tight_layout(rect=(0, 0.06 + 0.035 * ((len(labels) + 1) // 2), 1, 1))
         written.append(_save(fig, out_dir / f"{stem}-error_vs_sparsity.png"))
 
         sparse_rows = [r for r in rows if r["method"] != "dense"]
@@ -585,7 +592,8 @@ def _log_axis(axis, set_scale) -> None:
 def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
+    if not fig.get_layout_engine():  # a figure that set its own layout keeps it
+        fig.tight_layout()
     # Through a temporary name and a rename, like every other file sclref writes.
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
