@@ -330,6 +330,13 @@ def _pm(stat: dict, scale: float = 100, digits: int = 2) -> str:
     return mean if stat["std"] is None else f"{mean} ± {scale * stat['std']:.{digits}f}"
 
 
+def _reduction(kept: float) -> str:
+    """How many times fewer multiply-adds, for a kept fraction; a handful of surviving weights is not a speed-up."""
+    if kept < 5e-5:  # shown as 0.00 %: nothing worth a ratio is left
+        return "nothing left" if kept == 0 else "almost nothing left"
+    return f"{1 / kept:.1f}×"
+
+
 def markdown(summary: list[dict], settings: Settings) -> str:
     """Per model: the measured table, the per-layer table, and the published MNIST rows beside them."""
     out = []
@@ -354,7 +361,7 @@ def markdown(summary: list[dict], settings: Settings) -> str:
             kept = r["effective_flops"]["mean"] / r["dense_flops"]
             flips = r["flips_per_epoch"]
             out.append(f"| {r['label']} | {len(r['seeds'])} | {_pm(r['test_error'])} | {_pm(r['sparsity'])} | "
-                       f"{100 * kept:.2f} ({f'{1 / kept:.1f}×' if kept else 'nothing left'}) | "
+                       f"{100 * kept:.2f} ({_reduction(kept)}) | "
                        f"{f'{flips[0]:,.0f} → {flips[-1]:,.0f}' if flips else '—'} | "
                        f"{r['train_seconds']['mean']:.1f} / {r['wall_seconds']['mean']:.1f} |")
         layer_names = list(rows[0]["layers"])

@@ -316,3 +316,9 @@ def test_cli_sweep_prints_every_lambda(swept, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([*argv, "--sweep", "-1"])
     assert "must be a finite number > 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kept, shown", [(0.0, "nothing left"), (1.4e-6, "almost nothing left"), (0.0746, "13.4×"),
+                                         (1.0, "1.0×")])
+def test_flops_reduction_is_not_a_ratio_when_almost_nothing_is_left(kept, shown):
+    assert rp._reduction(kept) == shown
