@@ -11,11 +11,15 @@ reproduction continues where it stopped when started again with the same argumen
 With ``--sweep``, the masked methods run again at each λ given, each λ into its own
 ``results-lam{λ}.json`` beside the main file, and one more plot draws error against
 sparsity over every λ measured (the main file's λ included).
+
+The tables and plots cover every method recorded in the JSON for the models and seeds
+asked for, so running one more method redraws the figures with all of them.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -46,9 +50,14 @@ def main(argv=None) -> int:
                         lam=args.lam, no_norm_scale=args.no_norm_scale)
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     store = rp.reproduce(settings, JSON, log=log)
-    summary = rp.summarize(store, settings)
-    rp.plot(summary, store, settings, PLOTS)
-    print(rp.markdown(summary, settings))
+    # The tables and plots show every method recorded for these models and seeds, not only
+    # the ones this call ran, so that the figures in docs/ never lose a method.
+    shown = dataclasses.replace(settings, methods=tuple(
+        m for m in rp.METHODS if any(r["method"] == m and r["model"] in settings.models and r["seed"] in settings.seeds
+                                     and r["data"] == settings.data_label for r in store["runs"])))
+    summary = rp.summarize(store, shown)
+    rp.plot(summary, store, shown, PLOTS)
+    print(rp.markdown(summary, shown))
     if args.sweep:
         rows = rp.sweep_summary(rp.sweep(settings, args.sweep, JSON, log=log), settings)
         rp.plot_sweep(rows, settings, PLOTS)

@@ -441,7 +441,7 @@ def plot(summary: list[dict], store: dict, settings: Settings, out_dir) -> list[
         sparse_rows = [r for r in rows if r["method"] != "dense"]
         if sparse_rows:
             names = list(sparse_rows[0]["layers"])
-            fig, ax = plt.subplots(figsize=(7, 4.5))
+            fig, ax = plt.subplots(figsize=(7, 5.2))
             width = 0.8 / len(sparse_rows)
             # Kept share on a log axis: at 97 % and 99 % sparsity, bars of sparsity would look alike.
             for i, r in enumerate(sparse_rows):
@@ -455,7 +455,8 @@ def plot(summary: list[dict], store: dict, settings: Settings, out_dir) -> list[
             ax.set_ylim(top=300)
             ax.set_ylabel("connections kept % (log) = 100 − sparsity")
             ax.set_title(f"Per-layer sparsity (label: sparsity %, mean over seeds): {title}", fontsize=9)
-            ax.legend(fontsize=7, loc="upper left")
+            fig.legend(loc="lower center", ncol=2, fontsize=7, frameon=False)  # under the bars, hiding none
+            fig.tight_layout(rect=(0, 0.035 * ((len(sparse_rows) + 1) // 2) + 0.02, 1, 1))
             written.append(_save(fig, out_dir / f"{stem}-layer_sparsity.png"))
 
         scl_rows = [r for r in rows if METHODS[r["method"]].kind == "scl" and r["flips_per_epoch"]]
