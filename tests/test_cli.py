@@ -1,5 +1,6 @@
 """The command line: version, help, info, and `sclref train` (in-process, small runs)."""
 
+import os
 import subprocess
 import sys
 
@@ -31,6 +32,18 @@ def test_unknown_flag_is_an_error(capsys):
 def test_info_runs_as_a_module():
     out = subprocess.run([sys.executable, "-m", "sclref", "info"], capture_output=True, text=True, check=True).stdout
     assert out.startswith(f"sclref {__version__}") and "numba" in out
+
+
+@pytest.mark.parametrize("env, training, sparse", [({}, "serial", "parallel"),
+                                                   ({"SCLREF_NUMBA_PARALLEL": "1", "SCLREF_SPARSE_PARALLEL": "0"},
+                                                    "parallel", "serial")])
+def test_info_states_which_kernels_run_in_parallel(env, training, sparse):
+    environ = {k: v for k, v in os.environ.items() if k not in ("SCLREF_NUMBA_PARALLEL", "SCLREF_SPARSE_PARALLEL",
+                                                                 "NUMBA_DISABLE_JIT")}
+    out = subprocess.run([sys.executable, "-m", "sclref", "info"], capture_output=True, text=True, check=True,
+                         env={**environ, "NUMBA_NUM_THREADS": "2", **env}).stdout
+    assert "jit enabled, 2 numba threads" in out
+    assert f"training kernels: {training}" in out and f"sparse inference kernels: {sparse}" in out
 
 
 # -- sclref train -----------------------------------------------------------------------------
