@@ -72,6 +72,7 @@ def run_reproduce(args: argparse.Namespace) -> int:
         summarize,
         sweep,
         sweep_markdown,
+        sweep_path,
         sweep_summary,
     )
 
@@ -102,5 +103,6 @@ def run_reproduce(args: argparse.Namespace) -> int:
     print(markdown(summary, settings))
     if rows is not None:
         print(sweep_markdown(rows, settings))
-    print(f"wrote {out / RESULTS}" + (f" and {', '.join(p.name for p in written)}" if written else "") + f" to {out}/")
+    files = [RESULTS, *(sweep_path(out / RESULTS, lam).name for lam in args.sweep or ()), *(p.name for p in written)]
+    print(f"wrote {', '.join(files)} to {out}/")
     return 0
