@@ -325,6 +325,14 @@ def summarize(store: dict, settings: Settings) -> list[dict]:
     return rows
 
 
+def _per_model(rows: list[dict], settings: Settings):
+    """(model, its rows) for each model of `settings` that has rows, in the settings' order."""
+    for model in settings.models:
+        mine = [r for r in rows if r["model"] == model]
+        if mine:
+            yield model, mine
+
+
 def _pm(stat: dict, scale: float = 100, digits: int = 2) -> str:
     mean = f"{scale * stat['mean']:.{digits}f}"
     return mean if stat["std"] is None else f"{mean} ± {scale * stat['std']:.{digits}f}"
@@ -340,10 +348,7 @@ def _reduction(kept: float) -> str:
 def markdown(summary: list[dict], settings: Settings) -> str:
     """Per model: the measured table, the per-layer table, and the published MNIST rows beside them."""
     out = []
-    for model in settings.models:
-        rows = [r for r in summary if r["model"] == model]
-        if not rows:
-            continue
+    for model, rows in _per_model(summary, settings):
         seeds = ", ".join(map(str, settings.seeds))
         out.append(f"### {MODEL_LABELS[model]} on {settings.data_label}: measured\n\n"
                    f"Seeds {seeds}; {settings.epochs} mask-learning + {settings.finetune_epochs} fine-tune epochs "
@@ -392,10 +397,7 @@ def plot(summary: list[dict], store: dict, settings: Settings, out_dir) -> list[
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     colors = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
-    for model in settings.models:
-        rows = [r for r in summary if r["model"] == model]
-        if not rows:
-            continue
+    for model, rows in _per_model(summary, settings):
         stem = f"{model}-{settings.data_label}"
         title = f"{MODEL_LABELS[model]} on {settings.data_label}, {len(settings.seeds)} seed(s)"
 
@@ -525,10 +527,7 @@ def sweep_summary(stores: dict[float, dict], settings: Settings) -> list[dict]:
 def sweep_markdown(rows: list[dict], settings: Settings) -> str:
     """Per model: test error and sparsity of each method at each λ."""
     out = []
-    for model in settings.models:
-        mine = [r for r in rows if r["model"] == model]
-        if not mine:
-            continue
+    for model, mine in _per_model(rows, settings):
         out.append(f"### {MODEL_LABELS[model]} on {settings.data_label}: λ sweep\n")
         out.append("| method | λ | seeds | test error % | sparsity % | FLOPs kept % |")
         out.append("|---|---|---|---|---|---|")
@@ -552,10 +551,7 @@ def plot_sweep(rows: list[dict], settings: Settings, out_dir) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     colors = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     written = []
-    for model in settings.models:
-        mine = [r for r in rows if r["model"] == model]
-        if not mine:
-            continue
+    for model, mine in _per_model(rows, settings):
         fig, ax = plt.subplots(figsize=(7.5, 4.8))
         for method in METHODS:
             points = sorted((r for r in mine if r["method"] == method and r["sparsity"]["mean"] < 1),
