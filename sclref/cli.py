@@ -13,14 +13,12 @@ def _info(args: argparse.Namespace) -> int:
     """Print the versions and threading set-up that every benchmark report records."""
     from importlib.metadata import version
 
-    import numba
-
     from sclref import kernels
 
     print(f"sclref {__version__}")
     print(f"python {platform.python_version()} ({platform.machine()})")
     print(", ".join(f"{pkg} {version(pkg)}" for pkg in ("numpy", "scipy", "numba")))
-    print(f"jit {'disabled' if kernels.JIT_DISABLED else 'enabled'}, {numba.get_num_threads()} numba threads")
+    print(f"jit {'disabled' if kernels.JIT_DISABLED else 'enabled'}, {kernels.numba_threads()} numba threads")
     # Training kernels are serial unless asked (sclref/kernels/_jit.py says why); sparse inference is the opposite.
     print(f"training kernels: {'parallel' if kernels.num_threads() > 1 else 'serial'} (SCLREF_NUMBA_PARALLEL=1 "
           f"for parallel); sparse inference kernels: {'parallel' if kernels.sparse.SPARSE_PARALLEL else 'serial'} "

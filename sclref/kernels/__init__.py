@@ -7,7 +7,7 @@ plain-NumPy twin of the same signature in `sclref.kernels.reference`, used as it
 test oracle.
 """
 
-from sclref.kernels._jit import CACHE, JIT_DISABLED, PARALLEL, num_threads
+from sclref.kernels._jit import CACHE, JIT_DISABLED, PARALLEL, num_threads, numba_threads
 from sclref.kernels.conv import conv2d_bwd_input, conv2d_bwd_weight, conv2d_fwd
 from sclref.kernels.elementwise import (
     leaky_relu_bwd,
@@ -22,7 +22,7 @@ from sclref.kernels.pool import maxpool2d_bwd, maxpool2d_fwd
 
 __all__ = ["CACHE", "JIT_DISABLED", "PARALLEL", "conv2d_bwd_input", "conv2d_bwd_weight", "conv2d_fwd",
            "leaky_relu_bwd", "leaky_relu_fwd", "masked_weight_bwd", "masked_weight_fwd", "maxpool2d_bwd",
-           "maxpool2d_fwd", "num_threads", "relu_bwd", "relu_fwd", "sgd_update"]
+           "maxpool2d_fwd", "num_threads", "numba_threads", "relu_bwd", "relu_fwd", "sgd_update"]
 
 # Sparse inference (exported networks): chains of CSR layers and direct sparse convolution.
 from sclref.kernels.sparse import chain_kernel, chain_scratch, csr_chain, csr_conv2d, pack_chain  # noqa: E402

@@ -23,7 +23,7 @@ import os
 
 import numba
 
-__all__ = ["CACHE", "JIT_DISABLED", "PARALLEL", "jit", "num_threads", "pjit", "prange"]
+__all__ = ["CACHE", "JIT_DISABLED", "PARALLEL", "jit", "num_threads", "numba_threads", "pjit", "prange"]
 
 JIT_DISABLED = bool(numba.config.DISABLE_JIT)
 CACHE = os.environ.get("SCLREF_NUMBA_CACHE") == "1"
@@ -51,6 +51,11 @@ def pjit(fn=None):
     return _decorate(fn, parallel=PARALLEL)
 
 
+def numba_threads():
+    """Threads in numba's pool: what a kernel compiled with parallel loops may use."""
+    return numba.get_num_threads()
+
+
 def num_threads():
     """Threads available to parallel kernels (1 when parallel mode is off)."""
-    return numba.get_num_threads() if PARALLEL and not JIT_DISABLED else 1
+    return numba_threads() if PARALLEL and not JIT_DISABLED else 1
