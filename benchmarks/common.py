@@ -1,4 +1,4 @@
-"""Shared benchmark plumbing: thread set-up, alternating timing, machine facts, JSON output.
+"""Shared benchmark plumbing: thread set-up, timing in worker processes, machine facts, JSON output.
 
 Every speed figure is a ratio against a peer timed in the same run: the two are run
 alternately after a warm-up and the medians are compared (see shared benchmark rules).
@@ -7,12 +7,10 @@ alternately after a warm-up and the medians are compared (see shared benchmark r
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,20 +29,6 @@ def torch_or_none(threads: int):
         return None
     torch.set_num_threads(threads)
     return torch
-
-
-def time_alternating(fns: dict, reps: int, warmup: int = 3) -> dict:
-    """Median seconds per call of each function, calling them in turn `reps` times."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    samples = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(s) for name, s in samples.items()}
 
 
 def _rss_kib(field: str) -> int | None:
@@ -154,9 +138,11 @@ def gemm_gflops(dtype="float32", n: int = 1024, reps: int = 10) -> float:
     """Measured GFLOP/s of an n x n matrix product through NumPy's BLAS."""
     import numpy as np
 
+    from sclref.sparse.bench import median_times
+
     a = np.random.default_rng(0).standard_normal((n, n)).astype(dtype)
     b = a.T.copy()
-    secs = time_alternating({"gemm": lambda: a @ b}, reps)["gemm"]
+    secs = median_times({"gemm": lambda: a @ b}, reps)["gemm"]
     return 2 * n**3 / secs / 1e9
 
 
@@ -186,12 +172,10 @@ def machine() -> dict:
 
 
 def write_json(path: Path, payload: dict) -> None:
-    """Write `payload` atomically (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        json.dump(payload, f, indent=2)
-        tmp = f.name
-    os.replace(tmp, path)
+    """Write `payload` atomically (temp file + rename), as sclref writes every file."""
+    from sclref.io import atomic_write_json
+
+    atomic_write_json(path, payload)
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

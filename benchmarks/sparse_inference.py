@@ -31,14 +31,6 @@ def _train(model, out, target, epochs, limit):
     return out
 
 
-def _network_times(network, dense_network, reps):
-    """Per-layer and whole-network medians: sclref/scipy on the pruned export, and dense NumPy on the
-    masked weights (the export without dead-unit removal) taking turns with them in the same run."""
-    from sclref.sparse.bench import bench
-
-    return bench(network, (1, 64, 256), reps, break_even=True, masked=dense_network)
-
-
 def main() -> int:
     set_threads(2)
     parser = argparse.ArgumentParser()
@@ -48,16 +40,18 @@ def main() -> int:
     parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "sparse_inference.json"))
     args = parser.parse_args()
     from sclref.sparse import export_run
-    from sclref.sparse.bench import format_report
+    from sclref.sparse.bench import bench, format_report
 
     runs = {"lenet300": args.lenet300 or _train("lenet300", Path("runs/bench-sparse-lenet300"), 98.5, 8, None),
             "lenet5": args.lenet5 or _train("lenet5", Path("runs/bench-sparse-lenet5"), 98.0, 4, 20000)}
     report = {"machine": machine(), "load_average": os.getloadavg(), "models": {}}
     for name, run in runs.items():
-        net = export_run(run)
-        result = _network_times(net, export_run(run, prune_dead=False), args.reps)
+        net, masked = export_run(run), export_run(run, prune_dead=False)
+        # sclref and scipy on the pruned export; dense NumPy on the masked weights (the export
+        # without dead-unit removal, the original shapes) takes turns with them in the same run.
+        result = bench(net, (1, 64, 256), args.reps, break_even=True, masked=masked)
         result["sparsity"] = 1 - net.nnz / sum(layer.weight.shape[0] * layer.weight.shape[1]
-                                               for layer in export_run(run, prune_dead=False).weighted())
+                                               for layer in masked.weighted())
         report["models"][name] = result
         print(f"\n## {name} ({100 * result['sparsity']:.2f} % sparse, run {run})\n")
         print(format_report(result))
