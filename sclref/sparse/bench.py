@@ -63,7 +63,7 @@ def _layer_inputs(network, dtype, batch, seed=0):
     x = run._check_input(np.random.default_rng(seed).standard_normal((batch, *shape)))
     seen = {}
     for layer in network.layers:
-        if isinstance(layer, net.WEIGHTED):
+        if isinstance(layer, net.WeightLayer):
             seen[layer.name] = np.ascontiguousarray(x)
         x = run.step(layer, x)
     return seen

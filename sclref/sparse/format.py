@@ -36,7 +36,7 @@ class FormatError(ValueError):
 
 def _layer_entry(i: int, layer, arrays: dict) -> dict:
     entry = {"name": layer.name, "kind": layer.kind}
-    if isinstance(layer, net.WEIGHTED):
+    if isinstance(layer, net.WeightLayer):
         w = layer.weight
         names = {}
         for field, value in zip(_CSR_FIELDS, (w.indptr, w.indices, w.data, layer.bias)):
@@ -142,7 +142,7 @@ def _check_chain(layers: list) -> None:
     """Consecutive weight layers must agree on the number of units between them."""
     prev = None
     for layer in layers:
-        if not isinstance(layer, net.WEIGHTED):
+        if not isinstance(layer, net.WeightLayer):
             continue
         if prev is not None:
             units = prev.weight.shape[0]

@@ -15,12 +15,18 @@ import scipy.sparse as sp
 
 
 @dataclass
-class Linear:
-    """y = x @ W.T + b, W a CSR matrix (out_features, in_features)."""
+class WeightLayer:
+    """What Linear and Conv2d share: a name, the CSR weight (F, K) and the dense bias (F,)."""
 
     name: str
     weight: sp.csr_array
     bias: np.ndarray
+
+
+@dataclass
+class Linear(WeightLayer):
+    """y = x @ W.T + b, W a CSR matrix (out_features, in_features)."""
+
     kind = "linear"
 
     @property
@@ -33,12 +39,9 @@ class Linear:
 
 
 @dataclass
-class Conv2d:
+class Conv2d(WeightLayer):
     """Cross-correlation of NCHW input with CSR filters (out_channels, in_channels*KH*KW), plus bias."""
 
-    name: str
-    weight: sp.csr_array
-    bias: np.ndarray
     in_channels: int
     kernel_size: tuple[int, int]
     stride: tuple[int, int] = (1, 1)
@@ -77,9 +80,6 @@ class Flatten:
     kind = "flatten"
 
 
-WEIGHTED = (Linear, Conv2d)
-
-
 @dataclass
 class SparseNetwork:
     """An exported network: layers in order, the float dtype of every array, provenance.
@@ -97,7 +97,7 @@ class SparseNetwork:
 
     def weighted(self) -> list:
         """The weight layers (Linear and Conv2d), in order."""
-        return [layer for layer in self.layers if isinstance(layer, WEIGHTED)]
+        return [layer for layer in self.layers if isinstance(layer, WeightLayer)]
 
     @property
     def nnz(self) -> int:
