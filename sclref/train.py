@@ -29,6 +29,7 @@ from sclref.scl import LambdaController, SCLObjective, layer_report, masked_laye
 CHECKPOINT = "checkpoint.npz"
 METRICS = "metrics.json"
 MODEL = "model.npz"
+MODEL_FORMAT, MODEL_VERSION = "sclref-model", 1  # the final model file of a run
 
 
 @dataclass
@@ -331,11 +332,33 @@ def train(config: TrainConfig, out_dir=None, resume: bool = False, log=print, pr
     if trainer.epoch == total:
         result.layers = layer_report(trainer.model) if masked_layers(trainer.model) else []
         if out is not None:
-            io.save_state(out / MODEL, {"format": "sclref-model", "version": 1, "config": config.to_dict(),
+            io.save_state(out / MODEL, {"format": MODEL_FORMAT, "version": MODEL_VERSION, "config": config.to_dict(),
                                         "in_shape": list(dataset.in_shape), "num_classes": dataset.num_classes,
                                         "state": dict(trainer.model.state_dict())})
             io.atomic_write_json(out / METRICS, _metrics(trainer, finished=True))
     return result
+
+
+def load_model(run_dir):
+    """The trained model of a finished run directory, in eval mode, and the file's record.
+
+    The record holds ``config`` (a `TrainConfig` dict), ``in_shape`` and ``num_classes``
+    as `train` wrote them. A missing directory or model file is a FileNotFoundError, a
+    file that is not a model of this format a ValueError.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such run directory")
+    path = run_dir / MODEL
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the run has no final model (is it finished?)")
+    saved = io.load_state(path)
+    if not isinstance(saved, dict) or saved.get("format") != MODEL_FORMAT or saved.get("version") != MODEL_VERSION:
+        raise ValueError(f"{path}: not an sclref model file of a version this sclref can read")
+    model = build_model(TrainConfig.from_dict(saved["config"]), tuple(saved["in_shape"]), int(saved["num_classes"]))
+    model.load_state_dict(saved["state"])
+    model.eval()
+    return model, saved
 
 
 def _metrics(trainer: Trainer, finished: bool) -> dict:

@@ -14,8 +14,9 @@ import pytest
 
 from sclref import io
 from sclref import train as train_module
+from sclref.autograd import Tensor, no_grad
 from sclref.scl import masked_layers
-from sclref.train import CHECKPOINT, METRICS, MODEL, TrainConfig, Trainer, build_model, evaluate, train
+from sclref.train import CHECKPOINT, METRICS, MODEL, TrainConfig, Trainer, build_model, evaluate, load_model, train
 
 # A few epochs on a subset: both phases, about 0.1 s.
 SMALL = dict(train_limit=300, test_limit=100, epochs=3, finetune_epochs=2)
@@ -490,3 +491,23 @@ def test_unknown_settings_in_from_dict():
     with pytest.raises(ValueError, match=r"unknown training settings: \['lambda'\]"):
         TrainConfig.from_dict({"lambda": 0.1})
     assert TrainConfig.from_dict(TrainConfig(lam=0.2).to_dict()) == TrainConfig(lam=0.2)
+
+
+def test_load_model_gives_back_the_trained_network(pruning_run):
+    model, saved = load_model(pruning_run.out_dir)
+    assert not model.training and saved["config"] == pruning_run.config.to_dict()
+    assert param_bytes(model) == param_bytes(pruning_run.model)
+    x = np.random.default_rng(0).standard_normal((5, *saved["in_shape"])).astype(np.float32)
+    pruning_run.model.eval()
+    with no_grad():
+        assert np.array_equal(model(Tensor(x)).data, pruning_run.model(Tensor(x)).data)
+
+
+def test_load_model_names_what_is_missing_or_wrong(tmp_path, pruning_run):
+    with pytest.raises(FileNotFoundError, match="no such run directory"):
+        load_model(tmp_path / "none")
+    with pytest.raises(FileNotFoundError, match="no final model"):
+        load_model(tmp_path)
+    (tmp_path / MODEL).write_bytes((pruning_run.out_dir / CHECKPOINT).read_bytes())
+    with pytest.raises(ValueError, match="not an sclref model file"):
+        load_model(tmp_path)

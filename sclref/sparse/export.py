@@ -15,12 +15,9 @@ network's input and output sizes never change.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import scipy.sparse as sp
 
-from sclref import io
 from sclref.nn.layers import Conv2d, Dropout, Flatten, LeakyReLU, Linear, MaxPool2d, ReLU
 from sclref.nn.masked import MaskedLayer
 from sclref.sparse import network as net
@@ -193,23 +190,10 @@ def _to_layer(name, entry):
 
 def export_run(run_dir, prune_dead: bool = True):
     """Export the final model of a training run directory (its ``model.npz``)."""
-    from sclref.train import MODEL, TrainConfig, build_model
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"{run_dir}: no such run directory")
-    path = run_dir / MODEL
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: the run has no final model (is it finished?)")
-    saved = io.load_state(path)
-    if not isinstance(saved, dict) or saved.get("format") != "sclref-model" or saved.get("version") != 1:
-        raise ValueError(f"{path}: not an sclref model file of a version this sclref can read")
-    config = TrainConfig.from_dict(saved["config"])
-    model = build_model(config, tuple(saved["in_shape"]), int(saved["num_classes"]))
-    model.load_state_dict(saved["state"])
-    model.eval()
     from sclref._version import __version__
+    from sclref.train import load_model
 
+    model, saved = load_model(run_dir)
     source = {"run_dir": str(run_dir), "sclref": __version__, "config": saved["config"],
               "num_classes": int(saved["num_classes"])}
     return export(model, saved["in_shape"], prune_dead, source=source)
