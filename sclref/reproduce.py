@@ -204,8 +204,7 @@ def _plain_layer_report(model) -> list[dict]:
     rows = []
     for name, module in model.named_modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)):
-            uses = 1 if isinstance(module, nn.Linear) else int(np.prod(module.output_size))
-            n = module.weight.size
+            uses, n = module.uses_per_sample(), module.weight.size
             rows.append({"layer": name, "weights": n, "kept": n, "sparsity": 0.0, "dense_flops": 2 * uses * n,
                          "effective_flops": 2 * uses * n})
     return rows

@@ -307,18 +307,20 @@ def test_float32_layers_stay_float32(name, opts, frozen):
         assert {g.dtype for g in grads} == {np.dtype(np.float32)}
 
 
+@pytest.mark.parametrize("conv, linear", [(MaskedConv2d, MaskedLinear), (nn.Conv2d, nn.Linear)],
+                         ids=["masked", "plain"])
 @settings(deadline=None)
 @given(geom=conv_geometry())
-def test_conv_uses_per_sample_is_the_output_size_of_the_last_forward(geom):
+def test_conv_uses_per_sample_is_the_output_size_of_the_last_forward(conv, linear, geom):
     n, c, f, h, w, kh, kw, stride, padding = geom
-    layer = MaskedConv2d(c, f, (kh, kw), stride=stride, padding=padding)
+    layer = conv(c, f, (kh, kw), stride=stride, padding=padding)
     with pytest.raises(RuntimeError, match="forward"):
         layer.uses_per_sample()
     layer(T(np.zeros((n, c, h, w))))
     oh = (h + 2 * padding[0] - kh) // stride[0] + 1
     ow = (w + 2 * padding[1] - kw) // stride[1] + 1
     assert layer.uses_per_sample() == oh * ow
-    assert MaskedLinear(3, 2).uses_per_sample() == 1
+    assert linear(3, 2).uses_per_sample() == 1
 
 
 # -- models ----------------------------------------------------------------------------

@@ -56,6 +56,10 @@ class Linear(Module):
             )
         return ops.linear(x, self.effective_weight(), self.bias)
 
+    def uses_per_sample(self) -> int:
+        """How many multiply-adds each connection costs per input sample."""
+        return 1
+
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
@@ -83,6 +87,12 @@ class Conv2d(Module):
         y = ops.conv2d(x, self.effective_weight(), self.bias, self.stride, self.padding)
         self.output_size = y.shape[2:]
         return y
+
+    def uses_per_sample(self) -> int:
+        """Multiply-adds per connection per sample: one per output pixel of the last forward."""
+        if self.output_size is None:
+            raise RuntimeError(f"{type(self).__name__}: run a forward pass first, FLOPs depend on the input size")
+        return int(self.output_size[0] * self.output_size[1])
 
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

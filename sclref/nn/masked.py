@@ -76,10 +76,6 @@ class MaskedLayer(Module):
         """Fraction of connections removed (0 = dense)."""
         return 1.0 - self.num_kept() / self.num_weights
 
-    def uses_per_sample(self) -> int:
-        """How many multiply-adds each connection costs per input sample."""
-        return 1
-
 
 class MaskedLinear(MaskedLayer, Linear):
     """Dense layer y = x @ (θ ⊙ H(s)).T + b, θ and s of shape (out_features, in_features).
@@ -108,11 +104,6 @@ class MaskedConv2d(MaskedLayer, Conv2d):
                  ste="identity", score_init=1.0, dtype=np.float64, generator=None):
         Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride, padding, bias, dtype, generator)
         self._init_mask(ste, score_init, dtype, generator)
-
-    def uses_per_sample(self) -> int:
-        if self.output_size is None:
-            raise RuntimeError("MaskedConv2d: run a forward pass first, FLOPs depend on the input size")
-        return int(self.output_size[0] * self.output_size[1])
 
     def extra_repr(self):
         return f"{Conv2d.extra_repr(self)}, ste={self.ste!r}"
