@@ -25,6 +25,7 @@ of the paper's peers (other data, for orientation only); `plot` draws the figure
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import platform
@@ -156,6 +157,10 @@ class Settings:
         for model in self.models:  # every other setting is checked by TrainConfig itself
             self.config(model, "dense", self.seeds[0]).validate()
 
+    def dataset(self):
+        """The data every run of these settings trains on (limits and dtype applied)."""
+        return load_data(self.config(self.models[0], "dense", self.seeds[0]))
+
     def config(self, model: str, method: str, seed: int) -> TrainConfig:
         """The `TrainConfig` of one run."""
         scale = self.no_norm_scale if METHODS[method].global_scale else 1.0
@@ -181,8 +186,6 @@ def load_runs(path) -> dict:
     path = Path(path)
     if not path.exists():
         return {"format": FORMAT, "version": 1, "machine": machine(), "runs": []}
-    import json
-
     try:
         store = json.loads(path.read_text())
     except ValueError as err:
@@ -242,7 +245,7 @@ def reproduce(settings: Settings, json_path, log=print, dataset=None) -> dict:
     settings.validate()
     json_path = Path(json_path)
     store = load_runs(json_path)
-    dataset = load_data(settings.config(settings.models[0], "dense", settings.seeds[0])) if dataset is None else dataset
+    dataset = settings.dataset() if dataset is None else dataset
     for model in settings.models:  # a model that cannot take this data fails now, not after hours
         try:
             build_model(settings.config(model, "dense", 0), dataset.in_shape, dataset.num_classes)
@@ -500,8 +503,7 @@ def sweep(settings: Settings, lams, json_path, log=print, dataset=None) -> dict[
     runs = [dataclasses.replace(settings, lam=lam, methods=methods) for lam in lams]
     for run in runs:  # every λ is checked before the first one runs
         run.validate()
-    dataset = load_data(settings.config(settings.models[0], "dense", settings.seeds[0])) if dataset is None \
-        else dataset
+    dataset = settings.dataset() if dataset is None else dataset
     stores = {lam: reproduce(run, sweep_path(json_path, lam), log=log, dataset=dataset)
               for lam, run in zip(lams, runs)}
     if Path(json_path).exists() and settings.lam_value not in stores:
@@ -593,13 +595,14 @@ def _log_axis(axis, set_scale) -> None:
 
 
 def _save(fig, path: Path) -> Path:
+    import io as _io
+
     import matplotlib.pyplot as plt
 
     if not fig.get_layout_engine():  # a figure that set its own layout keeps it
         fig.tight_layout()
-    # Through a temporary name and a rename, like every other file sclref writes.
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    buf = _io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
+    io.atomic_write_bytes(path, buf.getvalue())
     return path
