@@ -120,6 +120,11 @@ def pack_chain(weights, biases, activations, alphas, dtype):
     return layers, np.concatenate(ints or [np.zeros(0, itype)]).astype(itype), np.concatenate(vals)
 
 
+def _use_threads(work):
+    """Whether a call of `work` multiply-adds runs on the thread pool (see the module doc)."""
+    return SPARSE_PARALLEL and work >= PARALLEL_MIN_WORK and numba.get_num_threads() > 1
+
+
 def chain_scratch(layers, n, dtype):
     """A scratch buffer for `csr_chain` on a batch of `n` rows (reusable for every call with `n` rows).
 
@@ -132,7 +137,7 @@ def chain_scratch(layers, n, dtype):
     if n < TILE_MIN:
         return np.empty((2, width), dtype)
     work = n * int(layers[:, _NNZ].sum())
-    threads = numba.get_num_threads() if SPARSE_PARALLEL and work >= PARALLEL_MIN_WORK else 1
+    threads = numba.get_num_threads() if _use_threads(work) else 1
     tiles = max(min(threads, -(-n // 8)), -(-n // TILE))
     tile = -(-n // tiles)
     tile += -tile % 8  # whole vectors of lanes
@@ -337,10 +342,6 @@ def csr_chain(layers, ints, vals, x, out, scratch):
     activation applied as each output row is finished.
     """
     chain_kernel(scratch)(layers, ints, vals, x, out, scratch)
-
-
-def _use_threads(work):
-    return SPARSE_PARALLEL and work >= PARALLEL_MIN_WORK and numba.get_num_threads() > 1
 
 
 def _conv(kh, kw, sh, sw, indptr, indices, data, bias, xp, out):

@@ -171,9 +171,10 @@ def load(path) -> net.SparseNetwork:
                 raise FormatError(f"{path}: not an sclref sparse network (format is not {FORMAT!r})")
             version = manifest.get("version")
             if version != FORMAT_VERSION:
+                is_newer = isinstance(version, int) and version > FORMAT_VERSION
+                hint = " (the file is newer: upgrade sclref)" if is_newer else ""
                 raise FormatError(f"{path}: format version {version!r} is not supported; this sclref reads "
-                                  f"version {FORMAT_VERSION}" + (" (the file is newer: upgrade sclref)"
-                                                                if isinstance(version, int) and version > 1 else ""))
+                                  f"version {FORMAT_VERSION}{hint}")
             # zf.read checks each member's CRC-32, so a flipped bit is an error, not a wrong weight.
             members = {name[:-4]: np.lib.format.read_array(io.BytesIO(zf.read(name)), allow_pickle=False)
                        for name in names if name.endswith(".npy")}
