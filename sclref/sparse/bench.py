@@ -21,7 +21,7 @@ import scipy.sparse as sp
 from sclref.sparse import network as net
 from sclref.sparse.runtime import Runtime
 
-__all__ = ["BREAK_EVEN_GRID", "bandwidth", "bench", "median_times"]
+__all__ = ["BREAK_EVEN_GRID", "bandwidth", "bench", "break_even_density", "format_report", "median_times"]
 
 BREAK_EVEN_GRID = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
 
@@ -194,8 +194,11 @@ def bench(network: net.SparseNetwork, batches=(1, 64, 256), reps: int = 50, dtyp
                 times = workers.time("layer", layer.name, b, reps, only=backends)
                 row["batches"][str(b)] = times
                 if break_even:
-                    row["break_even_density"][str(b)] = _break_even(workers, layer.name, b, times["dense"],
-                                                                    max(10, reps // 5))
+                    def sparse_secs(density, name=layer.name, batch=b):  # the kernel on random weights
+                        return workers.time("density", name, batch, max(10, reps // 5), density=density,
+                                            only=("sclref",))["sclref"]
+
+                    row["break_even_density"][str(b)] = break_even_density(times["dense"], sparse_secs)
             layers.append(row)
         for b in batches:
             whole[str(b)] = workers.time("net", None, b, reps)
@@ -205,18 +208,23 @@ def bench(network: net.SparseNetwork, batches=(1, 64, 256), reps: int = 50, dtyp
             "layers": layers, "network": whole, "floor_batch1_s": sum(row["floor_batch1_s"] for row in layers)}
 
 
-def _break_even(workers, name, batch, dense_secs, reps):
-    """Density at which the sclref kernel on random weights of the layer's shape is as slow as dense."""
+def break_even_density(dense_secs: float, time_at, grid=BREAK_EVEN_GRID) -> float | None:
+    """The density at which `time_at(density)` (seconds of the sparse kernel) reaches `dense_secs`.
+
+    Densities of `grid` are timed in increasing order until one is at least as slow as
+    dense; the answer is interpolated linearly between it and the previous one (the
+    first grid density when even that is slower, None when sparse stays faster).
+    """
     prev = None
-    for density in BREAK_EVEN_GRID:
-        secs = workers.time("density", name, batch, reps, density=density, only=("sclref",))["sclref"]
+    for density in grid:
+        secs = time_at(density)
         if secs >= dense_secs:
             if prev is None:
                 return density
             d0, t0 = prev
             return d0 + (density - d0) * (dense_secs - t0) / max(secs - t0, 1e-12)
         prev = (density, secs)
-    return None  # sparse stays faster even fully dense
+    return None
 
 
 def format_report(result: dict) -> str:
