@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import platform
 import statistics
 import sys
 import time
@@ -147,20 +146,12 @@ def gemm_gflops(dtype="float32", n: int = 1024, reps: int = 10) -> float:
 
 
 def machine() -> dict:
+    """Where and with what a benchmark ran: sclref's record of the machine, plus thread pools and torch."""
     import numba
-    import numpy as np
-    import scipy
 
-    info = {
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "processor": platform.processor(),
-        "cpus": os.cpu_count(),
-        "numpy": np.__version__,
-        "scipy": scipy.__version__,
-        "numba": numba.__version__,
-        "numba_threads": numba.get_num_threads(),
-    }
+    from sclref.reproduce import machine as sclref_machine
+
+    info = {**sclref_machine(), "numba_threads": numba.get_num_threads()}
     try:
         import torch
 
