@@ -438,6 +438,96 @@ def transpose(a: Tensor, axes=None) -> Tensor:
     return Transpose.apply(a, axes=axes)
 
 
+class GetItem(Function):
+    """a[key] for a basic index (integers, slices, Ellipsis); the gradient is g scattered into zeros"""
+
+    def forward(self, a, key):
+        self.shape = a.shape
+        return a[key]
+
+    def backward(self, g):
+        # A basic index selects each entry at most once, so assignment (no accumulation) is exact.
+        gx = np.zeros(self.shape, dtype=g.dtype)
+        gx[self.params["key"]] = g
+        return (gx,)
+
+
+def _index_item(item, size: int, axis: int):
+    """One entry of a basic index, normalized to Python ints; fancy entries are refused."""
+    if item is Ellipsis:
+        return item
+    if isinstance(item, (bool, np.bool_)):
+        raise TypeError("getitem: boolean indices are not supported (only integers, slices and ...)")
+    if isinstance(item, numbers.Integral):
+        if not -size <= item < size:
+            raise ValueError(f"getitem: index {item} is out of range for axis {axis} of size {size}")
+        return int(item)
+    if isinstance(item, slice):
+        fields = (item.start, item.stop, item.step)
+        if not all(f is None or (isinstance(f, numbers.Integral) and not isinstance(f, (bool, np.bool_)))
+                   for f in fields):
+            raise TypeError(f"getitem: slice fields must be integers or None, got {item!r}")
+        if item.step == 0:
+            raise ValueError("getitem: slice step cannot be zero")
+        return slice(*(None if f is None else int(f) for f in fields))
+    raise TypeError(f"getitem: only integers, slices and ... can index a tensor (basic indexing), "
+                    f"got {type(item).__name__}")
+
+
+def getitem(a: Tensor, key) -> Tensor:
+    """``a[key]`` for a basic index: integers, slices and at most one Ellipsis (a view, as in NumPy).
+
+    ``getitem(x, np.s_[:, :, ::2, ::2])`` keeps every other row and column of an NCHW input.
+    """
+    a = _tensor_arg("getitem", a)
+    items = key if isinstance(key, tuple) else (key,)
+    ellipses = [i for i, item in enumerate(items) if item is Ellipsis]
+    if len(ellipses) > 1:
+        raise ValueError("getitem: an index can only have a single ellipsis ('...')")
+    explicit = len(items) - len(ellipses)
+    if explicit > a.ndim:
+        raise ValueError(f"getitem: {explicit} indices for a tensor with {a.ndim} dimensions")
+    # Entries before an ellipsis (or all, without one) index the first axes, entries after it the last.
+    before = ellipses[0] if ellipses else len(items)
+    after = explicit - before
+    axes = list(range(before)) + [None] * len(ellipses) + list(range(a.ndim - after, a.ndim))
+    key = tuple(item if axis is None else _index_item(item, a.shape[axis], axis) for item, axis in zip(items, axes))
+    return GetItem.apply(a, key=key)
+
+
+class Pad(Function):
+    """a with zeros added before and after each axis (np.pad with a constant 0); the gradient is g's inner block"""
+
+    def forward(self, a, pad_width):
+        self.inner = tuple(slice(before, before + n) for (before, _), n in zip(pad_width, a.shape))
+        out = np.zeros(tuple(n + before + after for (before, after), n in zip(pad_width, a.shape)), dtype=a.dtype)
+        out[self.inner] = a
+        return out
+
+    def backward(self, g):
+        return (g[self.inner],)
+
+
+def pad(a: Tensor, pad_width) -> Tensor:
+    """`a` with zeros around it; `pad_width` holds one (before, after) pair of counts per axis, as np.pad's.
+
+    ``pad(x, ((0, 0), (2, 2), (0, 0), (0, 0)))`` adds two all-zero channels on each side of
+    an NCHW input (the option-A shortcut of the CIFAR ResNets).
+    """
+    a = _tensor_arg("pad", a)
+    try:
+        pairs = [tuple(pair) for pair in pad_width]
+    except TypeError:
+        raise TypeError(f"pad: pad_width must be a sequence of (before, after) pairs, got {pad_width!r}") from None
+    if len(pairs) != a.ndim or any(len(pair) != 2 for pair in pairs):
+        raise ValueError(f"pad: pad_width needs one (before, after) pair for each of the {a.ndim} axes, "
+                         f"got {pad_width!r}")
+    if not all(isinstance(n, numbers.Integral) and not isinstance(n, (bool, np.bool_)) and n >= 0
+               for pair in pairs for n in pair):
+        raise ValueError(f"pad: widths must be integers >= 0, got {pad_width!r}")
+    return Pad.apply(a, pad_width=tuple((int(b), int(e)) for b, e in pairs))
+
+
 # -- masked weight ------------------------------------------------------------------------
 
 
@@ -736,3 +826,146 @@ def dropout(x: Tensor, p: float = 0.5, training: bool = True, generator: np.rand
     keep = gen.random(x.shape, dtype=x.dtype) >= p
     mask = keep.astype(x.dtype) * x.dtype.type(1 / (1 - p))
     return Dropout.apply(x, mask=mask)
+
+
+# -- normalization and global pooling ------------------------------------------------------
+
+
+def _stat_axes(ndim: int) -> tuple[int, ...]:
+    """Every axis of an (N, C, ...) array but the channel axis 1: where batch statistics are taken."""
+    return (0,) + tuple(range(2, ndim))
+
+
+class BatchNorm(Function):
+    """y = (x - mean) / sqrt(var + eps) * weight + bias per channel (axis 1), with the batch's own mean
+    and biased variance when `mean` and `var` are None (training), else with the given ones (eval)"""
+
+    def forward(self, x, weight=None, bias=None, *, mean, var, eps):
+        axes, shape = _stat_axes(x.ndim), (1, -1) + (1,) * (x.ndim - 2)
+        self.batch_stats = mean is None
+        if self.batch_stats:
+            mean = x.mean(axis=axes)
+            centered = x - mean.reshape(shape)
+            var = np.square(centered).mean(axis=axes)  # two passes: no cancellation when |mean| >> std
+        else:
+            centered = x - mean.reshape(shape)
+        self.inv_std = 1 / np.sqrt(var + x.dtype.type(eps))
+        centered *= self.inv_std.reshape(shape)  # `centered` is a fresh array: it becomes x-hat in place
+        self.xhat, self.weight = centered, weight
+        out = self.xhat.copy() if weight is None else self.xhat * weight.reshape(shape)
+        if bias is not None:
+            out += bias.reshape(shape)
+        return out
+
+    def backward(self, g):
+        # With batch statistics, mean and var depend on x, which adds two per-channel terms:
+        # gx = weight * inv_std * (g - mean(g) - xhat * mean(g * xhat)), means over the batch axes.
+        axes, shape = _stat_axes(g.ndim), (1, -1) + (1,) * (g.ndim - 2)
+        need_x, need_w, need_b = (self.needs_grad + (False, False))[:3]
+        batch_x = need_x and self.batch_stats
+        g_sum = g.sum(axis=axes) if need_b or batch_x else None
+        gxhat_sum = np.sum(g * self.xhat, axis=axes) if need_w or batch_x else None
+        gx = None
+        if need_x:
+            scale = self.inv_std if self.weight is None else self.inv_std * self.weight
+            if batch_x:
+                count = g.size // g.shape[1]
+                gx = g - (g_sum / count).reshape(shape)
+                gx -= self.xhat * (gxhat_sum / count).reshape(shape)
+                gx *= scale.reshape(shape)
+            else:
+                gx = g * scale.reshape(shape)
+        return (gx, gxhat_sum if need_w else None, g_sum if need_b else None)[:len(self.needs_grad)]
+
+
+def _running_stat(name: str, value, x: Tensor) -> np.ndarray:
+    """A running statistic as the (C,) array of x's dtype that batch_norm reads and updates in place."""
+    arr = value.data if isinstance(value, Tensor) else value
+    if not isinstance(arr, np.ndarray):
+        raise TypeError(f"batch_norm: {name} must be an ndarray (updated in place) or None, got {type(value).__name__}")
+    if arr.shape != (x.shape[1],):
+        raise ValueError(f"batch_norm: {name} must have shape ({x.shape[1]},), got {arr.shape}")
+    if arr.dtype != x.dtype:
+        raise TypeError(f"batch_norm: mixed dtypes {x.dtype.name} (input) and {arr.dtype.name} ({name})")
+    return arr
+
+
+def batch_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, running_mean=None,
+               running_var=None, training: bool = False, momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
+    """Batch normalization over the channel axis 1 of an (N, C) or (N, C, H, W) input (any (N, C, ...)).
+
+    ``y = (x - mean) / sqrt(var + eps) * weight + bias``, per channel. In training mode the
+    mean and (biased) variance are the batch's own over every axis but 1, and the gradient
+    flows through them; if `running_mean` and `running_var` are given they are then updated
+    in place, as PyTorch does: ``running = (1 - momentum) * running + momentum * batch``,
+    with the unbiased batch variance. In eval mode the running statistics are used instead.
+
+    Parameters
+    ----------
+    x : Tensor
+        Input of shape (N, C, ...).
+    weight, bias : Tensor or None
+        Per-channel scale and shift of shape (C,); None means 1 and 0.
+    running_mean, running_var : ndarray or None
+        Running statistics of shape (C,) and x's dtype; required in eval mode.
+    training : bool
+        Normalize by the batch statistics (and update the running ones) instead of the running ones.
+    momentum : float
+        Weight of the batch in the running statistics, in [0, 1].
+    eps : float
+        Positive number added to the variance.
+
+    Returns
+    -------
+    Tensor
+        The normalized input, shaped like `x`.
+    """
+    x = _tensor_arg("batch_norm", x)
+    if x.ndim < 2:
+        raise ValueError(f"batch_norm: input must be (N, C, ...), got shape {x.shape}")
+    c = x.shape[1]
+    if weight is None and bias is not None:  # a constant unit scale keeps the op's inputs positional
+        weight = Tensor._from_op(np.ones(c, dtype=x.dtype), None)
+    tensors = [x] + [_tensor_arg("batch_norm", t) for t in (weight, bias) if t is not None]
+    _check_dtypes("batch_norm", *tensors)
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.shape != (c,):
+            raise ValueError(f"batch_norm: {name} must have shape ({c},) for {c} channels, got {t.shape}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("batch_norm: give both running_mean and running_var, or neither")
+    if running_mean is not None:
+        running_mean = _running_stat("running_mean", running_mean, x)
+        running_var = _running_stat("running_var", running_var, x)
+    if not (isinstance(momentum, numbers.Real) and 0 <= momentum <= 1):
+        raise ValueError(f"batch_norm: momentum must be a number in [0, 1], got {momentum!r}")
+    if not (isinstance(eps, numbers.Real) and 0 < eps < np.inf):
+        raise ValueError(f"batch_norm: eps must be a positive finite number, got {eps!r}")
+    if training:
+        if c == 0 or x.size // c < 2:
+            raise ValueError(f"batch_norm: training needs more than one value per channel, got input of shape "
+                             f"{x.shape}")
+        out = BatchNorm.apply(*tensors, mean=None, var=None, eps=float(eps))
+    else:
+        if running_mean is None:
+            raise ValueError("batch_norm: eval mode needs running_mean and running_var")
+        if not (np.all(np.isfinite(running_mean)) and np.all(running_var >= 0) and np.all(np.isfinite(running_var))):
+            raise ValueError("batch_norm: running_mean must be finite and running_var finite and >= 0")
+        # Copies: a recorded op must not see the running statistics change under it.
+        out = BatchNorm.apply(*tensors, mean=running_mean.copy(), var=running_var.copy(), eps=float(eps))
+    if training and running_mean is not None:
+        # State is updated here, outside BatchNorm.forward, so the op stays a pure function of its
+        # inputs that check_grads can re-run; this costs one more pass for the batch statistics.
+        axes, m = _stat_axes(x.ndim), x.dtype.type(momentum)
+        running_mean[...] = m * x.data.mean(axis=axes) + (1 - m) * running_mean
+        running_var[...] = m * x.data.var(axis=axes, ddof=1) + (1 - m) * running_var
+    return out
+
+
+def global_avg_pool2d(x: Tensor) -> Tensor:
+    """Mean over the spatial axes, (N, C, H, W) -> (N, C): adaptive average pooling to 1x1, flattened."""
+    x = _tensor_arg("global_avg_pool2d", x)
+    if x.ndim != 4:
+        raise ValueError(f"global_avg_pool2d: input must be 4-D (N, C, H, W), got shape {x.shape}")
+    if x.shape[2] == 0 or x.shape[3] == 0:
+        raise ValueError(f"global_avg_pool2d: input has no pixels to average, shape {x.shape}")
+    return Mean.apply(x, axis=(2, 3), keepdims=False)

@@ -154,7 +154,7 @@ def _op_cases(gen: np.random.Generator):
     labels = gen.integers(0, 4, size=3)
     mask = (gen.random((3, 4)) > 0.5) / 0.5
     scores = Tensor(away((3, 4)))  # mask variables, held fixed: their gradient is an estimator's
-    return [
+    cases = [
         ("add", lambda a, b: a + b, [away((3, 4)), away((4,))]),
         ("sub", lambda a, b: a - b, [away((3, 1)), away((3, 4))]),
         ("mul", lambda a, b: a * b, [away((2, 3)), away((2, 3))]),
@@ -180,6 +180,17 @@ def _op_cases(gen: np.random.Generator):
         ("max_pool2d", lambda x: ops.max_pool2d(x, 2), [distinct((2, 3, 6, 4))]),
         ("dropout", lambda a: ops.Dropout.apply(a, mask=mask), [away((3, 4))]),
     ]
+    running_mean, running_var = away((3,)), gen.uniform(0.5, 2.0, 3)
+    cases += [
+        ("getitem", lambda a: ops.getitem(a, np.s_[:, 1:, ::2, ::-3]), [away((2, 3, 5, 7))]),
+        ("pad", lambda a: ops.pad(a, ((0, 0), (1, 2), (0, 0), (2, 0))), [away((2, 3, 2, 2))]),
+        ("batch_norm (training)", lambda x, w, b: ops.batch_norm(x, w, b, training=True),
+         [away((4, 3, 3, 2)), away((3,)), away((3,))]),
+        ("batch_norm (eval)", lambda x, w, b: ops.batch_norm(x, w, b, running_mean, running_var),
+         [away((4, 3, 3, 2)), away((3,)), away((3,))]),
+        ("global_avg_pool2d", ops.global_avg_pool2d, [away((2, 3, 4, 5))]),
+    ]
+    return cases
 
 
 def check_builtin_ops(seed: int = 0) -> list[tuple[str, float]]:

@@ -90,3 +90,45 @@ def mask_scores(draw, shape, gap: float = 0.05, high: float = 2.0, dtype=np.floa
     keep[gen.random(shape[0]) < 0.3] = False  # features left with no connection
     magnitude = gen.uniform(gap, high, size=shape)
     return np.where(keep, magnitude, -magnitude).astype(dtype)
+
+
+@st.composite
+def batch_norm_shapes(draw, max_n: int = 4, max_c: int = 3, max_hw: int = 4, spatial=None):
+    """(N, C) or (N, C, H, W) with at least two values per channel, as training-mode batch norm needs.
+
+    `spatial` True or False forces the 4-D or the 2-D layout; None draws either.
+    """
+    four_d = draw(st.booleans()) if spatial is None else spatial
+    c = draw(st.integers(1, max_c))
+    if not four_d:
+        return draw(st.integers(2, max_n)), c
+    h, w = draw(st.integers(1, max_hw)), draw(st.integers(1, max_hw))
+    return draw(st.integers(1 if h * w > 1 else 2, max_n)), c, h, w
+
+
+@st.composite
+def basic_indices(draw, shape):
+    """A basic index into `shape`: per leading axis an integer, a slice of any step sign or the whole
+    axis, sometimes with one Ellipsis standing for the axes in between."""
+    ndim = len(shape)
+    count = draw(st.integers(0, ndim))
+    ellipsis_at = draw(st.none() | st.integers(0, count))
+    # Without an ellipsis the entries index the first axes; with one, those after it index the last.
+    axes = list(range(count)) if ellipsis_at is None else \
+        list(range(ellipsis_at)) + list(range(ndim - (count - ellipsis_at), ndim))
+    bound = st.none() | st.integers(-7, 7)
+    items = []
+    for axis in axes:
+        n = shape[axis]
+        items.append(draw(st.integers(-n, n - 1) | st.builds(slice, bound, bound, st.none() | st.sampled_from(
+            [-3, -2, -1, 1, 2, 3])) | st.just(slice(None)) | st.just(slice(None, None, 2))))
+    if ellipsis_at is not None:
+        items.insert(ellipsis_at, Ellipsis)
+    return tuple(items)
+
+
+@st.composite
+def pad_widths(draw, ndim: int, max_width: int = 2):
+    """One (before, after) pair of zero-padding counts per axis."""
+    width = st.integers(0, max_width)
+    return tuple((draw(width), draw(width)) for _ in range(ndim))

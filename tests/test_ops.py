@@ -7,7 +7,17 @@ from hypothesis import strategies as st
 
 from sclref import Tensor, ops
 from sclref.testing import check_grads
-from tests.strategies import arrays, broadcastable_pair, conv_geometry, distinct_arrays, pool_geometry, shapes
+from tests.strategies import (
+    arrays,
+    basic_indices,
+    batch_norm_shapes,
+    broadcastable_pair,
+    conv_geometry,
+    distinct_arrays,
+    pad_widths,
+    pool_geometry,
+    shapes,
+)
 
 T = Tensor
 
@@ -41,6 +51,23 @@ def max_pool_ref(x, k, s):
 def log_softmax_ref(x, axis):
     m = x.max(axis=axis, keepdims=True)
     return x - m - np.log(np.exp(x - m).sum(axis=axis, keepdims=True))
+
+
+def batch_norm_ref(x, w, b, mean, var, eps):
+    """(x - mean) / sqrt(var + eps) * w + b with (C,) statistics broadcast over axis 1; w, b may be None."""
+    c = (slice(None),) + (None,) * (x.ndim - 2)  # index that turns a (C,) vector into (C, 1, ...)
+    y = (x - mean[c]) / np.sqrt(var[c] + eps)
+    if w is not None:
+        y = y * w[c]
+    return y if b is None else y + b[c]
+
+
+def channel_stats(x):
+    """Per-channel mean, biased and unbiased variance of an (N, C, ...) array, from the definitions."""
+    values = np.moveaxis(x, 1, 0).reshape(x.shape[1], -1)
+    mean = values.sum(axis=1) / values.shape[1]
+    squares = ((values - mean[:, None]) ** 2).sum(axis=1)
+    return mean, squares / values.shape[1], squares / (values.shape[1] - 1)
 
 
 # -- elementwise binary ops with broadcasting ---------------------------------------------
@@ -185,6 +212,66 @@ def test_reshape_flatten_transpose(shape, data):
     check_grads(lambda t: t.T, a)
 
 
+@given(shape=shapes(1, 4), data=st.data())
+def test_getitem_forward_and_grad(shape, data):
+    a = data.draw(arrays(shape))
+    key = data.draw(basic_indices(shape))
+    np.testing.assert_array_equal(ops.getitem(T(a), key).data, a[key])
+    check_grads(lambda t: ops.getitem(t, key), a)
+
+
+def test_getitem_gradient_lands_on_the_selected_entries_only():
+    a = T(np.arange(24.0).reshape(2, 3, 4), requires_grad=True)
+    ops.getitem(a, (1, slice(None, None, 2), -1)).backward(np.array([5.0, 7.0]))
+    expected = np.zeros((2, 3, 4))
+    expected[1, 0, 3], expected[1, 2, 3] = 5.0, 7.0
+    np.testing.assert_array_equal(a.grad, expected)
+
+
+def test_getitem_refuses_what_is_not_basic_indexing():
+    a = T(np.ones((2, 3)))
+    with pytest.raises(TypeError, match="only integers, slices and ... can index"):
+        ops.getitem(a, [0, 1])
+    with pytest.raises(TypeError, match="only integers, slices and ... can index"):
+        ops.getitem(a, (np.array([0, 1]),))
+    with pytest.raises(TypeError, match="boolean indices"):
+        ops.getitem(a, True)
+    with pytest.raises(TypeError, match="slice fields must be integers"):
+        ops.getitem(a, slice(0.5, None))
+    with pytest.raises(ValueError, match="index 3 is out of range for axis 1 of size 3"):
+        ops.getitem(a, (0, 3))
+    with pytest.raises(ValueError, match="index -3 is out of range for axis 0 of size 2"):
+        ops.getitem(a, -3)
+    with pytest.raises(ValueError, match="3 indices for a tensor with 2 dimensions"):
+        ops.getitem(a, (0, 0, 0))
+    with pytest.raises(ValueError, match="single ellipsis"):
+        ops.getitem(a, (..., 0, ...))
+    with pytest.raises(ValueError, match="step cannot be zero"):
+        ops.getitem(a, slice(None, None, 0))
+
+
+@given(shape=shapes(1, 4), data=st.data())
+def test_pad_forward_and_grad(shape, data):
+    a = data.draw(arrays(shape))
+    widths = data.draw(pad_widths(len(shape)))
+    np.testing.assert_array_equal(ops.pad(T(a), widths).data, np.pad(a, widths))
+    check_grads(lambda t: ops.pad(t, widths), a)
+
+
+def test_pad_bad_inputs():
+    a = T(np.ones((2, 3)))
+    with pytest.raises(ValueError, match=r"one \(before, after\) pair for each of the 2 axes"):
+        ops.pad(a, ((1, 1),))
+    with pytest.raises(ValueError, match=r"one \(before, after\) pair for each of the 2 axes"):
+        ops.pad(a, ((1, 1), (1, 1, 1)))
+    with pytest.raises(ValueError, match="widths must be integers >= 0"):
+        ops.pad(a, ((0, 0), (-1, 0)))
+    with pytest.raises(ValueError, match="widths must be integers >= 0"):
+        ops.pad(a, ((0, 0), (0.5, 0)))
+    with pytest.raises(TypeError, match="pad_width must be a sequence"):
+        ops.pad(a, 2)
+
+
 # -- activations and losses --------------------------------------------------------------
 
 
@@ -279,6 +366,146 @@ def test_dropout_keeps_the_expected_fraction_and_is_off_in_eval():
     y = ops.dropout(a, 0.3, generator=np.random.default_rng(1)).data
     assert abs((y == 0).mean() - 0.3) < 0.005
     assert ops.dropout(a, 0.3, training=False) is a
+
+
+# -- normalization and global pooling --------------------------------------------------
+
+AFFINE = st.sampled_from(["weight and bias", "weight", "bias", "none"])
+
+
+def affine_inputs(data, affine, c):
+    """The (C,) weight and bias of one affine choice: an array, or None where the choice leaves it out."""
+    w = data.draw(arrays((c,), low=0.5, high=2.0)) * data.draw(st.sampled_from([-1.0, 1.0]))
+    b = data.draw(arrays((c,)))
+    return (w if "weight" in affine else None), (b if "bias" in affine else None)
+
+
+def batch_norm_of(w, b, **kwargs):
+    """A function of x and of those of w, b that are not None, for check_grads."""
+    def f(x, *ts):
+        ts = list(ts)
+        weight = ts.pop(0) if w is not None else None
+        bias = ts.pop(0) if b is not None else None
+        return ops.batch_norm(x, weight, bias, **kwargs)
+    return f
+
+
+@given(shape=batch_norm_shapes(), affine=AFFINE, momentum=st.sampled_from([0.0, 0.1, 0.5, 1.0]),
+       eps=st.sampled_from([1e-5, 1e-3, 0.5]), data=st.data())
+def test_batch_norm_training_forward_running_stats_and_grad(shape, affine, momentum, eps, data):
+    c = shape[1]
+    x = data.draw(arrays(shape, low=-2.0, high=3.0))
+    w, b = affine_inputs(data, affine, c)
+    old_mean, old_var = data.draw(arrays((c,))), data.draw(arrays((c,), low=0.1, high=2.0))
+    running_mean, running_var = old_mean.copy(), old_var.copy()
+    y = ops.batch_norm(T(x), None if w is None else T(w), None if b is None else T(b), running_mean, running_var,
+                       training=True, momentum=momentum, eps=eps)
+    mean, biased, unbiased = channel_stats(x)
+    np.testing.assert_allclose(y.data, batch_norm_ref(x, w, b, mean, biased, eps), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(running_mean, (1 - momentum) * old_mean + momentum * mean, rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(running_var, (1 - momentum) * old_var + momentum * unbiased, rtol=1e-13, atol=1e-15)
+    inputs = [v for v in (x, w, b) if v is not None]
+    check_grads(batch_norm_of(w, b, training=True, eps=eps), *inputs)
+
+
+@given(shape=batch_norm_shapes(), affine=AFFINE, eps=st.sampled_from([1e-5, 0.5]), data=st.data())
+def test_batch_norm_eval_forward_and_grad_use_the_running_statistics(shape, affine, eps, data):
+    c = shape[1]
+    x = data.draw(arrays(shape, low=-2.0, high=3.0))
+    w, b = affine_inputs(data, affine, c)
+    running_mean, running_var = data.draw(arrays((c,))), data.draw(arrays((c,), low=0.0, high=2.0))
+    before = running_mean.copy(), running_var.copy()
+    y = ops.batch_norm(T(x), None if w is None else T(w), None if b is None else T(b), running_mean, running_var,
+                       training=False, eps=eps)
+    np.testing.assert_allclose(y.data, batch_norm_ref(x, w, b, running_mean, running_var, eps), rtol=1e-13,
+                               atol=1e-13)
+    np.testing.assert_array_equal(running_mean, before[0])
+    np.testing.assert_array_equal(running_var, before[1])
+    inputs = [v for v in (x, w, b) if v is not None]
+    check_grads(batch_norm_of(w, b, running_mean=running_mean, running_var=running_var, eps=eps), *inputs)
+
+
+def test_batch_norm_op_stays_pure_and_the_running_statistics_change_once_per_call():
+    gen = np.random.default_rng(4)
+    x, w, b = T(gen.standard_normal((3, 2, 2, 2)), requires_grad=True), T(np.ones(2)), T(np.zeros(2))
+    running_mean, running_var = np.zeros(2), np.ones(2)
+    y = ops.batch_norm(x, w, b, running_mean, running_var, training=True)
+    after_call = running_mean.copy(), running_var.copy()
+    assert not np.array_equal(after_call[0], np.zeros(2))
+    ctx = y._ctx  # re-run the recorded op as check_grads does when it looks for a wrong rule
+    again = type(ctx)(ctx.parents, ctx.params).forward(x.data, w.data, b.data, **ctx.params)
+    np.testing.assert_array_equal(again, y.data)
+    y.backward(gen.standard_normal(y.shape))
+    np.testing.assert_array_equal(running_mean, after_call[0])
+    np.testing.assert_array_equal(running_var, after_call[1])
+
+    # In eval mode the op keeps its own copy of the statistics: a later update does not change it.
+    z = ops.batch_norm(x, w, b, running_mean, running_var, training=False)
+    ctx = z._ctx
+    running_mean += 1.0
+    again = type(ctx)(ctx.parents, ctx.params).forward(x.data, w.data, b.data, **ctx.params)
+    np.testing.assert_array_equal(again, z.data)
+
+
+def test_batch_norm_in_float32_stays_float32_and_matches_float64():
+    gen = np.random.default_rng(5)
+    x, w, b = gen.standard_normal((8, 3, 4, 4)), gen.standard_normal(3), gen.standard_normal(3)
+    want = ops.batch_norm(T(x), T(w), T(b), training=True).data
+    rm32, rv32 = np.zeros(3, np.float32), np.ones(3, np.float32)
+    x32 = T(x, requires_grad=True, dtype=np.float32)
+    got = ops.batch_norm(x32, T(w, dtype=np.float32), T(b, dtype=np.float32), rm32, rv32, training=True)
+    assert got.dtype == np.float32 and rm32.dtype == np.float32
+    np.testing.assert_allclose(got.data, want, rtol=1e-4, atol=1e-5)
+    got.sum().backward()
+    assert x32.grad.dtype == np.float32
+    with pytest.raises(TypeError, match=r"mixed dtypes float32 \(input\) and float64 \(running_mean\)"):
+        ops.batch_norm(x32, running_mean=np.zeros(3), running_var=np.ones(3), training=True)
+
+
+def test_batch_norm_bad_inputs():
+    x = T(np.ones((4, 3)))
+    stats = {"running_mean": np.zeros(3), "running_var": np.ones(3)}
+    with pytest.raises(ValueError, match=r"input must be \(N, C, ...\), got shape \(4,\)"):
+        ops.batch_norm(T(np.ones(4)), training=True)
+    with pytest.raises(ValueError, match=r"weight must have shape \(3,\) for 3 channels, got \(2,\)"):
+        ops.batch_norm(x, T(np.ones(2)), training=True)
+    with pytest.raises(ValueError, match=r"bias must have shape \(3,\)"):
+        ops.batch_norm(x, None, T(np.ones(4)), training=True)
+    with pytest.raises(ValueError, match=r"running_var must have shape \(3,\), got \(4,\)"):
+        ops.batch_norm(x, running_mean=np.zeros(3), running_var=np.ones(4))
+    with pytest.raises(TypeError, match="running_mean must be an ndarray"):
+        ops.batch_norm(x, running_mean=[0.0, 0.0, 0.0], running_var=np.ones(3))
+    with pytest.raises(ValueError, match="both running_mean and running_var, or neither"):
+        ops.batch_norm(x, running_mean=np.zeros(3), training=True)
+    with pytest.raises(ValueError, match="eval mode needs running_mean and running_var"):
+        ops.batch_norm(x)
+    with pytest.raises(ValueError, match="more than one value per channel"):
+        ops.batch_norm(T(np.ones((1, 3, 1, 1))), training=True)
+    with pytest.raises(ValueError, match="momentum must be a number in"):
+        ops.batch_norm(x, training=True, momentum=1.5, **stats)
+    with pytest.raises(ValueError, match="eps must be a positive finite number"):
+        ops.batch_norm(x, training=True, eps=0.0)
+    with pytest.raises(ValueError, match="running_var finite and >= 0"):
+        ops.batch_norm(x, running_mean=np.zeros(3), running_var=np.array([1.0, -1.0, 1.0]))
+    with pytest.raises(ValueError, match="running_mean must be finite"):
+        ops.batch_norm(x, running_mean=np.array([0.0, np.nan, 0.0]), running_var=np.ones(3))
+    with pytest.raises(TypeError, match="batch_norm: mixed dtypes float32 and float64"):
+        ops.batch_norm(x, T(np.ones(3, dtype=np.float32)), training=True)
+
+
+@given(n=st.integers(1, 3), c=st.integers(1, 3), h=st.integers(1, 5), w=st.integers(1, 5), data=st.data())
+def test_global_avg_pool2d_forward_and_grad(n, c, h, w, data):
+    x = data.draw(arrays((n, c, h, w)))
+    want = np.array([[x[i, j].sum() / (h * w) for j in range(c)] for i in range(n)])
+    np.testing.assert_allclose(ops.global_avg_pool2d(T(x)).data, want, rtol=1e-14, atol=1e-15)
+    check_grads(ops.global_avg_pool2d, x)
+
+
+def test_global_avg_pool2d_bad_inputs():
+    with pytest.raises(ValueError, match=r"global_avg_pool2d: input must be 4-D \(N, C, H, W\), got shape \(2, 3\)"):
+        ops.global_avg_pool2d(T(np.ones((2, 3))))
+    with pytest.raises(ValueError, match="no pixels to average"):
+        ops.global_avg_pool2d(T(np.ones((2, 3, 0, 4))))
 
 
 # -- bad input: clear errors naming the problem --------------------------------------------

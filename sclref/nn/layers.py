@@ -1,4 +1,4 @@
-"""Plain (unmasked) layers: Linear, Conv2d, pooling, activations, dropout, Sequential."""
+"""Plain (unmasked) layers: Linear, Conv2d, pooling (max, global average), activations, dropout, Sequential."""
 
 from __future__ import annotations
 
@@ -111,6 +111,13 @@ class MaxPool2d(Module):
 
     def extra_repr(self):
         return f"kernel_size={self.kernel_size}, stride={self.stride}"
+
+
+class GlobalAvgPool2d(Module):
+    """Mean over the spatial axes, (N, C, H, W) -> (N, C): the pooling before a ResNet's classifier."""
+
+    def forward(self, x):
+        return ops.global_avg_pool2d(x)
 
 
 class ReLU(Module):
