@@ -115,6 +115,7 @@ def prune_and_retrain(config: TrainConfig, dataset, sparsity, scope: str = "laye
     sparse.opt_w.load_state_dict(dense.opt_w.state_dict())
     sparse.order_rng.bit_generator.state = dense.order_rng.bit_generator.state
     sparse.epoch, sparse.history = dense.epoch, list(dense.history)  # epoch >= config.epochs: fine-tune only
+    sparse.epoch_seconds = list(dense.epoch_seconds)
     for _, layer in masked_layers(sparse.model):
         layer.freeze_mask()
     if log is not None:
@@ -124,4 +125,5 @@ def prune_and_retrain(config: TrainConfig, dataset, sparsity, scope: str = "laye
         if log is not None:
             log(f"magnitude: retrain epoch {record['epoch']}/{config.total_epochs} "
                 f"test err {100 * record['test_error']:.2f}%  sparsity {100 * record['sparsity']:.2f}%")
-    return RunResult(config, sparse.model, sparse.history, layer_report(sparse.model))
+    return RunResult(config, sparse.model, sparse.history, layer_report(sparse.model),
+                     epoch_seconds=sparse.epoch_seconds)

@@ -7,6 +7,7 @@ import platform
 import sys
 
 from sclref._version import __version__
+from sclref.argtypes import nonnegative_int
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -78,6 +79,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-limit", type=int, default=None, metavar="N", help="use the first N test samples")
     p.add_argument("--out", default=None, help="output directory (default runs/MODEL-DATA-STE-seedN)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--replace", action="store_true",
+                   help="start afresh in an --out that holds another run, deleting that run's files")
     p.add_argument("--json", action="store_true", help="print the final metrics as JSON on stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -86,17 +89,28 @@ def _train(args: argparse.Namespace) -> int:
     """Train with SCL, print one line per epoch and the per-layer table, write the run."""
     from pathlib import Path
 
-    from sclref.train import METRICS, TrainConfig, format_layers, train
+    from sclref.train import METRICS, DivergedError, TrainConfig, format_layers, train
 
-    values = {k: v for k, v in vars(args).items() if k not in ("func", "command", "out", "resume", "json",
+    values = {k: v for k, v in vars(args).items() if k not in ("func", "command", "out", "resume", "replace", "json",
                                                                "no_progress", "dense")}
     config = TrainConfig(masked=not args.dense, **values)
     data_name = Path(config.data).stem or config.data
     out = Path(args.out or f"runs/{config.model}-{data_name}-{config.ste if config.masked else 'dense'}"
                               f"-seed{config.seed}")
+    if args.resume and args.replace:
+        print("sclref train: error: --resume continues the run in --out, --replace deletes it: give one",
+              file=sys.stderr)
+        return 2
     log = (lambda line: print(line, file=sys.stderr)) if args.json else print
     try:
-        result = train(config, out, resume=args.resume, log=log, progress=not args.no_progress)
+        result = train(config, out, resume=args.resume, replace=args.replace, log=log,
+                       progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"\nsclref train: interrupted. {_resume_hint(out)}", file=sys.stderr)
+        return 130
+    except DivergedError as err:
+        print(f"sclref train: error: {err}", file=sys.stderr)
+        return 1
     except (ValueError, OSError, TypeError) as err:  # OSError: an unreadable --data, an --out that is a file
         print(f"sclref train: error: {err}", file=sys.stderr)
         return 2
@@ -112,6 +126,22 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resume_hint(out) -> str:
+    """Where the last checkpoint of an interrupted run is, and the command that continues it."""
+    import shlex
+
+    from sclref import io
+    from sclref.train import CHECKPOINT
+
+    try:
+        epoch = io.load_state(out / CHECKPOINT)["epoch"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"No checkpoint was written to {out}/ yet; start again to train."
+    argv = [a for a in sys.argv[1:] if a != "--replace"]
+    command = shlex.join(["sclref", *argv, *([] if "--resume" in argv else ["--resume"])])
+    return f"The last checkpoint is {out / CHECKPOINT} (after epoch {epoch}); continue with:\n  {command}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sclref",
@@ -125,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_arguments(train)
     train.set_defaults(func=_train)
     check = sub.add_parser("gradcheck", help="check every op's gradient against finite differences")
-    check.add_argument("--seed", type=int, default=0, help="seed of the test points (default 0)")
+    check.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the test points (default 0)")
     check.set_defaults(func=_gradcheck)
     from sclref.theory.cli import add_parser as add_theory
 
@@ -145,7 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:  # train says more; every other command has nothing to resume
+        print(f"\nsclref {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

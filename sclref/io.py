@@ -1,10 +1,13 @@
-"""Files that are never half-written: atomic writes, and nested state as one `.npz`.
+"""Files that are never half-written and always the same bytes: atomic writes, and nested state as one `.npz`.
 
 Every file sclref writes goes to a temporary file in the target directory and is renamed
 over the target only when complete, so an interrupted run leaves either the old file or
 the new one. Nested state (dicts and lists of arrays, numbers, strings; optimizer and
 model state, RNG states) is stored as one `.npz`: the arrays as members and the structure
-as a JSON member that refers to them.
+as a JSON member that refers to them. Zip members carry a fixed date and mode, so the
+same state always gives the same bytes. Reading trusts no size in the file: an array
+larger than its member or than `sclref.errors.check_allocation` allows, a structure
+nested too deeply, are `StateFileError`s.
 """
 
 from __future__ import annotations
@@ -18,11 +21,20 @@ from pathlib import Path
 
 import numpy as np
 
+from sclref.errors import InputError, check_allocation
+
 _STRUCTURE = "__structure__.json"
 _MARKERS = frozenset({"__array__", "__list__", "__intdict__"})
 # mkstemp creates files readable by their owner only; written files get the usual mode.
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
+# The zip format cannot store a date before 1980; every member gets this one.
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+_MAX_STRUCTURE_BYTES = 64 << 20
+
+
+class StateFileError(InputError):
+    """A state file (checkpoint, model) that is corrupt, truncated, foreign or claims more than it holds."""
 
 
 def atomic_write_bytes(path, data: bytes) -> None:
@@ -44,7 +56,53 @@ def atomic_write_bytes(path, data: bytes) -> None:
 
 
 def atomic_write_json(path, payload) -> None:
-    atomic_write_bytes(path, (json.dumps(payload, indent=2, sort_keys=False) + "\n").encode())
+    """Write `payload` as JSON; NaN or infinity is a ValueError, since JSON has no such numbers."""
+    atomic_write_bytes(path, (json.dumps(payload, indent=2, sort_keys=False, allow_nan=False) + "\n").encode())
+
+
+def zip_bytes(members: dict[str, bytes]) -> bytes:
+    """A stored (uncompressed) zip archive of `members` in their order, the same bytes for the same members."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name, content in members.items():
+            info = zipfile.ZipInfo(name, date_time=_ZIP_EPOCH)
+            info.external_attr = 0o644 << 16
+            zf.writestr(info, content)
+    return buf.getvalue()
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """`array` in the ``.npy`` format (0-d arrays stay 0-d; object arrays are refused)."""
+    member = io.BytesIO()
+    np.lib.format.write_array(member, array, allow_pickle=False)
+    return member.getvalue()
+
+
+def read_npy_member(zf: zipfile.ZipFile, name: str) -> np.ndarray:
+    """Read one ``.npy`` member, refusing a header that claims more data than the member holds.
+
+    Raises ValueError (of the header) or `LimitError` before anything of the claimed size is allocated.
+    """
+    size = zf.getinfo(name).file_size
+    with zf.open(name) as member:
+        version = np.lib.format.read_magic(member)
+        readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in readers:
+            raise ValueError(f"member {name}: .npy format version {version} is not one sclref writes")
+        try:
+            shape, _, dtype = readers[version](member)
+        # NumPy parses the header, a Python dict literal, with tokenize and ast: a damaged
+        # one can fail with TokenError, SyntaxError, ValueError, RecursionError, among others.
+        except Exception as err:  # noqa: BLE001 - any failure here means a damaged header
+            raise ValueError(f"member {name}: unreadable .npy header ({type(err).__name__}: {err})") from None
+        if dtype.hasobject:
+            raise ValueError(f"member {name} holds Python objects ({dtype}), which sclref never unpickles")
+        needed = check_allocation(shape, dtype.itemsize, f"member {name} (shape {shape}, {dtype})")
+        if needed > size - member.tell():
+            raise ValueError(f"member {name} claims shape {shape} of {dtype}: {needed:,} bytes, but holds "
+                             f"{max(0, size - member.tell()):,}")
+    with zf.open(name) as member:
+        return np.lib.format.read_array(member, allow_pickle=False)
 
 
 def _flatten(tree, arrays: dict):
@@ -87,18 +145,13 @@ def save_state(path, tree) -> None:
     """Store a nested dict/list of arrays and plain values atomically as one `.npz`."""
     arrays: dict = {}
     structure = _flatten(tree, arrays)
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
-        for key, arr in arrays.items():
-            member = io.BytesIO()
-            np.lib.format.write_array(member, arr, allow_pickle=False)  # keeps 0-d arrays 0-d
-            zf.writestr(f"{key}.npy", member.getvalue())
-        zf.writestr(_STRUCTURE, json.dumps(structure))
-    atomic_write_bytes(path, buf.getvalue())
+    members = {f"{key}.npy": npy_bytes(arr) for key, arr in arrays.items()}
+    members[_STRUCTURE] = json.dumps(structure).encode()  # Python floats round-trip, NaN included
+    atomic_write_bytes(path, zip_bytes(members))
 
 
 def load_state(path):
-    """Read what `save_state` wrote; a missing, truncated or foreign file is a clear error."""
+    """Read what `save_state` wrote; a missing path is FileNotFoundError, anything wrong inside a `StateFileError`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such state file")
@@ -108,18 +161,26 @@ def load_state(path):
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()
             if _STRUCTURE in names:
+                if zf.getinfo(_STRUCTURE).file_size > _MAX_STRUCTURE_BYTES:
+                    raise ValueError(f"{_STRUCTURE} is larger than {_MAX_STRUCTURE_BYTES:,} bytes")
                 structure = json.loads(zf.read(_STRUCTURE))
                 for name in names:
                     if name != _STRUCTURE and name.endswith(".npy"):
-                        with zf.open(name) as member:
-                            arrays[name[:-4]] = np.lib.format.read_array(member, allow_pickle=False)
-    # A cut-off or damaged file fails in the zip layer (BadZipFile, EOFError), in an array
-    # header (ValueError) or in the structure (JSONDecodeError, UnicodeDecodeError: ValueErrors).
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as err:
-        raise ValueError(f"{path}: corrupt or truncated state file ({err})") from None
+                        arrays[name[:-4]] = read_npy_member(zf, name)
+    except StateFileError:
+        raise
+    except InputError as err:  # a LimitError: already names the member and the size
+        raise StateFileError(f"{path}: {err}") from None
+    # A cut-off or damaged file fails in the zip layer (BadZipFile, EOFError, NotImplementedError
+    # for a foreign compression method), in an array header (ValueError, SyntaxError of its dict
+    # literal) or in the structure (JSONDecodeError, UnicodeDecodeError, RecursionError).
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, SyntaxError, NotImplementedError, RecursionError,
+            KeyError, TypeError, OverflowError) as err:
+        raise StateFileError(f"{path}: corrupt or truncated state file ({type(err).__name__}: {err})") from None
     if structure is missing:
-        raise ValueError(f"{path}: not an sclref state file (no {_STRUCTURE})")
+        raise StateFileError(f"{path}: not an sclref state file (no {_STRUCTURE})")
     try:
         return _unflatten(structure, arrays)
-    except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"{path}: corrupt state file: its structure does not match its arrays ({err!r})") from None
+    except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as err:
+        raise StateFileError(f"{path}: corrupt state file: its structure does not match its arrays "
+                             f"({type(err).__name__})") from None

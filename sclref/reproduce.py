@@ -40,6 +40,7 @@ import numpy as np
 from sclref import io, models, nn
 from sclref._version import __version__
 from sclref.baselines import prune_and_retrain
+from sclref.errors import InputError
 from sclref.scl import layer_report, masked_layers
 from sclref.train import TrainConfig, Trainer, build_model, format_epoch, load_data
 
@@ -182,17 +183,78 @@ def machine() -> dict:
 
 
 def load_runs(path) -> dict:
-    """The results file at `path`, or an empty one when there is none yet."""
+    """The results file at `path`, or an empty one when there is none yet.
+
+    Every run record is checked field by field (types, ranges, lengths that agree), so a
+    damaged or hand-edited file is an `InputError` naming the run and the field, never a
+    crash in the tables built from it.
+    """
     path = Path(path)
     if not path.exists():
         return {"format": FORMAT, "version": 1, "machine": machine(), "runs": []}
     try:
+        if path.stat().st_size > _MAX_RESULTS_BYTES:
+            raise InputError(f"{path}: larger than {_MAX_RESULTS_BYTES:,} bytes, not a results file of sclref's")
         store = json.loads(path.read_text())
-    except ValueError as err:
-        raise ValueError(f"{path}: not a readable JSON file ({err}); move it away to start afresh") from None
+    except (ValueError, RecursionError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise InputError(f"{path}: not a readable JSON file ({type(err).__name__}); move it away to start afresh") \
+            from None
     if not isinstance(store, dict) or store.get("format") != FORMAT or not isinstance(store.get("runs"), list):
-        raise ValueError(f"{path}: not an sclref reproduce results file; choose another output")
+        raise InputError(f"{path}: not an sclref reproduce results file; choose another output")
+    for i, run in enumerate(store["runs"]):
+        problem = _run_problem(run)
+        if problem:
+            raise InputError(f"{path}: run {i}: {problem}; move the file away to start afresh")
     return store
+
+
+_MAX_RESULTS_BYTES = 256 << 20
+_FRACTION, _COUNT, _NUMBER, _TEXT = "fraction", "count", "number", "text"
+_RUN_FIELDS = {"model": _TEXT, "data": _TEXT, "method": _TEXT, "seed": _COUNT, "test_error": _FRACTION,
+               "train_error": _FRACTION, "sparsity": _FRACTION, "dense_flops": _COUNT, "effective_flops": _NUMBER,
+               "train_seconds": _NUMBER, "wall_seconds": _NUMBER}
+_LAYER_FIELDS = {"layer": _TEXT, "weights": _COUNT, "kept": _COUNT, "sparsity": _FRACTION, "dense_flops": _COUNT,
+                 "effective_flops": _NUMBER}
+_EPOCH_FIELDS = {"epoch": _COUNT, "phase": _TEXT, "loss": _NUMBER, "train_error": _FRACTION,
+                 "test_error": _FRACTION, "sparsity": _FRACTION}
+
+
+def _field_problem(record, fields: dict) -> str | None:
+    if not isinstance(record, dict):
+        return f"a record must be an object, got {type(record).__name__}"
+    for name, kind in fields.items():
+        value = record.get(name)
+        if kind == _TEXT:
+            ok = isinstance(value, str)
+        else:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+                and (kind != _COUNT or (isinstance(value, int) and value >= 0)) \
+                and (kind != _FRACTION or 0 <= value <= 1)
+        if not ok:
+            return f"{name} must be a {kind}, got {value!r}"[:200]
+    return None
+
+
+def _run_problem(run) -> str | None:
+    """What is wrong with one run record of a results file, or None."""
+    problem = _field_problem(run, _RUN_FIELDS)
+    if problem:
+        return problem
+    if not isinstance(run.get("settings"), dict):
+        return "settings must be an object"
+    for key, fields in (("layers", _LAYER_FIELDS), ("history", _EPOCH_FIELDS)):
+        records = run.get(key)
+        if not isinstance(records, list) or not records:
+            return f"{key} must be a non-empty list"
+        for j, record in enumerate(records):
+            problem = _field_problem(record, fields)
+            if problem:
+                return f"{key}[{j}]: {problem}"
+    flips = run.get("flips")
+    if not (isinstance(flips, list) and len(flips) == len(run["history"])
+            and all(isinstance(f, int) and not isinstance(f, bool) for f in flips)):
+        return "flips must be a list of integers, one per epoch of the history"
+    return None
 
 
 def _find(store: dict, key: dict) -> dict | None:
@@ -213,7 +275,7 @@ def _plain_layer_report(model) -> list[dict]:
     return rows
 
 
-def _record(key: dict, run_settings: dict, model, history: list, wall: float, load: float) -> dict:
+def _record(key: dict, run_settings: dict, model, history: list, seconds: list, wall: float, load: float) -> dict:
     layers = layer_report(model) if masked_layers(model) else _plain_layer_report(model)
     weights, kept = sum(r["weights"] for r in layers), sum(r["kept"] for r in layers)
     final = history[-1]
@@ -225,9 +287,9 @@ def _record(key: dict, run_settings: dict, model, history: list, wall: float, lo
         "effective_flops": sum(r["effective_flops"] for r in layers),
         # Mask flips per epoch over all layers (0 where masks are frozen or absent).
         "flips": [sum(layer["flips"] for layer in rec["layers"].values()) for rec in history],
-        "history": [{k: rec[k] for k in ("epoch", "phase", "loss", "train_error", "test_error", "sparsity", "lam",
-                                         "seconds")} for rec in history],
-        "train_seconds": sum(rec["seconds"] for rec in history), "wall_seconds": wall,
+        "history": [{**{k: rec[k] for k in ("epoch", "phase", "loss", "train_error", "test_error", "sparsity", "lam")},
+                     "seconds": t} for rec, t in zip(history, seconds)],
+        "train_seconds": sum(seconds), "wall_seconds": wall,
         "load_average": load,
     }
 
@@ -271,13 +333,13 @@ def reproduce(settings: Settings, json_path, log=print, dataset=None) -> dict:
                 if METHODS[method].kind == "magnitude":
                     result = prune_and_retrain(config, dataset, _prune_target(run_settings, reference),
                                                METHODS[method].scope, log=lambda line, tag=tag: log(f"{tag} {line}"))
-                    trained, history = result.model, result.history
+                    trained, history, seconds = result.model, result.history, result.epoch_seconds
                 else:
                     trainer = Trainer(config, dataset)
                     while trainer.epoch < config.total_epochs:
                         log(f"{tag} {format_epoch(trainer.run_epoch(), config.total_epochs)}")
-                    trained, history = trainer.model, trainer.history
-                record = _record(key, run_settings, trained, history, time.perf_counter() - t0, load)
+                    trained, history, seconds = trainer.model, trainer.history, trainer.epoch_seconds
+                record = _record(key, run_settings, trained, history, seconds, time.perf_counter() - t0, load)
                 store["runs"] = [r for r in store["runs"] if r is not done] + [record]
                 store["machine"] = machine()
                 io.atomic_write_json(json_path, store)
@@ -310,6 +372,10 @@ def summarize(store: dict, settings: Settings) -> list[dict]:
             runs = [r for r in runs if r is not None]
             if not runs:
                 continue
+            shapes = {(tuple(row["layer"] for row in r["layers"]), len(r["history"])) for r in runs}
+            if len(shapes) > 1:
+                raise InputError(f"the runs of {model} / {method} disagree on their layers or epochs: "
+                                 "they were made with other settings; rerun them")
             mask_epochs = [i for i, rec in enumerate(runs[0]["history"]) if rec["phase"] == "mask"]
             rows.append({
                 "model": model, "method": method, "label": METHODS[method].label,

@@ -9,7 +9,9 @@ checkpoint holds the model, both optimizers, the λ controller and the data-orde
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -20,16 +22,33 @@ from pathlib import Path
 import numpy as np
 
 from sclref import data as datasets
-from sclref import io, models, ops, optim
+from sclref import io, models, ops, optim, rundir, threads
 from sclref import ste as ste_registry
 from sclref._version import __version__
 from sclref.autograd import Tensor, no_grad
+from sclref.errors import InputError
 from sclref.scl import LambdaController, SCLObjective, layer_report, masked_layers, sparsity
 
 CHECKPOINT = "checkpoint.npz"
 METRICS = "metrics.json"
 MODEL = "model.npz"
 MODEL_FORMAT, MODEL_VERSION = "sclref-model", 1  # the final model file of a run
+CHECKPOINT_FORMAT, CHECKPOINT_VERSION = "sclref-checkpoint", 2  # 2: data by content, provenance, no wall times
+MAX_INPUT_SIDE = 4096  # bound on each of (C, H, W) read from a model file
+MAX_CLASSES = datasets.MAX_CLASSES
+
+
+class DivergedError(ArithmeticError):
+    """The loss became NaN or infinite: the run stops, its last checkpoint holds the epoch before."""
+
+
+def _provenance() -> dict:
+    """What of the machine's set-up decides a run's bits (recorded in its checkpoint).
+
+    numba's thread count and JIT switch are left out: they change no bit of a run, and a
+    checkpoint must be the same bytes whatever they are.
+    """
+    return {k: v for k, v in threads.provenance().items() if k not in ("numba_threads", "jit_disabled")}
 
 
 @dataclass
@@ -61,39 +80,55 @@ class TrainConfig:
     test_limit: int | None = None
 
     def validate(self) -> None:
-        """Raise ValueError naming the first bad setting."""
+        """Raise `InputError` naming the first bad setting; numbers are checked in the dtype they live in."""
+        for f in dataclasses.fields(self):
+            value, kinds = getattr(self, f.name), _FIELD_TYPES[f.type]
+            if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+                raise InputError(f"{f.name} must be of type {f.type}, got {value!r}")
+        if self.dtype not in ("float32", "float64"):
+            raise InputError(f"dtype must be float32 or float64, got {self.dtype!r}")
         if self.model not in models.MODELS:
-            raise ValueError(f"unknown model {self.model!r}; choose from {sorted(models.MODELS)}")
+            raise InputError(f"unknown model {self.model!r}; choose from {sorted(models.MODELS)}")
         if self.ste not in ste_registry.available():
-            raise ValueError(f"unknown STE {self.ste!r}; registered: {', '.join(ste_registry.available())}")
+            raise InputError(f"unknown STE {self.ste!r}; registered: {', '.join(ste_registry.available())}")
         if not (math.isfinite(self.lam) and self.lam >= 0):
-            raise ValueError(f"λ must be a finite number >= 0, got {self.lam}")
+            raise InputError(f"λ must be a finite number >= 0, got {self.lam}")
         if self.target_sparsity is not None and not 0 < self.target_sparsity < 100:
-            raise ValueError(f"target sparsity must be in (0, 100) percent, got {self.target_sparsity}")
+            raise InputError(f"target sparsity must be in (0, 100) percent, got {self.target_sparsity}")
+        if self.target_sparsity is not None and not self.masked:
+            raise InputError("target sparsity needs a masked run: a dense run has no connections to prune")
+        if not (math.isfinite(self.ste_alpha) and 0 < self.ste_alpha < 1):
+            raise InputError(f"ste_alpha (the leaky_relu STE's slope) must be in (0, 1), got {self.ste_alpha}")
         SCLObjective(self.lam, self.normalization, self.weighting, self.normalize)  # validates those three
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.finetune_epochs < 0:
-            raise ValueError(f"finetune_epochs must be >= 0, got {self.finetune_epochs}")
+            raise InputError(f"finetune_epochs must be >= 0, got {self.finetune_epochs}")
         for name in ("lr", "mask_lr"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a finite number > 0, got {value}")
+                raise InputError(f"{name} must be a finite number > 0, got {value}")
         if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
-        if self.dtype not in ("float32", "float64"):
-            raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
+            raise InputError(f"momentum must be in [0, 1), got {self.momentum}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise InputError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
         if not math.isfinite(self.score_init):
-            raise ValueError(f"score_init must be finite, got {self.score_init}")
+            raise InputError(f"score_init must be finite, got {self.score_init}")
         if not (math.isfinite(self.lam_gain) and self.lam_gain > 0):
-            raise ValueError(f"lam_gain must be a finite number > 0, got {self.lam_gain}")
+            raise InputError(f"lam_gain must be a finite number > 0, got {self.lam_gain}")
+        # A value finite as a Python float can overflow in float32 (1e300 -> inf) and freeze every mask.
+        real = np.dtype(self.dtype).type
+        with np.errstate(over="ignore"):
+            for name in ("lam", "lr", "mask_lr", "score_init", "weight_decay", "ste_alpha"):
+                if not np.isfinite(real(getattr(self, name))):
+                    raise InputError(f"{name} = {getattr(self, name)} overflows {self.dtype}")
         if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
+            raise InputError(f"seed must be >= 0, got {self.seed}")
         for name in ("train_limit", "test_limit"):  # 0 would otherwise read as "no limit"
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1 (or None for all samples), got {value}")
+                raise InputError(f"{name} must be >= 1 (or None for all samples), got {value}")
 
     @property
     def total_epochs(self) -> int:
@@ -104,11 +139,21 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
+        """The config of `values` (as `to_dict` wrote it), validated."""
+        if not isinstance(values, dict):
+            raise InputError(f"training settings must be a mapping, got {type(values).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        unknown = sorted(set(values) - known, key=str)
         if unknown:
-            raise ValueError(f"unknown training settings: {unknown}")
-        return cls(**values)
+            raise InputError(f"unknown training settings: {unknown}")
+        config = cls(**values)
+        config.validate()
+        return config
+
+
+# The Python types each setting may hold (an int is accepted where a float is expected).
+_FIELD_TYPES = {"str": (str,), "float": (float, int), "int": (int,), "bool": (bool,),
+                "float | None": (float, int, type(None)), "int | None": (int, type(None))}
 
 
 @dataclass
@@ -120,6 +165,7 @@ class RunResult:
     history: list = field(default_factory=list)
     layers: list = field(default_factory=list)
     out_dir: Path | None = None
+    epoch_seconds: list = field(default_factory=list)  # wall time of each epoch (None where unknown)
 
 
 def build_model(config: TrainConfig, in_shape, num_classes: int):
@@ -171,12 +217,16 @@ class Trainer:
         self.epoch = 0
         self.steps_per_epoch = -(-len(dataset.x_train) // config.batch_size)
         self.history: list[dict] = []
+        self.epoch_seconds: list[float | None] = []  # wall times: kept apart, they differ between identical runs
+        self.data_fingerprint = dataset.fingerprint()
 
     # -- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """Everything a resume needs, and nothing that varies between identical runs (no wall times)."""
         return {
-            "format": "sclref-checkpoint", "version": 1, "sclref": __version__,
-            "config": self.config.to_dict(), "epoch": self.epoch, "history": self.history,
+            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "sclref": __version__,
+            "config": self.config.to_dict(), "data": self.data_fingerprint, "provenance": _provenance(),
+            "epoch": self.epoch, "history": self.history,
             "model": dict(self.model.state_dict()), "opt_w": self.opt_w.state_dict(),
             "opt_s": None if self.opt_s is None else self.opt_s.state_dict(),
             "controller": None if self.controller is None else self.controller.state_dict(),
@@ -184,24 +234,59 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if not isinstance(state, dict) or state.get("format") != "sclref-checkpoint" or state.get("version") != 1:
-            raise ValueError("not an sclref checkpoint of a version this sclref can read")
+        """Continue from a checkpoint of this very run; anything foreign, inconsistent or tampered is an InputError."""
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise InputError("not an sclref checkpoint")
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise InputError(f"checkpoint version {state.get('version')!r}: this sclref reads version "
+                             f"{CHECKPOINT_VERSION} (a run is resumed by the sclref that started it)")
         missing = sorted(set(self.state_dict()) - set(state))
         if missing:
-            raise ValueError(f"the checkpoint is incomplete: no {missing}")
+            raise InputError(f"the checkpoint is incomplete: no {missing}")
         saved = state["config"]
-        differ = sorted(k for k, v in self.config.to_dict().items() if saved.get(k) != v)
+        if not isinstance(saved, dict):
+            raise InputError("the checkpoint's settings are not a mapping")
+        # The data is compared by content below, not by the path it was given by.
+        differ = sorted(k for k, v in self.config.to_dict().items() if k != "data" and saved.get(k) != v)
         if differ:
-            raise ValueError(f"the checkpoint was made with other settings: {differ}; resume with the same ones")
-        self.model.load_state_dict(state["model"])
-        self.opt_w.load_state_dict(state["opt_w"])
-        if self.opt_s is not None:
-            self.opt_s.load_state_dict(state["opt_s"])
-        if self.controller is not None:
-            self.controller.load_state_dict(state["controller"])
-        self.objective.lam = state["lam"]
-        self.order_rng.bit_generator.state = state["order_rng"]
-        self.epoch, self.history = state["epoch"], state["history"]
+            raise InputError(f"the checkpoint was made with other settings: {differ}; resume with the same ones")
+        if state["data"] != self.data_fingerprint:
+            raise InputError(f"the checkpoint was trained on other data than {self.config.data!r} gives now "
+                             "(their contents differ); resume with the data the run started with")
+        differences = threads.resume_differences(state["provenance"]) if isinstance(state["provenance"], dict) \
+            else ["the checkpoint records no machine set-up"]
+        if differences:
+            raise InputError("resuming here would not give the result of the uninterrupted run: "
+                             + "; ".join(differences))
+        epoch, history, lam = state["epoch"], state["history"], state["lam"]
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch <= self.config.total_epochs:
+            raise InputError(f"the checkpoint's epoch must be an integer in [0, {self.config.total_epochs}], "
+                             f"got {epoch!r}")
+        if not (isinstance(history, list) and len(history) == epoch and all(isinstance(r, dict) for r in history)):
+            raise InputError(f"the checkpoint's history must be a list of {epoch} epoch records")
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not (math.isfinite(lam) and lam >= 0):
+            raise InputError(f"the checkpoint's λ must be a finite number >= 0, got {lam!r}")
+        part = "model"
+        try:
+            self.model.load_state_dict(state["model"])
+            part = "weight optimizer"
+            self.opt_w.load_state_dict(state["opt_w"])
+            part = "mask optimizer"
+            if self.opt_s is not None:
+                self.opt_s.load_state_dict(state["opt_s"])
+            part = "λ controller"
+            if self.controller is not None:
+                self.controller.load_state_dict(state["controller"])
+            part = "data-order generator"
+            self.order_rng.bit_generator.state = state["order_rng"]
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as err:
+            raise InputError(f"the checkpoint's {part} does not fit this run ({type(err).__name__}: {err})") from None
+        for name, value in self.model.state_dict().items():
+            if not np.isfinite(value).all():
+                raise InputError(f"the checkpoint's {name} holds NaN or infinite values")
+        self.objective.lam = float(lam)
+        self.epoch, self.history = epoch, history
+        self.epoch_seconds = [None] * epoch
         for _, layer in masked_layers(self.model):
             layer.freeze_mask(self.epoch >= self.config.epochs)
 
@@ -212,6 +297,9 @@ class Trainer:
         if self.opt_s is not None:
             self.opt_s.zero_grad()
         logits = self.model(Tensor(xb))
+        if not np.isfinite(logits.data).all():
+            raise DivergedError(f"the logits became NaN or infinite in epoch {self.epoch + 1}: training diverged "
+                                "(lower --lr or --mask-lr); the last checkpoint holds the epoch before")
         loss = ops.cross_entropy(logits, yb)
         loss.backward()
         if learn_masks:
@@ -221,6 +309,11 @@ class Trainer:
         return loss.item(), logits.data
 
     def run_epoch(self, progress=None) -> dict:
+        """Train one epoch and evaluate; BLAS is pinned to one thread meanwhile, so the bits do not depend on it."""
+        with threads.pinned():
+            return self._run_epoch(progress)
+
+    def _run_epoch(self, progress) -> dict:
         cfg, model = self.config, self.model
         finetune = self.epoch >= cfg.epochs
         layers = masked_layers(model)
@@ -235,6 +328,9 @@ class Trainer:
         step = self.epoch * self.steps_per_epoch
         for xb, yb in datasets.batches(self.data.x_train, self.data.y_train, cfg.batch_size, True, self.order_rng):
             loss, logits = self.step(xb, yb, learn_masks=not finetune and bool(layers))
+            if not math.isfinite(loss):
+                raise DivergedError(f"the loss became {loss} in epoch {self.epoch + 1}: training diverged "
+                                    "(lower --lr or --mask-lr); the last checkpoint holds the epoch before")
             if not finetune and layers:
                 for i, (_, layer) in enumerate(layers):
                     mask = layer.mask()
@@ -255,7 +351,7 @@ class Trainer:
             "loss": total_loss / seen,
             "penalty": self.objective.penalty(model) if layers else 0.0, "lam": self.objective.lam,
             "train_error": wrong / seen, "test_error": evaluate(model, self.data.x_test, self.data.y_test),
-            "sparsity": sparsity(model) if layers else 0.0, "seconds": seconds,
+            "sparsity": sparsity(model) if layers else 0.0,
             "layers": {
                 name: {"sparsity": layer.sparsity(), "flips": flips[i],
                        "pruned": int(np.count_nonzero(start_masks[i] & ~layer.mask())),
@@ -264,7 +360,8 @@ class Trainer:
             },
         }
         self.history.append(record)
-        return record
+        self.epoch_seconds.append(seconds)
+        return {**record, "seconds": seconds}
 
 
 def format_epoch(record: dict, total: int) -> str:
@@ -294,27 +391,46 @@ def load_data(config: TrainConfig):
     if config.train_limit is not None or config.test_limit is not None:
         dataset = datasets.subset(dataset, config.train_limit or len(dataset.x_train),
                                   config.test_limit or len(dataset.x_test))
+    if len(dataset.x_test) == 0:
+        raise InputError(f"{config.data}: the test set is empty, so no test error can be measured")
     return dataset
 
 
 def train(config: TrainConfig, out_dir=None, resume: bool = False, log=print, progress: bool = False,
-          stop_after: int | None = None) -> RunResult:
+          stop_after: int | None = None, replace: bool = False) -> RunResult:
     """Train as `config` says; write checkpoint, metrics and model to `out_dir` if given.
 
-    `resume` continues from ``out_dir/checkpoint.npz``. `stop_after` ends the run after
-    that many epochs in total (as an interruption would), leaving the checkpoint behind.
+    `resume` continues from ``out_dir/checkpoint.npz``; `replace` lets a fresh run start
+    in a directory that holds another run, whose files are deleted first (without it that
+    is an error). While the run writes, it holds the directory's lock: a second writer
+    fails at once. `stop_after` ends the run after that many epochs in total (as an
+    interruption would), leaving the checkpoint behind. Every epoch runs with BLAS pinned
+    to one thread (`sclref.threads`), so the result does not depend on the machine's
+    thread settings.
     """
     config.validate()
     out = None if out_dir is None else Path(out_dir)
     if resume and (out is None or not (out / CHECKPOINT).is_file()):
         raise FileNotFoundError(f"--resume: no checkpoint at {None if out is None else out / CHECKPOINT}")
+    if out is not None:
+        rundir.check_writable(out)
     dataset = load_data(config)
     trainer = Trainer(config, dataset)
-    if resume:
-        trainer.load_state_dict(io.load_state(out / CHECKPOINT))
-        log(f"resumed from {out / CHECKPOINT} after epoch {trainer.epoch}")
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        if out is not None:
+            stack.enter_context(rundir.claim(out, "keep" if resume else "replace" if replace else "refuse"))
+        if resume:
+            try:
+                trainer.load_state_dict(io.load_state(out / CHECKPOINT))
+            except InputError as err:
+                raise InputError(f"{out / CHECKPOINT}: {err}") from None
+            trainer.epoch_seconds = _previous_timing(out / METRICS, trainer.epoch)
+            log(f"resumed from {out / CHECKPOINT} after epoch {trainer.epoch}")
+        return _run(trainer, dataset, out, log, progress, stop_after)
+
+
+def _run(trainer: Trainer, dataset, out: Path | None, log, progress: bool, stop_after: int | None) -> RunResult:
+    config = trainer.config
     total = config.total_epochs
     last = total if stop_after is None else min(total, stop_after)
     bar = _progress_bar(trainer, dataset, config, last) if progress else None
@@ -328,12 +444,13 @@ def train(config: TrainConfig, out_dir=None, resume: bool = False, log=print, pr
     finally:
         if bar is not None:
             bar.close()
-    result = RunResult(config, trainer.model, trainer.history, [], out)
+    result = RunResult(config, trainer.model, trainer.history, [], out, trainer.epoch_seconds)
     if trainer.epoch == total:
         result.layers = layer_report(trainer.model) if masked_layers(trainer.model) else []
         if out is not None:
             io.save_state(out / MODEL, {"format": MODEL_FORMAT, "version": MODEL_VERSION, "config": config.to_dict(),
                                         "in_shape": list(dataset.in_shape), "num_classes": dataset.num_classes,
+                                        "preprocessing": dataset.preprocessing, "data": trainer.data_fingerprint,
                                         "state": dict(trainer.model.state_dict())})
             io.atomic_write_json(out / METRICS, _metrics(trainer, finished=True))
     return result
@@ -342,9 +459,11 @@ def train(config: TrainConfig, out_dir=None, resume: bool = False, log=print, pr
 def load_model(run_dir):
     """The trained model of a finished run directory, in eval mode, and the file's record.
 
-    The record holds ``config`` (a `TrainConfig` dict), ``in_shape`` and ``num_classes``
-    as `train` wrote them. A missing directory or model file is a FileNotFoundError, a
-    file that is not a model of this format a ValueError.
+    The record holds ``config`` (a `TrainConfig` dict), ``in_shape``, ``num_classes`` and
+    ``preprocessing`` (``{"pixel_max", "mean", "std"}``: inputs are ``(x / pixel_max -
+    mean) / std``; None in files of older runs) as `train` wrote them. A missing
+    directory or model file is a FileNotFoundError, a file that is not a model of this
+    format, or whose sizes are out of bounds, an `InputError` naming the file.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -354,11 +473,29 @@ def load_model(run_dir):
         raise FileNotFoundError(f"{path}: the run has no final model (is it finished?)")
     saved = io.load_state(path)
     if not isinstance(saved, dict) or saved.get("format") != MODEL_FORMAT or saved.get("version") != MODEL_VERSION:
-        raise ValueError(f"{path}: not an sclref model file of a version this sclref can read")
-    model = build_model(TrainConfig.from_dict(saved["config"]), tuple(saved["in_shape"]), int(saved["num_classes"]))
-    model.load_state_dict(saved["state"])
+        raise InputError(f"{path}: not an sclref model file of a version this sclref can read")
+    try:
+        config = TrainConfig.from_dict(saved.get("config"))
+        in_shape, num_classes = _model_geometry(saved)
+        saved.setdefault("preprocessing", None)
+        model = build_model(config, in_shape, num_classes)
+        model.load_state_dict(saved["state"])
+    except (InputError, KeyError, TypeError, ValueError, AttributeError) as err:
+        raise InputError(f"{path}: {type(err).__name__ + ': ' if not isinstance(err, InputError) else ''}{err}") \
+            from None
     model.eval()
     return model, saved
+
+
+def _model_geometry(saved: dict) -> tuple[tuple[int, int, int], int]:
+    """The (C, H, W) input shape and class count of a model record, bounded before anything is built."""
+    in_shape, num_classes = saved.get("in_shape"), saved.get("num_classes")
+    if not (isinstance(in_shape, list) and len(in_shape) == 3
+            and all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= MAX_INPUT_SIDE for d in in_shape)):
+        raise InputError(f"in_shape must be a list of three integers in [1, {MAX_INPUT_SIDE}], got {in_shape!r}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 1 <= num_classes <= MAX_CLASSES:
+        raise InputError(f"num_classes must be an integer in [1, {MAX_CLASSES}], got {num_classes!r}")
+    return tuple(in_shape), num_classes
 
 
 def _metrics(trainer: Trainer, finished: bool) -> dict:
@@ -367,13 +504,25 @@ def _metrics(trainer: Trainer, finished: bool) -> dict:
     layers = masked_layers(trainer.model)
     return {
         "sclref": __version__, "numpy": version("numpy"), "numba": version("numba"),
-        "config": trainer.config.to_dict(), "dataset": trainer.data.name, "finished": finished,
-        "epochs_done": trainer.epoch, "history": trainer.history,
+        "config": trainer.config.to_dict(), "dataset": trainer.data.name, "data": trainer.data_fingerprint,
+        "finished": finished, "epochs_done": trainer.epoch, "history": trainer.history,
         "final": None if not finished else {
             "test_error": trainer.history[-1]["test_error"], "sparsity": sparsity(trainer.model) if layers else 0.0,
             "layers": layer_report(trainer.model) if layers else [],
         },
+        # The one field that differs between identical runs: how long they took, on which threads.
+        "timing": {"epoch_seconds": trainer.epoch_seconds, "threads": threads.provenance()},
     }
+
+
+def _previous_timing(metrics_path: Path, epochs: int) -> list:
+    """The wall times of the epochs before a resume, from the metrics the interrupted run wrote (None if unknown)."""
+    try:
+        seconds = json.loads(metrics_path.read_text())["timing"]["epoch_seconds"]
+    except (OSError, ValueError, KeyError, TypeError):
+        seconds = []
+    seconds = seconds[:epochs] if isinstance(seconds, list) else []
+    return [v if isinstance(v, (int, float)) else None for v in seconds] + [None] * (epochs - len(seconds))
 
 
 def _progress_bar(trainer, dataset, config, last):

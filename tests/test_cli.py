@@ -1,8 +1,10 @@
 """The command line: version, help, info, and `sclref train` (in-process, small runs)."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -79,7 +81,8 @@ def test_train_prints_one_line_per_epoch_and_the_layer_table(tmp_path, capsys):
     assert lines[-1] == (f"test error {100 * final['test_error']:.2f}%, sparsity {100 * final['sparsity']:.2f}%; "
                          f"run written to {tmp_path / 'run'}/")
     assert captured.err == ""
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint.npz", "metrics.json", "model.npz"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".sclref.lock", "checkpoint.npz", "metrics.json",
+                                                                   "model.npz"]
 
 
 def test_train_json_prints_the_final_metrics(tmp_path, capsys):
@@ -179,3 +182,89 @@ def test_train_resume_continues_the_run(tmp_path, capsys):
     # Resuming with other settings names them.
     assert _train(tmp_path / "cut", "--resume", "--lam", "0.05") == 2
     assert "other settings: ['lam']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--alpha", "nan"], "ste_alpha (the leaky_relu STE's slope) must be in (0, 1), got nan"),
+    (["--score-init", "1e300"], "score_init = 1e+300 overflows float32"),
+    (["--dense", "--target-sparsity", "90"], "target sparsity needs a masked run"),
+    (["--resume", "--replace"], "give one"),
+])
+def test_train_values_that_would_break_the_run_later_fail_first(tmp_path, capsys, flags, message):
+    assert main(["train", *SMALL_RUN, "--out", str(tmp_path / "run"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sclref train: error: ") and message in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_gradcheck_negative_seed_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["gradcheck", "--seed", "-1"])
+    assert info.value.code == 2
+    assert "argument --seed: must be an integer >= 0, got -1" in capsys.readouterr().err
+
+
+def test_train_into_a_finished_run_needs_replace(tmp_path, capsys):
+    assert _train(tmp_path / "run") == 0
+    capsys.readouterr()
+    assert _train(tmp_path / "run") == 2
+    assert "holds another run" in capsys.readouterr().err
+    assert _train(tmp_path / "run", "--replace") == 0
+
+
+def _start_train(out, *extra):
+    env = {**os.environ, "SCLREF_NO_PROGRESS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "sclref", "train", "--epochs", "400", "--train-limit", "600",
+                             "--test-limit", "100", "--out", str(out), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _wait_for(path, proc, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.05)
+
+
+def test_ctrl_c_says_where_the_checkpoint_is_and_how_to_resume(tmp_path):
+    proc = _start_train(tmp_path / "run")
+    try:
+        _wait_for(tmp_path / "run" / "checkpoint.npz", proc)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert f"The last checkpoint is {tmp_path / 'run' / 'checkpoint.npz'} (after epoch" in err
+    assert "--resume" in err.splitlines()[-1]
+
+
+def test_two_writers_of_one_out_the_second_fails_at_once_the_first_finishes(tmp_path, capsys):
+    first = _start_train(tmp_path / "run", "--epochs", "100", "--train-limit", "1438")
+    try:
+        _wait_for(tmp_path / "run" / "checkpoint.npz", first)
+        assert main(["train", "--out", str(tmp_path / "run"), "--epochs", "100", "--train-limit", "1438",
+                     "--test-limit", "100", "--resume", "--no-progress"]) == 2
+        assert "another sclref process is writing" in capsys.readouterr().err
+        assert first.wait(300) == 0
+    finally:
+        first.kill()
+    assert (tmp_path / "run" / "model.npz").exists()
+
+
+def test_an_unwritable_out_fails_before_the_first_epoch(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert _train(tmp_path / "file" / "run") == 2
+    captured = capsys.readouterr()
+    assert "epoch" not in captured.out and "is a file" in captured.err
+
+
+def test_theory_checks_out_before_computing(tmp_path, capsys, monkeypatch):
+    import sclref.theory
+
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setattr(sclref.theory, "run", lambda **kw: pytest.fail("computed before --out was checked"))
+    assert main(["theory", "--quick", "--no-plots", "--out", str(tmp_path / "file" / "t")]) == 2
+    assert "is a file" in capsys.readouterr().err

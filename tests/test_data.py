@@ -1,8 +1,12 @@
 """The data layer: IDX files, dataset loaders and their checks, standardization, mini-batches."""
 
 import gzip
+import io
 import os
+import shutil
 import tempfile
+import tracemalloc
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +17,13 @@ from hypothesis.extra import numpy as hnp
 
 from sclref import rng
 from sclref.data import (
+    MAX_CLASSES,
     MNIST_FILES,
     Dataset,
     DatasetError,
     IDXError,
     batches,
+    check_preprocessing,
     load,
     load_digits,
     load_mnist_dir,
@@ -29,6 +35,8 @@ from sclref.data import (
     write_idx,
 )
 from sclref.data import datasets as datasets_module
+from sclref.errors import InputError, LimitError
+from tests.mutations import make_zip, npy_bytes, npy_claiming, zip_members
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 IDX_DTYPES = ["u1", "i1", "i2", "i4", "f4", "f8"]
@@ -108,7 +116,8 @@ def test_gzip_output_is_the_same_bytes_every_time(tmp_path):
     ("short-magic", b"\x00\x00\x08", ["truncated header"]),
     ("short-dims", b"\x00\x00\x08\x03" + b"\x00\x00\x00\x02", ["truncated header", "3 dimensions need 16 bytes"]),
     ("truncated", idx_bytes(0x0C, (10,), bytes(36)), ["truncated: expected 40 bytes of data, found 36"]),
-    ("trailing", idx_bytes(0x08, (2, 2), bytes(7)), ["3 trailing bytes after the 4 bytes of data"]),
+    # A gzip stream is read one byte past the data only, so its message cannot count them.
+    ("trailing", idx_bytes(0x08, (2, 2), bytes(7)), ["trailing bytes after the 4 bytes of data"]),
     ("empty", b"", ["truncated header"]),
 ])
 @pytest.mark.parametrize("compressed", [False, True])
@@ -552,7 +561,7 @@ def test_bad_npz_contents_are_named(tmp_path, overrides, phrase):
 
 def test_npz_object_arrays_are_not_unpickled(tmp_path):
     write_npz(tmp_path / "pickled.npz", y_test=np.array([0], dtype=object))
-    with pytest.raises(DatasetError, match="pickled.npz"):
+    with pytest.raises(DatasetError, match="pickled.npz.*y_test.npy.*objects.*never unpickles"):
         load_npz(tmp_path / "pickled.npz")
 
 
@@ -598,6 +607,337 @@ def test_an_unknown_spec_is_a_clear_error(spec):
 def test_a_spec_must_be_a_name_or_path():
     with pytest.raises(TypeError, match="name or a path"):
         load(3)
+
+
+# --- sizes taken from files ---------------------------------------------------------------
+
+def test_reader_errors_are_input_errors_and_value_errors():
+    for error in (IDXError, DatasetError):
+        assert issubclass(error, InputError) and issubclass(error, ValueError)
+
+
+def test_a_label_of_a_billion_in_an_npz_is_refused_naming_label_split_and_file(tmp_path):
+    write_npz(tmp_path / "labels.npz", y_test=np.array([10**9]))
+    with pytest.raises(LimitError) as info:
+        load_npz(tmp_path / "labels.npz")
+    message = str(info.value)
+    assert "labels.npz" in message and "label 1000000000" in message and "test split" in message
+    assert f"{MAX_CLASSES:,}" in message
+
+
+def test_a_label_of_a_billion_in_an_int32_idx_file_is_refused_naming_label_split_and_file(tmp_path):
+    make_mnist_dir(tmp_path, compress=(False,) * 4)
+    labels = (np.arange(30) % 4).astype(np.int32)
+    labels[7] = 10**9
+    write_idx(tmp_path / MNIST_FILES["train labels"], labels)
+    with pytest.raises(LimitError, match=r"train-labels-idx1-ubyte: label 1000000000 of the train split"):
+        load_mnist_dir(tmp_path)
+
+
+def test_the_largest_label_allowed_is_max_classes_minus_one(tmp_path):
+    write_npz(tmp_path / "edge.npz", y_train=np.array([0, MAX_CLASSES - 1]))
+    assert load_npz(tmp_path / "edge.npz").num_classes == MAX_CLASSES
+    write_npz(tmp_path / "over.npz", y_train=np.array([0, MAX_CLASSES]))
+    with pytest.raises(LimitError, match=f"label {MAX_CLASSES} of the train split"):
+        load_npz(tmp_path / "over.npz")
+
+
+def peak_bytes(call):
+    """The peak of memory traced while `call` runs, and the exception it raised."""
+    tracemalloc.start()
+    try:
+        call()
+    except Exception as err:  # noqa: BLE001 - returned for the caller to check
+        raised = err
+    else:
+        raised = None
+    finally:
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    return peak, raised
+
+
+def gzip_stream(header: bytes, zeros: int) -> bytes:
+    buf = io.BytesIO()
+    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0, compresslevel=1) as gz:
+        gz.write(header)
+        chunk = bytes(1 << 20)
+        for start in range(0, zeros, len(chunk)):
+            gz.write(chunk[:zeros - start])
+    return buf.getvalue()
+
+
+def test_a_gzip_bomb_is_refused_without_being_decompressed(tmp_path):
+    # The header announces 16 bytes; the stream inflates to 64 MiB more.
+    path = tmp_path / "bomb-idx1-ubyte.gz"
+    path.write_bytes(gzip_stream(bytes([0, 0, 0x08, 1]) + (16).to_bytes(4, "big"), 16 + (64 << 20)))
+    assert path.stat().st_size < 1 << 20
+    peak, raised = peak_bytes(lambda: read_idx(path))
+    assert isinstance(raised, IDXError) and "trailing bytes after the 16 bytes of data" in str(raised)
+    assert peak < 4 << 20
+
+
+def test_an_inflated_idx_dimension_is_a_limit_error_before_anything_is_read(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCLREF_MAX_ALLOC_BYTES", str(1 << 20))
+    # A well-formed file whose 4 MiB of data all follows: only the limit can stop it.
+    path = tmp_path / "big-idx3-ubyte.gz"
+    path.write_bytes(gzip_stream(bytes([0, 0, 0x08, 3]) + np.array([4, 1024, 1024], dtype=">u4").tobytes(), 4 << 20))
+    peak, raised = peak_bytes(lambda: read_idx(path))
+    assert isinstance(raised, LimitError), raised
+    assert "big-idx3-ubyte.gz" in str(raised) and "(4, 1024, 1024)" in str(raised)
+    assert peak < 1 << 20
+    raw = tmp_path / "raw-idx1-ubyte"
+    raw.write_bytes(idx_bytes(0x08, (2**31,), bytes(10)))
+    with pytest.raises(LimitError, match=r"raw-idx1-ubyte: the IDX header's dimensions \(2147483648,\)"):
+        read_idx(raw)
+
+
+def test_a_raw_idx_file_counts_its_trailing_bytes(tmp_path):
+    path = tmp_path / "long-idx1-ubyte"
+    path.write_bytes(idx_bytes(0x08, (2, 2), bytes(7)))
+    assert_idx_error(path, "3 trailing bytes after the 4 bytes of data")
+
+
+def test_an_empty_array_with_huge_sides_is_refused(tmp_path):
+    # Zero bytes to allocate, but NumPy cannot index sides whose product passes 2**63.
+    path = tmp_path / "empty-idx3-ubyte"
+    path.write_bytes(idx_bytes(0x08, (0, 2**32 - 1, 2**32 - 1, 2**32 - 1), b""))
+    assert_idx_error(path, "overflow NumPy's index range")
+
+
+def test_an_npz_header_claiming_a_huge_array_is_a_limit_error(tmp_path):
+    write_npz(tmp_path / "claim.npz")
+    members = zip_members((tmp_path / "claim.npz").read_bytes())
+    members["x_train.npy"] = npy_claiming((2**40,))
+    (tmp_path / "claim.npz").write_bytes(make_zip(members))
+    peak, raised = peak_bytes(lambda: load_npz(tmp_path / "claim.npz"))
+    assert isinstance(raised, LimitError)
+    assert "claim.npz: member 'x_train.npy'" in str(raised) and "(1099511627776,)" in str(raised)
+    assert peak < 1 << 20
+
+
+def test_the_standardized_copy_is_checked_before_it_is_allocated(tmp_path, monkeypatch):
+    # 64 KiB of raw pixels pass a 256 KiB limit; their float64 copy (512 KiB) does not.
+    monkeypatch.setenv("SCLREF_MAX_ALLOC_BYTES", str(256 << 10))
+    gen = np.random.default_rng(0)
+    np.savez(tmp_path / "raw.npz", x_train=gen.integers(0, 256, (64, 32, 32)).astype(np.uint8),
+             y_train=np.zeros(64, dtype=np.uint8), x_test=np.zeros((1, 32, 32), dtype=np.uint8),
+             y_test=np.zeros(1, dtype=np.uint8), pixel_max=255)
+    with pytest.raises(LimitError, match=r"raw.npz: the standardized train images \(float64\)"):
+        load_npz(tmp_path / "raw.npz")
+    assert load_npz(tmp_path / "raw.npz", dtype=np.float32).dtype == np.float32
+    with pytest.raises(LimitError, match="standardized train images"):
+        preprocess(np.zeros((64, 32, 32), dtype=np.uint8), np.zeros((1, 32, 32)), 255)
+
+
+def rewrite_member(path, name, content):
+    members = zip_members(path.read_bytes())
+    members[name] = content
+    path.write_bytes(make_zip(members))
+
+
+def npy_with_header(header: bytes, version=(1, 0)) -> bytes:
+    size = len(header).to_bytes(2 if version == (1, 0) else 4, "little")
+    return b"\x93NUMPY" + bytes(version) + size + header
+
+
+@pytest.mark.parametrize("content, phrase", [
+    (b"not an npy file", "not a .npy array"),
+    (npy_with_header(b"{}", version=(3, 0)), "format version 3.0"),
+    (b"\x93NUMPY\x02\x00" + (10**6).to_bytes(4, "little"), "a .npy header of 1,000,000 bytes"),
+    (npy_with_header(b"(" * 5000 + b")" * 5000), "bad .npy header"),
+    (npy_with_header(b"{'descr': '<f8', 'fortran_order': False, 'shape': (-3,), }"), "negative size"),
+    (npy_with_header(b"{'descr': [('a', '<f8')], 'fortran_order': False, 'shape': (2,), }"), "must be numbers"),
+    (npy_bytes(np.zeros(4))[:-8], "truncated"),
+    (npy_bytes(np.zeros(4)) + b"\x00", "trailing bytes"),
+])
+def test_a_bad_npy_member_is_named(tmp_path, content, phrase):
+    path = tmp_path / "member.npz"
+    write_npz(path)
+    rewrite_member(path, "x_train.npy", content)
+    with pytest.raises(InputError, match="member.npz: member 'x_train.npy'") as info:
+        load_npz(path)
+    assert phrase in str(info.value)
+
+
+def test_members_compressed_otherwise_or_encrypted_are_refused(tmp_path):
+    path = tmp_path / "bz.npz"
+    write_npz(path)
+    members = zip_members(path.read_bytes())
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_BZIP2) as zf:
+        for name, content in members.items():
+            zf.writestr(name, content)
+    with pytest.raises(DatasetError, match="compression method 12"):
+        load_npz(path)
+    content = bytearray(make_zip(members))
+    content[6] |= 0x1  # the first local header's "encrypted" flag
+    at = content.rfind(b"PK\x01\x02", 0, content.rfind(b"x_train.npy"))
+    content[at + 8] |= 0x1  # and the same flag in its central-directory entry
+    path.write_bytes(bytes(content))
+    with pytest.raises(DatasetError, match="encrypted"):
+        load_npz(path)
+
+
+def test_a_deflated_npz_loads(tmp_path):
+    ds = small_dataset()
+    np.savez_compressed(tmp_path / "small.npz", x_train=ds.x_train, y_train=ds.y_train, x_test=ds.x_test,
+                        y_test=ds.y_test)
+    np.testing.assert_array_equal(load_npz(tmp_path / "small.npz").x_test, ds.x_test)
+
+
+def test_a_fortran_ordered_npz_array_keeps_its_values(tmp_path):
+    ds = small_dataset()
+    write_npz(tmp_path / "f.npz", x_train=np.asfortranarray(ds.x_train), y_train=ds.y_train, x_test=ds.x_test,
+              y_test=ds.y_test)
+    back = load_npz(tmp_path / "f.npz")
+    np.testing.assert_array_equal(back.x_train, ds.x_train)
+    assert back.x_train.flags.c_contiguous
+
+
+# --- the preprocessing record -------------------------------------------------------------
+
+def test_a_loader_records_its_preprocessing(tmp_path):
+    raw = make_mnist_dir(tmp_path)
+    ds = load_mnist_dir(tmp_path)
+    train = raw["train images"] / 255
+    assert ds.preprocessing == pytest.approx({"pixel_max": 255.0, "mean": train.mean(), "std": train.std()},
+                                             rel=1e-12)
+    p = ds.preprocessing
+    np.testing.assert_allclose(ds.x_test[:, 0], (raw["test images"] / p["pixel_max"] - p["mean"]) / p["std"],
+                               rtol=1e-12, atol=1e-12)
+    digits = load_digits()
+    assert digits.preprocessing["pixel_max"] == 16.0 and digits.preprocessing["std"] > 0
+
+
+def test_given_statistics_standardize_the_test_split_as_the_full_load_did(tmp_path):
+    raw = make_mnist_dir(tmp_path / "full", compress=(False,) * 4)
+    full = load(tmp_path / "full")
+    # Another directory: the same test images, other train images (other statistics).
+    shutil.copytree(tmp_path / "full", tmp_path / "other")
+    brighter = np.minimum(raw["train images"].astype(np.int64) + 60, 255).astype(np.uint8)
+    write_idx(tmp_path / "other" / MNIST_FILES["train images"], brighter)
+    own = load(tmp_path / "other")
+    assert not np.array_equal(own.x_test, full.x_test)
+    given = load(tmp_path / "other", preprocessing=full.preprocessing)
+    np.testing.assert_array_equal(given.x_test, full.x_test)
+    assert given.preprocessing == full.preprocessing
+    np.testing.assert_array_equal(load(tmp_path / "other", dtype=np.float32, preprocessing=full.preprocessing).x_test,
+                                  load(tmp_path / "full", dtype=np.float32).x_test)
+
+
+def test_preprocess_returns_and_accepts_the_statistics():
+    gen = np.random.default_rng(3)
+    raw_train, raw_test = gen.integers(0, 256, (20, 4)), gen.integers(0, 256, (5, 4))
+    x_train, x_test, stats = preprocess(raw_train, raw_test, 255, return_statistics=True)
+    assert set(stats) == {"pixel_max", "mean", "std"}
+    again_train, again_test = preprocess(raw_train[:3], raw_test, 255, statistics=stats)
+    np.testing.assert_array_equal(again_test, x_test)
+    np.testing.assert_array_equal(again_train, x_train[:3])
+    # A constant train split is fine when the statistics are given.
+    preprocess(np.zeros((2, 4)), raw_test, 255, statistics=stats)
+
+
+@pytest.mark.parametrize("record, phrase", [
+    ({"pixel_max": 255, "mean": float("nan"), "std": 1}, "mean must be finite"),
+    ({"pixel_max": 255, "mean": 0, "std": float("inf")}, "std must be finite"),
+    ({"pixel_max": 255, "mean": 0, "std": 0}, "std must be positive"),
+    ({"pixel_max": -1, "mean": 0, "std": 1}, "pixel_max must be positive"),
+    ({"pixel_max": 255, "mean": 0}, "exactly the keys"),
+    ({"pixel_max": 255, "mean": 0, "std": 1, "extra": 2}, "exactly the keys"),
+    ({"pixel_max": 255, "mean": True, "std": 1}, "mean must be a number"),
+    ({"pixel_max": "255", "mean": 0, "std": 1}, "pixel_max must be a number"),
+    ({"pixel_max": 255, "mean": 10**400, "std": 1}, "too large for a float"),
+    ([255, 0, 1], "must be a mapping"),
+])
+def test_a_bad_preprocessing_record_is_a_dataset_error(tmp_path, record, phrase):
+    make_mnist_dir(tmp_path)
+    with pytest.raises(DatasetError, match=phrase):
+        load(tmp_path, preprocessing=record)
+    with pytest.raises(DatasetError, match=phrase):
+        check_preprocessing(record)
+
+
+def test_a_record_for_another_pixel_range_is_refused(tmp_path):
+    make_mnist_dir(tmp_path)
+    with pytest.raises(DatasetError, match="scales by pixel_max = 16 but these images range up to 255"):
+        load(tmp_path, preprocessing=load_digits().preprocessing)
+
+
+def test_subset_and_npz_keep_the_record(tmp_path):
+    make_mnist_dir(tmp_path / "d")
+    ds = load(tmp_path / "d")
+    assert subset(ds, 5, 2).preprocessing == ds.preprocessing
+    save_npz(ds, tmp_path / "ds.npz")
+    back = load_npz(tmp_path / "ds.npz")
+    assert back.preprocessing == ds.preprocessing
+    assert load_npz(tmp_path / "ds.npz", preprocessing=ds.preprocessing).fingerprint() == ds.fingerprint()
+
+
+def test_a_saved_dataset_is_standardized_again_by_another_record(tmp_path):
+    raw = make_mnist_dir(tmp_path / "d")
+    ds = load(tmp_path / "d")
+    save_npz(ds, tmp_path / "ds.npz")
+    other = {"pixel_max": 255.0, "mean": 0.25, "std": 0.5}
+    again = load_npz(tmp_path / "ds.npz", preprocessing=other)
+    np.testing.assert_allclose(again.x_test[:, 0], (raw["test images"] / 255 - 0.25) / 0.5, rtol=1e-12, atol=1e-12)
+    assert again.preprocessing == other
+    save_npz(Dataset(ds.x_train, ds.y_train, ds.x_test, ds.y_test), tmp_path / "bare.npz")
+    assert load_npz(tmp_path / "bare.npz").preprocessing is None
+    with pytest.raises(DatasetError, match="does not record how"):
+        load_npz(tmp_path / "bare.npz", preprocessing=other)
+
+
+def test_a_raw_npz_applies_a_given_record(tmp_path):
+    gen = np.random.default_rng(4)
+    raw_test = gen.integers(0, 256, (3, 4, 4)).astype(np.uint8)
+    np.savez(tmp_path / "raw.npz", x_train=gen.integers(0, 256, (8, 4, 4)).astype(np.uint8), y_train=np.arange(8) % 2,
+             x_test=raw_test, y_test=np.array([0, 1, 1]), pixel_max=255)
+    record = {"pixel_max": 255, "mean": 0.5, "std": 0.2}
+    ds = load(tmp_path / "raw.npz", preprocessing=record)
+    np.testing.assert_allclose(ds.x_test[:, 0], (raw_test / 255 - 0.5) / 0.2, rtol=1e-12)
+
+
+def test_a_dataset_checks_its_record():
+    ds = small_dataset()
+    with pytest.raises(DatasetError, match="small: preprocessing: std must be positive"):
+        Dataset(ds.x_train, ds.y_train, ds.x_test, ds.y_test, name="small",
+                preprocessing={"pixel_max": 1, "mean": 0, "std": -1})
+
+
+# --- fingerprints -------------------------------------------------------------------------
+
+def test_the_same_data_by_another_path_has_the_same_fingerprint(tmp_path):
+    make_mnist_dir(tmp_path / "a", compress=(True, True, False, False))
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    a, b = load(tmp_path / "a"), load(tmp_path / "b")
+    assert a.name != b.name
+    assert a.fingerprint() == b.fingerprint()
+    assert len(a.fingerprint()) == 64 and int(a.fingerprint(), 16) >= 0
+    save_npz(a, tmp_path / "a.npz")
+    save_npz(a, tmp_path / "elsewhere.npz")
+    assert load(tmp_path / "a.npz").fingerprint() == load(tmp_path / "elsewhere.npz").fingerprint() == a.fingerprint()
+
+
+def test_one_changed_pixel_or_label_changes_the_fingerprint(tmp_path):
+    raw = make_mnist_dir(tmp_path / "a", compress=(False,) * 4)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    test_images = raw["test images"].copy()
+    test_images[3, 2, 1] ^= 1
+    write_idx(tmp_path / "b" / MNIST_FILES["test images"], test_images)
+    a = load(tmp_path / "a")
+    assert load(tmp_path / "b").fingerprint() != a.fingerprint()
+    y_test = a.y_test.copy()
+    y_test[0] = 3 - y_test[0]
+    assert Dataset(a.x_train, a.y_train, a.x_test, y_test).fingerprint() != a.fingerprint()
+    assert load(tmp_path / "a", dtype=np.float32).fingerprint() != a.fingerprint()
+
+
+def test_the_fingerprint_sees_values_not_layout():
+    ds = small_dataset()
+    swapped = Dataset(ds.x_train[::-1].copy()[::-1], ds.y_train, np.asfortranarray(ds.x_test), ds.y_test, name="other")
+    assert swapped.fingerprint() == ds.fingerprint()
+    moved = Dataset(ds.x_test.copy(), ds.y_test.copy(), ds.x_train.copy(), ds.y_train.copy())
+    assert moved.fingerprint() != ds.fingerprint()
 
 
 # --- batches ------------------------------------------------------------------------------

@@ -313,3 +313,99 @@ def test_atomic_write_json(tmp_path):
     io.atomic_write_json(tmp_path / "m.json", {"finished": False, "history": [{"loss": 0.5}]})
     text = (tmp_path / "m.json").read_text()
     assert text.endswith("\n") and json.loads(text) == {"finished": False, "history": [{"loss": 0.5}]}
+
+
+# -- the same bytes, and sizes trusted only after a check -----------------------------------
+
+def test_the_same_state_gives_the_same_bytes_at_any_time(tmp_path, monkeypatch):
+    import time as time_module
+
+    state = {"w": np.arange(6.0).reshape(2, 3), "step": 3, "rng": {"state": 2**70}}
+    io.save_state(tmp_path / "a.npz", state)
+    real_time = time_module.time
+    monkeypatch.setattr(time_module, "time", lambda: real_time() + 86400 * 400)  # a year later
+    monkeypatch.setattr(time_module, "localtime", lambda *a: time_module.struct_time((2031, 6, 1, 12, 0, 0, 0, 1, 0)))
+    io.save_state(tmp_path / "b.npz", state)
+    assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
+    with zipfile.ZipFile(tmp_path / "a.npz") as zf:
+        assert {info.date_time for info in zf.infolist()} == {(1980, 1, 1, 0, 0, 0)}
+
+
+def test_metrics_json_refuses_nan_instead_of_writing_invalid_json(tmp_path):
+    with pytest.raises(ValueError, match="JSON compliant"):
+        io.atomic_write_json(tmp_path / "m.json", {"loss": float("nan")})
+    assert _leftovers(tmp_path) == []
+
+
+def test_an_array_header_claiming_more_than_its_member_holds_is_refused_before_allocation(tmp_path, monkeypatch):
+    from tests.mutations import npy_claiming
+
+    monkeypatch.setenv("SCLREF_MAX_ALLOC_BYTES", str(1 << 40))
+    _zip(tmp_path / "s.npz", {"a0.npy": npy_claiming((2**30, 64)), "__structure__.json": b'{"__array__": "a0"}'})
+    with pytest.raises(io.StateFileError, match=r"claims shape \(1073741824, 64\)"):
+        io.load_state(tmp_path / "s.npz")
+
+
+def test_an_array_beyond_the_allocation_limit_is_a_limit_error_naming_the_member(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCLREF_MAX_ALLOC_BYTES", "1000")
+    io.save_state(tmp_path / "s.npz", {"w": np.zeros(200)})
+    with pytest.raises(io.StateFileError, match=r"member a0.npy \(shape \(200,\), float64\).*1,600 bytes"):
+        io.load_state(tmp_path / "s.npz")
+
+
+def test_a_structure_nested_100000_deep_is_a_clear_error(tmp_path):
+    deep = "[" * 100_000 + "]" * 100_000
+    _zip(tmp_path / "s.npz", {"__structure__.json": deep.encode()})
+    with pytest.raises(io.StateFileError, match="corrupt"):
+        io.load_state(tmp_path / "s.npz")
+    marker = '{"__list__": ' * 5000 + "1" + "}" * 5000
+    _zip(tmp_path / "t.npz", {"__structure__.json": marker.encode()})
+    try:
+        io.load_state(tmp_path / "t.npz")
+    except io.StateFileError:
+        pass  # refused with sclref's error, or read: never a RecursionError
+
+
+FUZZ_COUNTS: dict = {}
+
+
+def _state_reader_sees(data: bytes, tmp_path, name: str) -> None:
+    """Load a (mutated) state file: it must load, or fail with an InputError that says something."""
+    from sclref.errors import InputError
+
+    FUZZ_COUNTS[name] = FUZZ_COUNTS.get(name, 0) + 1
+    path = tmp_path / f"{name}.npz"
+    path.write_bytes(data)
+    try:
+        io.load_state(path)
+    except InputError as err:
+        assert str(err)
+
+
+def _valid_state_file(tmp_path) -> bytes:
+    state = {"format": "x", "version": 1, "model": {"fc1.weight": np.ones((3, 4), np.float32), "fc1.bias": np.zeros(3)},
+             "history": [{"epoch": 1, "loss": 0.5}], "rng": {"state": {"state": 2**100, "inc": 7}}, "none": None,
+             3: "int key", "t": (1, 2.5, "s"), "scalar": np.float64(2.0), "zero_d": np.array(7)}
+    io.save_state(tmp_path / "valid.npz", state)
+    return (tmp_path / "valid.npz").read_bytes()
+
+
+def test_fuzz_the_state_file_reader(tmp_path_factory):
+    from hypothesis import HealthCheck, given, settings
+
+    from tests.mutations import file_mutations
+
+    tmp_path = tmp_path_factory.mktemp("fuzz")
+    valid = _valid_state_file(tmp_path)
+
+    @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(file_mutations(valid))
+    def check(data):
+        _state_reader_sees(data, tmp_path, "state")
+
+    os.environ["SCLREF_MAX_ALLOC_BYTES"] = str(64 << 20)
+    try:
+        check()
+    finally:
+        del os.environ["SCLREF_MAX_ALLOC_BYTES"]
+    assert FUZZ_COUNTS["state"] >= 400

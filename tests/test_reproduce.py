@@ -9,7 +9,7 @@ import pytest
 
 from sclref import reproduce as rp
 from sclref.cli import main
-from sclref.reproduce import METHODS, Settings, markdown, plot, reproduce, summarize
+from sclref.reproduce import METHODS, Settings, load_runs, markdown, plot, reproduce, summarize
 from sclref.train import Trainer
 
 QUICK = Settings.quick(seeds=(0, 1))
@@ -322,3 +322,32 @@ def test_cli_sweep_prints_every_lambda(swept, tmp_path, capsys):
                                          (1.0, "1.0×")])
 def test_flops_reduction_is_not_a_ratio_when_almost_nothing_is_left(kept, shown):
     assert rp._reduction(kept) == shown
+
+
+def test_fuzz_the_results_file_reader(quick_run, tmp_path_factory):
+    """A mutated results file is read and tabulated, or refused with sclref's InputError: nothing else."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from sclref.errors import InputError
+    from tests.mutations import byte_mutations, json_text_mutations
+
+    tmp = tmp_path_factory.mktemp("fuzz")
+    valid_text = quick_run[0].read_text()
+    doc = json.loads(valid_text)
+    seen = [0]
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(st.one_of(json_text_mutations(doc), byte_mutations(valid_text.encode()).map(
+        lambda b: b.decode("latin-1"))))
+    def check(text):
+        seen[0] += 1
+        path = tmp / "results.json"
+        path.write_text(text, encoding="latin-1")
+        try:
+            markdown(summarize(load_runs(path), QUICK), QUICK)
+        except InputError as err:
+            assert str(err)
+
+    check()
+    assert seen[0] >= 300

@@ -8,6 +8,7 @@ are made once per module; everything else uses small subsets and a few epochs.
 import json
 import math
 import os
+import time
 
 import numpy as np
 import pytest
@@ -50,7 +51,8 @@ def comparable(history) -> list:
 
 
 def files(directory) -> list:
-    return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+    """The files in `directory` but the run directory's lock."""
+    return sorted(p.name for p in directory.iterdir() if p.name != ".sclref.lock") if directory.exists() else []
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +188,8 @@ def test_pruned_and_revived_match_mask_snapshots():
 def test_record_fields(default_runs):
     record = default_runs["masked"].history[0]
     assert set(record) == {"epoch", "phase", "loss", "penalty", "lam", "train_error", "test_error", "sparsity",
-                           "seconds", "layers"}
+                           "layers"}  # no wall time: it would make identical runs' files differ
+    assert len(default_runs["masked"].epoch_seconds) == 40
     assert list(record["layers"]) == ["fc1", "fc2", "fc3"]
     kept = sum((1 - row["sparsity"]) * LAYER_SIZES[name] for name, row in record["layers"].items())
     assert record["penalty"] == pytest.approx(0.03 * kept)
@@ -511,3 +514,210 @@ def test_load_model_names_what_is_missing_or_wrong(tmp_path, pruning_run):
     (tmp_path / MODEL).write_bytes((pruning_run.out_dir / CHECKPOINT).read_bytes())
     with pytest.raises(ValueError, match="not an sclref model file"):
         load_model(tmp_path)
+
+
+# -- a run directory belongs to one run -------------------------------------------------------
+
+def test_a_fresh_run_refuses_a_finished_runs_directory_and_replace_starts_over(tmp_path):
+    run(tmp_path, **SMALL)
+    before = (tmp_path / MODEL).read_bytes()
+    with pytest.raises(ValueError, match=r"holds another run \(checkpoint.npz, metrics.json, model.npz\)"):
+        run(tmp_path, **{**SMALL, "seed": 1})
+    assert (tmp_path / MODEL).read_bytes() == before
+    # Replaced and stopped after 2 epochs, as a kill would: the old model must not survive beside it.
+    train(TrainConfig(**{**SMALL, "seed": 1}), tmp_path, log=quiet, stop_after=2, replace=True)
+    assert not (tmp_path / MODEL).exists()
+    assert io.load_state(tmp_path / CHECKPOINT)["config"]["seed"] == 1
+
+
+def test_a_second_writer_of_a_run_directory_fails_at_once(tmp_path):
+    from sclref import rundir
+
+    with rundir.claim(tmp_path / "run"):
+        with pytest.raises(ValueError, match="another sclref process is writing"):
+            run(tmp_path / "run", **SMALL)
+    assert files(tmp_path / "run") == []
+
+
+def test_an_unwritable_out_is_reported_before_any_data_is_read(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setattr(train_module, "load_data", lambda config: pytest.fail("data read before --out was checked"))
+    with pytest.raises(ValueError, match="is a file"):
+        run(tmp_path / "file" / "run", **SMALL)
+
+
+# -- values that pass one check and break the run later ---------------------------------------
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(ste_alpha=math.nan), r"ste_alpha .* must be in \(0, 1\), got nan"),
+    (dict(ste_alpha=1.5, ste="leaky_relu"), r"must be in \(0, 1\)"),
+    (dict(score_init=1e300), "score_init = 1e\\+300 overflows float32"),
+    (dict(lr=1e39), "lr = 1e\\+39 overflows float32"),
+    (dict(masked=False, target_sparsity=90.0), "target sparsity needs a masked run"),
+    (dict(epochs=2.5), "epochs must be of type int, got 2.5"),
+    (dict(lam="0.1"), "lam must be of type float"),
+    (dict(masked=1), "masked must be of type bool"),
+    (dict(weight_decay=-1.0), "weight_decay must be a finite number >= 0"),
+], ids=lambda v: str(v)[:30])
+def test_values_that_would_break_the_run_later_are_refused_first(tmp_path, bad, message):
+    with pytest.raises(ValueError, match=message):
+        run(tmp_path / "run", **{**SMALL, **bad})
+    assert not (tmp_path / "run").exists()
+
+
+def test_score_init_that_fits_float64_but_not_float32_is_fine_in_float64():
+    TrainConfig(score_init=1e300, dtype="float64").validate()
+
+
+def test_an_empty_test_set_is_an_error_not_zero_error(tmp_path):
+    from sclref import data
+
+    digits = data.load("digits")
+    empty = data.Dataset(digits.x_train[:50], digits.y_train[:50], digits.x_test[:0], digits.y_test[:0], "empty")
+    data.save_npz(empty, tmp_path / "empty.npz")
+    with pytest.raises(ValueError, match="test set is empty"):
+        run(tmp_path / "run", data=str(tmp_path / "empty.npz"), epochs=1, finetune_epochs=0)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+def test_a_diverging_run_stops_with_a_clear_error_and_writes_no_nan(tmp_path):
+    with pytest.raises(train_module.DivergedError, match=r"became NaN or infinite in epoch 1: training diverged"):
+        run(tmp_path, **{**SMALL, "lr": 1e30})
+    assert files(tmp_path) == []
+
+
+def _tamper(path, **changes):
+    state = io.load_state(path)
+    state.update(changes)
+    io.save_state(path, state)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(history=5), "history must be a list of 2 epoch records"),
+    (dict(epoch=-5), r"epoch must be an integer in \[0, 5\], got -5"),
+    (dict(epoch=99), r"epoch must be an integer in \[0, 5\], got 99"),
+    (dict(lam=math.nan), "λ must be a finite number >= 0, got nan"),
+    (dict(lam="x"), "λ must be a finite number"),
+    (dict(order_rng={"bit_generator": "PCG64", "state": 5}), "data-order generator does not fit"),
+    (dict(model={"fc1.weight": np.zeros(3)}), "model does not fit"),
+    (dict(opt_w=7), "weight optimizer does not fit"),
+    (dict(config=[1]), "settings are not a mapping"),
+    (dict(provenance={"blas": [], "numpy": "0.0", "numba": "0.0"}), "would not give the result of the uninterrupted"),
+    (dict(version=1), "checkpoint version 1"),
+], ids=lambda v: str(v)[:25])
+def test_a_tampered_checkpoint_is_refused_naming_the_field(tmp_path, changes, message):
+    train(TrainConfig(**SMALL), tmp_path, log=quiet, stop_after=2)
+    _tamper(tmp_path / CHECKPOINT, **changes)
+    with pytest.raises(ValueError, match=message):
+        train(TrainConfig(**SMALL), tmp_path, resume=True, log=quiet)
+
+
+def test_a_checkpoint_with_nan_weights_is_refused(tmp_path):
+    train(TrainConfig(**SMALL), tmp_path, log=quiet, stop_after=1)
+    state = io.load_state(tmp_path / CHECKPOINT)
+    state["model"]["fc1.weight"][0, 0] = np.nan
+    io.save_state(tmp_path / CHECKPOINT, state)
+    with pytest.raises(ValueError, match="fc1.weight holds NaN"):
+        train(TrainConfig(**SMALL), tmp_path, resume=True, log=quiet)
+
+
+# -- data is identified by content ------------------------------------------------------------
+
+def _npz_digits(path, flip_one_pixel=False):
+    from sclref import data
+
+    d = data.load_digits()
+    x_train = d.x_train.copy()
+    if flip_one_pixel:
+        x_train[0, 0, 0, 0] += 1.0
+    data.save_npz(data.Dataset(x_train, d.y_train, d.x_test, d.y_test, "digits"), path)
+
+
+def test_resume_accepts_the_same_data_by_another_path_and_refuses_other_data_at_the_same_path(tmp_path):
+    _npz_digits(tmp_path / "a.npz")
+    (tmp_path / "b.npz").write_bytes((tmp_path / "a.npz").read_bytes())
+    base = dict(SMALL, data=str(tmp_path / "a.npz"))
+    uninterrupted = run(tmp_path / "full", **base)
+    train(TrainConfig(**base), tmp_path / "run", log=quiet, stop_after=2)
+    resumed = train(TrainConfig(**{**base, "data": str(tmp_path / "b.npz")}), tmp_path / "run", resume=True, log=quiet)
+    assert param_bytes(resumed.model) == param_bytes(uninterrupted.model)
+
+    train(TrainConfig(**base), tmp_path / "other", log=quiet, stop_after=2)
+    _npz_digits(tmp_path / "a.npz", flip_one_pixel=True)
+    with pytest.raises(ValueError, match="trained on other data"):
+        train(TrainConfig(**base), tmp_path / "other", resume=True, log=quiet)
+
+
+# -- the same seed gives the same bytes ---------------------------------------------------------
+
+def test_two_identical_runs_write_the_same_bytes_but_for_timing(tmp_path):
+    run(tmp_path / "a", **SMALL)
+    time.sleep(2.1)  # zip member times have a 2-second resolution
+    run(tmp_path / "b", **SMALL)
+    for name in (CHECKPOINT, MODEL):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    metrics = [json.loads((tmp_path / d / METRICS).read_text()) for d in ("a", "b")]
+    assert all(len(m.pop("timing")["epoch_seconds"]) == 5 for m in metrics)
+    assert metrics[0] == metrics[1]
+    assert "seconds" not in json.dumps(metrics[0]["history"])
+
+
+def test_the_model_file_carries_the_input_scaling(pruning_run):
+    _, record = load_model(pruning_run.out_dir)
+    prep = record["preprocessing"]
+    assert prep["pixel_max"] == 16.0 and prep["std"] > 0 and math.isfinite(prep["mean"])
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("num_classes", 10**9, r"num_classes must be an integer in \[1, "),
+    ("in_shape", [1, 10**6, 10**6], "in_shape must be a list of three integers"),
+    ("in_shape", "x", "in_shape must be"),
+    ("config", {"model": 5}, "model must be of type str"),
+])
+def test_a_tampered_model_file_is_refused_before_allocation(tmp_path, pruning_run, field, value, message):
+    (tmp_path / MODEL).write_bytes((pruning_run.out_dir / MODEL).read_bytes())
+    _tamper(tmp_path / MODEL, **{field: value})
+    with pytest.raises(ValueError, match=message):
+        load_model(tmp_path)
+
+
+def test_fuzz_the_checkpoint_and_model_readers(tmp_path_factory, pruning_run):
+    """Mutated checkpoints and model files load, or fail with sclref's InputError: nothing else."""
+    from hypothesis import HealthCheck, given, settings
+
+    from sclref.errors import InputError
+    from tests.mutations import file_mutations
+
+    tmp = tmp_path_factory.mktemp("fuzz")
+    seen = {"checkpoint": 0, "model": 0}
+    config = TrainConfig(**PRUNING)
+    dataset = train_module.load_data(config)
+    valid = {name: (pruning_run.out_dir / name).read_bytes() for name in (CHECKPOINT, MODEL)}
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(file_mutations(valid[CHECKPOINT]))
+    def checkpoint(data):
+        seen["checkpoint"] += 1
+        (tmp / CHECKPOINT).write_bytes(data)
+        try:
+            Trainer(config, dataset).load_state_dict(io.load_state(tmp / CHECKPOINT))
+        except InputError as err:
+            assert str(err)
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(file_mutations(valid[MODEL]))
+    def model(data):
+        seen["model"] += 1
+        (tmp / MODEL).write_bytes(data)
+        try:
+            load_model(tmp)
+        except InputError as err:
+            assert str(err)
+
+    os.environ["SCLREF_MAX_ALLOC_BYTES"] = str(64 << 20)
+    try:
+        checkpoint()
+        model()
+    finally:
+        del os.environ["SCLREF_MAX_ALLOC_BYTES"]
+    assert seen["checkpoint"] >= 150 and seen["model"] >= 150

@@ -3,18 +3,25 @@
 An IDX file is a 4-byte magic number (two zero bytes, a type code, the number of
 dimensions), one big-endian uint32 per dimension, then the values in C order, big-endian.
 `read_idx` checks every part of that layout and reports a broken file as an `IDXError`
-that names the file and the problem, rather than returning a misshapen array.
+that names the file and the problem, rather than returning a misshapen array. The
+header is read first: the array it announces must pass `sclref.errors.check_allocation`
+before anything is allocated, and a gzip stream is never decompressed beyond the bytes
+the header announces plus one (a decompression bomb is refused, not expanded).
 """
 
 from __future__ import annotations
 
 import contextlib
 import gzip
+import math
 import os
 import secrets
+import struct
 import zlib
 
 import numpy as np
+
+from sclref.errors import InputError, check_allocation
 
 __all__ = ["IDXError", "read_idx", "write_idx"]
 
@@ -31,10 +38,17 @@ _CODES = {(dt.kind, dt.itemsize): code for code, dt in _DTYPES.items()}
 _GZIP_MAGIC = b"\x1f\x8b"
 # NumPy's limit; a larger count in the magic number cannot come from a real array.
 _MAX_NDIM = 64
+# Data is read in pieces of this size, so a reader never holds a second copy of the array.
+_CHUNK = 1 << 20
+# What a corrupt gzip stream raises: BadGzipFile (an OSError) for a bad header or CRC, EOFError
+# for a cut-off stream, zlib.error for bad deflate data, struct.error for a cut-off header field.
+_GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error, struct.error)
 
 
-class IDXError(ValueError):
+class IDXError(InputError):
     """A file that is not a well-formed IDX file; the message names the file and the problem.
+
+    An `sclref.errors.InputError`, hence also a `ValueError`.
 
     Attributes
     ----------
@@ -47,23 +61,98 @@ class IDXError(ValueError):
         super().__init__(f"{self.path}: {problem}")
 
 
-def _read_bytes(path) -> bytes:
-    """The file's content, decompressed when it starts with the gzip magic bytes."""
-    with open(path, "rb") as f:
-        content = f.read()
-    if not content.startswith(_GZIP_MAGIC):
-        return content
+def _read_exactly(f, n: int) -> bytes:
+    """Up to `n` bytes of `f`, fewer only at the end of the stream."""
+    parts, got = [], 0
+    while got < n:
+        part = f.read(n - got)
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
+
+
+def _read_header(path, f) -> tuple[tuple[int, ...], np.dtype, int]:
+    """The shape, file dtype and header length of the IDX stream `f`, every field checked."""
+    magic = _read_exactly(f, 4)
+    if len(magic) < 4:
+        raise IDXError(path, f"truncated header: {len(magic)} bytes, an IDX file starts with a 4-byte magic number")
+    zero0, zero1, code, ndim = magic
+    if zero0 or zero1:
+        raise IDXError(path, f"bad magic number {magic.hex()}: the first two bytes must be zero")
+    if code not in _DTYPES:
+        known = ", ".join(f"0x{c:02X}" for c in _DTYPES)
+        raise IDXError(path, f"unknown type code 0x{code:02X} (expected one of {known})")
+    if not 1 <= ndim <= _MAX_NDIM:
+        raise IDXError(path, f"bad number of dimensions {ndim} (expected 1 to {_MAX_NDIM})")
+    offset = 4 + 4 * ndim
+    dims = _read_exactly(f, 4 * ndim)
+    if len(dims) < 4 * ndim:
+        raise IDXError(path, f"truncated header: {ndim} dimensions need {offset} bytes, found {4 + len(dims)}")
+    shape = tuple(int(d) for d in np.frombuffer(dims, dtype=">u4"))
+    dtype = _DTYPES[code]
+    # NumPy indexes with int64 even when a zero side makes the array empty.
+    if math.prod(d for d in shape if d) * dtype.itemsize >= 2**63:
+        raise IDXError(path, f"dimensions {shape} overflow NumPy's index range")
+    check_allocation(shape, dtype.itemsize, f"{os.fspath(path)}: the IDX header's dimensions {shape} of {dtype.name}")
+    return shape, dtype, offset
+
+
+def _read_data(path, f, n: int) -> bytearray:
+    """Exactly `n` bytes of `f` in one buffer, read piece by piece; an `IDXError` if fewer remain."""
+    buffer = bytearray(n)
+    view = memoryview(buffer)
+    got = 0
+    while got < n:
+        part = f.read(min(_CHUNK, n - got))
+        if not part:
+            raise IDXError(path, f"truncated: expected {n} bytes of data, found {got}")
+        view[got:got + len(part)] = part
+        got += len(part)
+    return buffer
+
+
+def _read_raw(path, f) -> np.ndarray:
+    shape, dtype, offset = _read_header(path, f)
+    expected = dtype.itemsize * math.prod(shape)
+    found = os.fstat(f.fileno()).st_size - offset
+    if found < expected:
+        raise IDXError(path, f"truncated: expected {expected} bytes of data, found {found}")
+    if found > expected:
+        raise IDXError(path, f"{found - expected} trailing bytes after the {expected} bytes of data")
+    return _as_array(_read_data(path, f, expected), shape, dtype)
+
+
+def _read_gzip(path, f) -> np.ndarray:
     try:
-        return gzip.decompress(content)
-    # BadGzipFile is an OSError; a cut-off stream is an EOFError; bad deflate data is a zlib.error.
-    except (OSError, EOFError, zlib.error) as err:
+        with gzip.GzipFile(fileobj=f, mode="rb") as gz:
+            shape, dtype, _ = _read_header(path, gz)
+            expected = dtype.itemsize * math.prod(shape)
+            buffer = _read_data(path, gz, expected)
+            # One byte more: the end of the stream (where gzip checks its CRC) or proof of trailing data.
+            if gz.read(1):
+                raise IDXError(path, f"trailing bytes after the {expected} bytes of data")
+    except _GZIP_ERRORS as err:
         raise IDXError(path, f"corrupt gzip data: {err}") from None
+    return _as_array(buffer, shape, dtype)
+
+
+def _as_array(buffer: bytearray, shape, dtype: np.dtype) -> np.ndarray:
+    """The big-endian values in `buffer` as an array of native byte order, in the buffer's own memory."""
+    data = np.frombuffer(buffer, dtype=dtype).reshape(shape)
+    if not dtype.isnative:
+        data.byteswap(inplace=True)
+    return data.view(dtype.newbyteorder("="))
 
 
 def read_idx(path) -> np.ndarray:
     """Read an IDX file, raw or gzip-compressed, into a NumPy array of native byte order.
 
     Compression is detected from the first two bytes (1f 8b), not from the file name.
+    The header is checked before any data is read: the array it announces must fit in
+    `sclref.errors.max_allocation_bytes`, and a gzip stream is decompressed only up to
+    the announced size plus one byte.
 
     Parameters
     ----------
@@ -80,35 +169,16 @@ def read_idx(path) -> np.ndarray:
     ------
     IDXError
         When the magic number, the dimensions or the data length are wrong, or the gzip
-        stream is corrupt or cut short.
+        stream is corrupt, cut short or longer than the header announces.
+    sclref.errors.LimitError
+        When the array the header announces is larger than sclref allocates at once.
     FileNotFoundError
         When `path` does not exist.
     """
-    content = _read_bytes(path)
-    if len(content) < 4:
-        raise IDXError(path, f"truncated header: {len(content)} bytes, an IDX file starts with a 4-byte magic number")
-    zero0, zero1, code, ndim = content[:4]
-    if zero0 or zero1:
-        raise IDXError(path, f"bad magic number {content[:4].hex()}: the first two bytes must be zero")
-    if code not in _DTYPES:
-        known = ", ".join(f"0x{c:02X}" for c in _DTYPES)
-        raise IDXError(path, f"unknown type code 0x{code:02X} (expected one of {known})")
-    if not 1 <= ndim <= _MAX_NDIM:
-        raise IDXError(path, f"bad number of dimensions {ndim} (expected 1 to {_MAX_NDIM})")
-    offset = 4 + 4 * ndim
-    if len(content) < offset:
-        raise IDXError(path, f"truncated header: {ndim} dimensions need {offset} bytes, found {len(content)}")
-    shape = tuple(int(d) for d in np.frombuffer(content, dtype=">u4", count=ndim, offset=4))
-    dtype = _DTYPES[code]
-    expected = dtype.itemsize * int(np.prod(shape, dtype=object))
-    found = len(content) - offset
-    if found < expected:
-        raise IDXError(path, f"truncated: expected {expected} bytes of data, found {found}")
-    if found > expected:
-        raise IDXError(path, f"{found - expected} trailing bytes after the {expected} bytes of data")
-    data = np.frombuffer(content, dtype=dtype, offset=offset)
-    # astype copies: the result owns writable memory in native byte order.
-    return data.astype(dtype.newbyteorder("="), copy=True).reshape(shape)
+    with open(path, "rb") as f:
+        compressed = f.read(2) == _GZIP_MAGIC
+        f.seek(0)
+        return _read_gzip(path, f) if compressed else _read_raw(path, f)
 
 
 @contextlib.contextmanager

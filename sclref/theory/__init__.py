@@ -25,6 +25,7 @@ import time
 import numpy as np
 
 from sclref import ste as ste_registry
+from sclref import threads
 from sclref.theory import dynamics, surrogates, teacher
 
 __all__ = ["CLASSES", "SETTINGS", "classify", "run"]
@@ -135,6 +136,13 @@ def run(quick: bool = False, seed: int = 0, stes=None, log=None) -> dict:
     t0 = time.perf_counter()
     out = {"mode": mode, "seed": int(seed), "settings": {**cfg, "teacher": teacher_config.to_dict()},
            "stes": names, "surrogates": {}, "single": {}, "planted": {}, "teacher": {}, "summary": {}}
+    with threads.pinned():  # the same bits whatever the machine's BLAS threads
+        _measure(out, names, cfg, seed, teacher_config, log)
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def _measure(out: dict, names, cfg: dict, seed: int, teacher_config, log) -> None:
     for name in names:
         t = time.perf_counter()
         check = surrogates.check(name, max_examples=cfg["hypothesis_examples"])
@@ -154,5 +162,3 @@ def run(quick: bool = False, seed: int = 0, stes=None, log=None) -> dict:
                                                     long_cap=cfg["diagnostic_long_cap"])
     if log is not None:
         log(f"chatter diagnostic ({time.perf_counter() - t:.1f}s)")
-    out["seconds"] = time.perf_counter() - t0
-    return out

@@ -63,12 +63,15 @@ def run_theory(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
+    from sclref import rundir
     from sclref import ste as ste_registry
     from sclref.theory import report, run
 
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        print(f"sclref theory: error: --out {out} exists and is not a directory", file=sys.stderr)
+    try:  # before minutes of work, not after
+        rundir.check_writable(out)
+    except rundir.RunDirectoryError as err:
+        print(f"sclref theory: error: --out {err}", file=sys.stderr)
         return 2
     if args.ste:
         unknown = [name for name in args.ste if name not in ste_registry.available()]

@@ -1,0 +1,168 @@
+"""Tests for sclref.threads: the BLAS pin, its nesting and restoring, products that do not
+depend on the thread settings a process starts with, and what a resume must refuse."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import threadpoolctl
+
+from sclref import threads
+
+_REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _counts():
+    """(library file, thread count) of every BLAS and OpenMP library loaded."""
+    return sorted((lib["filepath"], lib["num_threads"]) for lib in threadpoolctl.threadpool_info())
+
+
+@pytest.fixture
+def two_threads():
+    """Every thread pool at two threads during the test (so a pin to one can be seen)."""
+    with threadpoolctl.threadpool_limits(limits=2):
+        before = _counts()
+        if not before or all(n < 2 for _, n in before):
+            pytest.skip("no BLAS or OpenMP library here runs on two threads")
+        yield before
+
+
+def test_pinned_limits_every_pool_to_one_thread_and_restores_it(two_threads):
+    with threads.pinned():
+        inside = _counts()
+    assert [path for path, _ in inside] == [path for path, _ in two_threads]
+    assert all(n == threads.PINNED_THREADS == 1 for _, n in inside)
+    assert _counts() == two_threads
+
+
+def test_nested_pins_keep_the_limit_until_the_outermost_exits(two_threads):
+    with threads.pinned():
+        with threads.pinned():
+            assert all(n == 1 for _, n in _counts())
+        assert all(n == 1 for _, n in _counts())
+    assert _counts() == two_threads
+
+
+def test_pinned_restores_the_limits_on_an_exception(two_threads):
+    with pytest.raises(ZeroDivisionError):
+        with threads.pinned():
+            with threads.pinned():
+                1 / 0
+    assert _counts() == two_threads
+    with threads.pinned():  # the nesting count was unwound too: a new pin limits again
+        assert all(n == 1 for _, n in _counts())
+    assert _counts() == two_threads
+
+
+def test_pinned_works_as_a_decorator(two_threads):
+    @threads.pinned()
+    def counts():
+        return _counts()
+
+    assert all(n == 1 for _, n in counts())
+    assert _counts() == two_threads
+
+
+# The shapes of LeNet training whose products differ between one and two OpenBLAS threads
+# (measured with OpenBLAS 0.3.31 on Haswell), and a convolution, whose kernels call BLAS.
+_PRODUCTS_SCRIPT = """
+import sys
+import numpy as np
+from sclref import threads
+from sclref.kernels import conv2d_fwd
+
+gen = np.random.default_rng(0)
+cases = [((128, 784), (784, 300), np.float32), ((128, 300), (300, 100), np.float32),
+         ((300, 128), (128, 784), np.float32), ((128, 784), (784, 300), np.float64),
+         ((784, 128), (128, 300), np.float64)]
+pairs = [(gen.standard_normal(a).astype(t), gen.standard_normal(b).astype(t)) for a, b, t in cases]
+x = gen.standard_normal((64, 6, 12, 12)).astype(np.float32)
+w = gen.standard_normal((16, 6, 5, 5)).astype(np.float32)
+with threads.pinned():
+    results = [a @ b for a, b in pairs]
+    conv = np.empty((64, 16, 8, 8), np.float32)
+    conv2d_fwd(x, w, 1, 1, 0, 0, conv)
+with open(sys.argv[1], "wb") as f:
+    for r in results + [conv]:
+        f.write(r.tobytes())
+"""
+
+
+def _products(tmp_path, name, blas_threads):
+    path = tmp_path / name
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
+    if blas_threads is not None:
+        env.update(OPENBLAS_NUM_THREADS=str(blas_threads), OMP_NUM_THREADS=str(blas_threads))
+    subprocess.run([sys.executable, "-c", _PRODUCTS_SCRIPT, str(path)], env=env, cwd=_REPO, check=True, timeout=300)
+    return path.read_bytes()
+
+
+def test_products_under_pinned_do_not_depend_on_the_threads_a_process_starts_with(tmp_path):
+    one = _products(tmp_path, "one", 1)
+    assert len(one) > 0
+    assert _products(tmp_path, "two", 2) == one
+    assert _products(tmp_path, "default", None) == one
+
+
+def test_provenance_is_plain_json_and_names_numpys_blas():
+    record = threads.provenance()
+    assert json.loads(json.dumps(record)) == record
+    assert record["blas_threads"] == 1
+    assert record["numpy"] == np.__version__
+    assert isinstance(record["jit_disabled"], bool) and record["numba_threads"] >= 1
+    loaded = {(lib["internal_api"], lib["version"]) for lib in threadpoolctl.threadpool_info()
+              if lib["user_api"] == "blas"}
+    assert record["blas"] and {(lib["internal_api"], lib["version"]) for lib in record["blas"]} <= loaded
+
+
+def _recorded(**changes):
+    """This process's provenance after a JSON round trip, with `changes` applied."""
+    record = json.loads(json.dumps(threads.provenance()))
+    record.update(changes)
+    return record
+
+
+def test_an_unchanged_record_can_be_resumed():
+    assert threads.resume_differences(_recorded()) == []
+
+
+def test_thread_counts_and_the_jit_are_not_differences():
+    record = _recorded(blas_threads=8, numba_threads=64, jit_disabled=not threads.provenance()["jit_disabled"])
+    assert threads.resume_differences(record) == []
+
+
+def test_another_blas_architecture_is_a_difference():
+    blas = [{**lib, "architecture": "SkylakeX"} for lib in threads.provenance()["blas"]]
+    if blas == threads.provenance()["blas"]:
+        blas = [{**lib, "architecture": "Zen"} for lib in blas]
+    (line,) = threads.resume_differences(_recorded(blas=blas))
+    assert line.startswith("BLAS:") and blas[0]["architecture"] in line
+
+
+def test_another_blas_library_or_version_is_a_difference():
+    mkl = [{"internal_api": "mkl", "version": "2024.0", "architecture": None}]
+    (line,) = threads.resume_differences(_recorded(blas=mkl))
+    assert "mkl 2024.0" in line
+    older = [{**lib, "version": "0.0.1"} for lib in threads.provenance()["blas"]]
+    assert len(threads.resume_differences(_recorded(blas=older))) == 1
+
+
+def test_other_versions_and_missing_fields_are_differences():
+    found = threads.resume_differences(_recorded(numpy="1.0.0", numba="0.1.0"))
+    assert len(found) == 2 and any("NumPy version" in f for f in found) and any("numba" in f for f in found)
+    record = _recorded()
+    del record["blas"]
+    assert threads.resume_differences(record) == ["BLAS: not recorded"]
+    assert threads.resume_differences([]) != []
+
+
+def test_other_simd_extensions_are_a_difference_when_both_sides_recorded_them():
+    simd = threads.provenance()["numpy_simd"]
+    if simd is None:
+        pytest.skip("this NumPy does not report its SIMD extensions")
+    assert len(threads.resume_differences(_recorded(numpy_simd=simd + ["AVX512_SPR"]))) == 1
+    assert threads.resume_differences(_recorded(numpy_simd=None)) == []
