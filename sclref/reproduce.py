@@ -5,7 +5,7 @@ budget (``epochs`` where SCL learns masks + ``finetune_epochs`` where it fine-tu
 
 - ``dense``: the plain network, no masks;
 - ``scl_identity``, ``scl_leaky_relu``, ``scl_softplus``: SCL with that STE, one λ for all;
-- ``magnitude``: magnitude pruning + retraining (`sclref.baselines`) to the per-layer
+- ``magnitude``: magnitude pruning + retraining (`sclref.pruning`) to the per-layer
   sparsity that ``scl_identity`` reached with the same seed;
 - ``scl_identity_no_norm``: the ablation, SCL identity without per-feature normalization;
 - ``scl_identity_global_scale`` (not run by default): the fairer ablation, no per-feature
@@ -39,7 +39,6 @@ import numpy as np
 
 from sclref import io, models, nn
 from sclref._version import __version__
-from sclref.baselines import prune_and_retrain
 from sclref.errors import InputError
 from sclref.scl import layer_report, masked_layers
 from sclref.train import TrainConfig, Trainer, build_model, format_epoch, load_data
@@ -331,14 +330,12 @@ def reproduce(settings: Settings, json_path, log=print, dataset=None) -> dict:
                 load = os.getloadavg()[0]
                 t0 = time.perf_counter()
                 if METHODS[method].kind == "magnitude":
-                    result = prune_and_retrain(config, dataset, _prune_target(run_settings, reference),
-                                               METHODS[method].scope, log=lambda line, tag=tag: log(f"{tag} {line}"))
-                    trained, history, seconds = result.model, result.history, result.epoch_seconds
-                else:
-                    trainer = Trainer(config, dataset)
-                    while trainer.epoch < config.total_epochs:
-                        log(f"{tag} {format_epoch(trainer.run_epoch(), config.total_epochs)}")
-                    trained, history, seconds = trainer.model, trainer.history, trainer.epoch_seconds
+                    config = dataclasses.replace(config, prune_scope=METHODS[method].scope,
+                                                 prune_sparsity=_prune_target(run_settings, reference))
+                trainer = Trainer(config, dataset, log=lambda line, tag=tag: log(f"{tag} {line}"))
+                while trainer.epoch < config.total_epochs:
+                    log(f"{tag} {format_epoch(trainer.run_epoch(), config.total_epochs)}")
+                trained, history, seconds = trainer.model, trainer.history, trainer.epoch_seconds
                 record = _record(key, run_settings, trained, history, seconds, time.perf_counter() - t0, load)
                 store["runs"] = [r for r in store["runs"] if r is not done] + [record]
                 store["machine"] = machine()

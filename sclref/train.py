@@ -16,13 +16,14 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from sclref import data as datasets
-from sclref import io, models, ops, optim, rundir, threads
+from sclref import io, models, ops, optim, pruning, rundir, threads
 from sclref import ste as ste_registry
 from sclref._version import __version__
 from sclref.autograd import Tensor, no_grad
@@ -74,6 +75,11 @@ class TrainConfig:
     weight_decay: float = 0.0
     score_init: float = 1.0
     masked: bool = True  # False trains the plain dense network (a baseline)
+    # Magnitude pruning + retraining (the classic baseline) instead of SCL: the masks stay on while θ trains
+    # for `epochs`, then keep the largest |θ| ("layer": `prune_sparsity` per layer, a fraction or a dict by
+    # layer name; "global": one fraction over all layers) and stay frozen for `finetune_epochs`.
+    prune_scope: str | None = None
+    prune_sparsity: float | dict | None = None
     dtype: str = "float32"
     seed: int = 0
     train_limit: int | None = None  # use only the first N training samples
@@ -97,6 +103,14 @@ class TrainConfig:
             raise InputError(f"target sparsity must be in (0, 100) percent, got {self.target_sparsity}")
         if self.target_sparsity is not None and not self.masked:
             raise InputError("target sparsity needs a masked run: a dense run has no connections to prune")
+        if self.prune_scope is not None:
+            if not self.masked or self.target_sparsity is not None:
+                raise InputError("magnitude pruning (prune_scope) needs a masked run without a target sparsity")
+            if self.finetune_epochs < 1:
+                raise InputError("magnitude pruning + retraining needs finetune_epochs >= 1 (the retraining epochs)")
+            pruning.check_sparsity(self.prune_sparsity, self.prune_scope)
+        elif self.prune_sparsity is not None:
+            raise InputError("prune_sparsity is given without prune_scope ('layer' or 'global')")
         if not (math.isfinite(self.ste_alpha) and 0 < self.ste_alpha < 1):
             raise InputError(f"ste_alpha (the leaky_relu STE's slope) must be in (0, 1), got {self.ste_alpha}")
         SCLObjective(self.lam, self.normalization, self.weighting, self.normalize)  # validates those three
@@ -152,8 +166,42 @@ class TrainConfig:
 
 
 # The Python types each setting may hold (an int is accepted where a float is expected).
-_FIELD_TYPES = {"str": (str,), "float": (float, int), "int": (int,), "bool": (bool,),
-                "float | None": (float, int, type(None)), "int | None": (int, type(None))}
+_FIELD_TYPES = {"str": (str,), "float": (float, int), "int": (int,), "bool": (bool,), "str | None": (str, type(None)),
+                "float | None": (float, int, type(None)), "int | None": (int, type(None)),
+                "float | dict | None": (float, int, dict, type(None))}
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A stretch of a run's epochs trained one way.
+
+    `learn_masks`: the mask variables learn (SCL's mask phase); otherwise the masks are
+    frozen and only θ trains. `start`, when given, changes the model once as the phase
+    begins (magnitude pruning between the dense phase and retraining); it runs at the
+    phase's first epoch, so a run resumed from any checkpoint runs it exactly once.
+    """
+
+    name: str
+    epochs: int
+    learn_masks: bool
+    start: Callable[["Trainer"], str] | None = None
+
+
+def phases(config: TrainConfig) -> list[Phase]:
+    """The phases of the run `config` describes, in order; empty phases left out."""
+    if not config.masked:
+        found = [Phase("train", config.total_epochs, False)]
+    elif config.prune_scope is not None:
+        found = [Phase("dense", config.epochs, False), Phase("finetune", config.finetune_epochs, False, _prune)]
+    else:
+        found = [Phase("mask", config.epochs, True), Phase("finetune", config.finetune_epochs, False)]
+    return [phase for phase in found if phase.epochs]
+
+
+def _prune(trainer: "Trainer") -> str:
+    """The hook between the dense phase and retraining: keep the largest |θ| of each masked layer."""
+    kept = pruning.magnitude_prune(trainer.model, trainer.config.prune_sparsity, trainer.config.prune_scope)
+    return f"magnitude pruning ({trainer.config.prune_scope}): {sum(kept.values()):,} connections kept"
 
 
 @dataclass
@@ -199,7 +247,7 @@ def evaluate(model, x: np.ndarray, y: np.ndarray, batch_size: int = 1000) -> flo
 class Trainer:
     """One run: the model, its two optimizers, the objective and the data-order RNG."""
 
-    def __init__(self, config: TrainConfig, dataset):
+    def __init__(self, config: TrainConfig, dataset, log=print):
         self.config, self.data = config, dataset
         self.model = build_model(config, dataset.in_shape, dataset.num_classes)
         weights, scores = _param_groups(self.model)
@@ -218,6 +266,11 @@ class Trainer:
         self.steps_per_epoch = -(-len(dataset.x_train) // config.batch_size)
         self.history: list[dict] = []
         self.epoch_seconds: list[float | None] = []  # wall times: kept apart, they differ between identical runs
+        self.phases = phases(config)
+        self.log = log
+        if config.prune_scope is not None:  # a per-layer request must name these layers: now, not after the dense phase
+            pruning.check_sparsity(config.prune_sparsity, config.prune_scope,
+                                   [name for name, _ in masked_layers(self.model)])
         self.data_fingerprint = dataset.fingerprint()
 
     # -- state ---------------------------------------------------------------------------
@@ -287,8 +340,6 @@ class Trainer:
         self.objective.lam = float(lam)
         self.epoch, self.history = epoch, history
         self.epoch_seconds = [None] * epoch
-        for _, layer in masked_layers(self.model):
-            layer.freeze_mask(self.epoch >= self.config.epochs)
 
     # -- one step and one epoch ---------------------------------------------------------
     def step(self, xb: np.ndarray, yb: np.ndarray, learn_masks: bool = True) -> tuple[float, np.ndarray]:
@@ -313,12 +364,24 @@ class Trainer:
         with threads.pinned():
             return self._run_epoch(progress)
 
+    def phase(self) -> tuple[Phase, int]:
+        """The phase the next epoch belongs to, and how many of its epochs are done."""
+        done = self.epoch
+        for phase in self.phases:
+            if done < phase.epochs:
+                return phase, done
+            done -= phase.epochs
+        raise ValueError(f"the run is finished: all {self.config.total_epochs} epochs are done")
+
     def _run_epoch(self, progress) -> dict:
         cfg, model = self.config, self.model
-        finetune = self.epoch >= cfg.epochs
+        phase, done = self.phase()
+        if done == 0 and phase.start is not None:
+            self.log(phase.start(self))
+        learn = phase.learn_masks
         layers = masked_layers(model)
         for _, layer in layers:
-            layer.freeze_mask(finetune)
+            layer.freeze_mask(not learn)
         start_masks = [layer.mask() for _, layer in layers]
         prev_masks = list(start_masks)
         flips = [0] * len(layers)
@@ -327,11 +390,11 @@ class Trainer:
         mask_steps = cfg.epochs * self.steps_per_epoch
         step = self.epoch * self.steps_per_epoch
         for xb, yb in datasets.batches(self.data.x_train, self.data.y_train, cfg.batch_size, True, self.order_rng):
-            loss, logits = self.step(xb, yb, learn_masks=not finetune and bool(layers))
+            loss, logits = self.step(xb, yb, learn_masks=learn)
             if not math.isfinite(loss):
                 raise DivergedError(f"the loss became {loss} in epoch {self.epoch + 1}: training diverged "
                                     "(lower --lr or --mask-lr); the last checkpoint holds the epoch before")
-            if not finetune and layers:
+            if learn:
                 for i, (_, layer) in enumerate(layers):
                     mask = layer.mask()
                     flips[i] += int(np.count_nonzero(mask != prev_masks[i]))
@@ -347,9 +410,9 @@ class Trainer:
         seconds = time.perf_counter() - t0
         self.epoch += 1
         record = {
-            "epoch": self.epoch, "phase": "finetune" if finetune else ("mask" if layers else "train"),
-            "loss": total_loss / seen,
-            "penalty": self.objective.penalty(model) if layers else 0.0, "lam": self.objective.lam,
+            "epoch": self.epoch, "phase": phase.name, "loss": total_loss / seen,
+            "penalty": self.objective.penalty(model) if cfg.prune_scope is None and layers else 0.0,
+            "lam": self.objective.lam if cfg.prune_scope is None and layers else None,
             "train_error": wrong / seen, "test_error": evaluate(model, self.data.x_test, self.data.y_test),
             "sparsity": sparsity(model) if layers else 0.0,
             "layers": {
@@ -368,7 +431,7 @@ def format_epoch(record: dict, total: int) -> str:
     return (f"epoch {record['epoch']:>3}/{total} {record['phase']:<8} loss {record['loss']:.4f}  "
             f"train err {100 * record['train_error']:5.2f}%  test err {100 * record['test_error']:5.2f}%  "
             f"sparsity {100 * record['sparsity']:6.2f}%  "
-            + (f"λ {record['lam']:.2e}  " if record["layers"] else "")
+            + (f"λ {record['lam']:.2e}  " if record["lam"] is not None else "")
             + f"{record['seconds']:.2f}s")
 
 
@@ -415,7 +478,7 @@ def train(config: TrainConfig, out_dir=None, resume: bool = False, log=print, pr
     if out is not None:
         rundir.check_writable(out)
     dataset = load_data(config)
-    trainer = Trainer(config, dataset)
+    trainer = Trainer(config, dataset, log)
     with contextlib.ExitStack() as stack:
         if out is not None:
             stack.enter_context(rundir.claim(out, "keep" if resume else "replace" if replace else "refuse"))

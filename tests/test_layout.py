@@ -24,7 +24,7 @@ FORBIDDEN = {
     "kernels/": ["sclref.autograd", "sclref.ops", "sclref.nn", "sclref.optim", "sclref.testing"],
     "theory/": ["sclref.kernels", "sclref.ops", "sclref.train", "sclref.cli"],
     "sparse/": ["sclref.autograd", "sclref.ops", "sclref.optim", "sclref.cli"],
-    "baselines.py": ["sclref.kernels", "sclref.ops", "sclref.cli"],
+    "pruning.py": ["sclref.kernels", "sclref.ops", "sclref.cli", "sclref.train"],
     "reproduce.py": ["sclref.kernels", "sclref.ops", "sclref.cli"],
 }
 

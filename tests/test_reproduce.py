@@ -83,6 +83,8 @@ def test_dense_keeps_everything_and_frozen_epochs_flip_nothing(quick_run):
         if method == "dense":
             assert run["sparsity"] == 0 and run["effective_flops"] == run["dense_flops"]
             assert run["flips"] == [0] * len(run["flips"])
+            assert {rec["phase"] for rec in run["history"]} == {"train"}  # no fine-tuning of what has no masks
+            continue
         finetune = [f for f, rec in zip(run["flips"], run["history"]) if rec["phase"] == "finetune"]
         assert finetune and all(f == 0 for f in finetune)
 
@@ -136,19 +138,21 @@ def test_same_seed_gives_the_same_numbers(quick_run, tmp_path):
 @pytest.fixture
 def counted(monkeypatch):
     """Count the epochs trained and the baselines run, through the real code."""
+    from sclref import pruning
+
     calls = {"epochs": 0, "magnitude": 0}
-    real_epoch, real_magnitude = Trainer.run_epoch, rp.prune_and_retrain
+    real_epoch, real_magnitude = Trainer.run_epoch, pruning.magnitude_prune
 
     def run_epoch(self, *args, **kwargs):
         calls["epochs"] += 1
         return real_epoch(self, *args, **kwargs)
 
-    def prune_and_retrain(*args, **kwargs):
+    def magnitude_prune(*args, **kwargs):
         calls["magnitude"] += 1
         return real_magnitude(*args, **kwargs)
 
     monkeypatch.setattr(Trainer, "run_epoch", run_epoch)
-    monkeypatch.setattr(rp, "prune_and_retrain", prune_and_retrain)
+    monkeypatch.setattr(pruning, "magnitude_prune", magnitude_prune)
     return calls
 
 
@@ -180,18 +184,20 @@ def test_other_settings_replace_a_run_instead_of_adding_one(quick_run, tmp_path,
 
 def test_an_interrupted_reproduction_continues_where_it_stopped(tmp_path, monkeypatch):
     path = tmp_path / "results.json"
+    from sclref import pruning
+
     settings = dataclasses.replace(QUICK, seeds=(0,), methods=("dense", "scl_identity", "magnitude"))
-    real = rp.prune_and_retrain
+    real = pruning.magnitude_prune
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(rp, "prune_and_retrain", interrupted)
+    monkeypatch.setattr(pruning, "magnitude_prune", interrupted)
     with pytest.raises(KeyboardInterrupt):
         reproduce(settings, path, log=quiet)
     before = json.loads(path.read_text())
     assert [r["method"] for r in before["runs"]] == ["dense", "scl_identity"]
-    monkeypatch.setattr(rp, "prune_and_retrain", real)
+    monkeypatch.setattr(pruning, "magnitude_prune", real)
     after = reproduce(settings, path, log=quiet)
     assert after["runs"][:2] == before["runs"] and after["runs"][2]["method"] == "magnitude"
 

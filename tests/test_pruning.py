@@ -1,4 +1,4 @@
-"""Magnitude pruning + retraining: exact counts of the largest |θ|, frozen masks while retraining, bad input."""
+"""Magnitude pruning, and the run that prunes once and retrains: exact counts, frozen masks, a resumable hook."""
 
 import dataclasses
 
@@ -9,11 +9,12 @@ from hypothesis import strategies as st
 
 from sclref import data as datasets
 from sclref import models
-from sclref.baselines import magnitude_prune, prune_and_retrain
+from sclref.pruning import magnitude_prune
 from sclref.scl import masked_layers
-from sclref.train import TrainConfig, Trainer
+from sclref.train import TrainConfig, Trainer, train
 
-CONFIG = TrainConfig(train_limit=300, test_limit=100, epochs=2, finetune_epochs=2)
+CONFIG = TrainConfig(train_limit=300, test_limit=100, epochs=2, finetune_epochs=2, prune_scope="layer",
+                     prune_sparsity={"fc1": 0.9, "fc2": 0.8, "fc3": 0.5})
 SIZES = {"fc1": 64 * 300, "fc2": 300 * 100, "fc3": 100 * 10}
 
 
@@ -102,21 +103,27 @@ def test_a_network_without_masks_cannot_be_pruned():
         magnitude_prune(models.lenet_300_100(in_features=64, masked=False), 0.5)
 
 
+def quiet(line):
+    pass
+
+
 @pytest.fixture(scope="module")
-def retrained(digits):
-    return prune_and_retrain(CONFIG, digits, {"fc1": 0.9, "fc2": 0.8, "fc3": 0.5})
+def retrained():
+    return train(CONFIG, log=quiet)
 
 
 def test_dense_phase_is_the_dense_baseline_and_retraining_keeps_the_pruned_masks(digits, retrained):
-    dense = Trainer(dataclasses.replace(CONFIG, masked=False), digits)
+    dense = Trainer(dataclasses.replace(CONFIG, masked=False, prune_scope=None, prune_sparsity=None), digits)
     for _ in range(CONFIG.epochs):
         dense.run_epoch()
-    strip = [{k: v for k, v in rec.items() if k != "seconds"} for rec in dense.history]
-    assert [{k: v for k, v in rec.items() if k != "seconds"} for rec in retrained.history[:CONFIG.epochs]] == strip
+    # Masks that are all on and frozen change nothing: the dense phase is the dense run, bit for bit.
+    for rec, want in zip(retrained.history[:CONFIG.epochs], dense.history):
+        assert {k: v for k, v in rec.items() if k not in ("phase", "layers")} == \
+            {k: v for k, v in want.items() if k not in ("phase", "layers")}
     # The final masks are exactly the magnitude masks of the weights after the dense phase.
     expected = models.lenet_300_100(in_features=64)
     expected.load_state_dict(dense.model.state_dict(), strict=False)
-    magnitude_prune(expected, {"fc1": 0.9, "fc2": 0.8, "fc3": 0.5})
+    magnitude_prune(expected, CONFIG.prune_sparsity)
     for (name, got), (_, want) in zip(masked_layers(retrained.model), masked_layers(expected)):
         assert np.array_equal(got.mask(), want.mask()), name
         # Retraining moved the kept weights away from the dense phase's values.
@@ -124,8 +131,9 @@ def test_dense_phase_is_the_dense_baseline_and_retraining_keeps_the_pruned_masks
 
 
 def test_retraining_epochs_have_frozen_masks_and_the_requested_counts(retrained):
-    finetune = retrained.history[CONFIG.epochs:]
-    assert [rec["phase"] for rec in retrained.history] == ["train"] * CONFIG.epochs + ["finetune"] * 2
+    dense, finetune = retrained.history[:CONFIG.epochs], retrained.history[CONFIG.epochs:]
+    assert [rec["phase"] for rec in retrained.history] == ["dense"] * CONFIG.epochs + ["finetune"] * 2
+    assert all(rec["sparsity"] == 0 and rec["lam"] is None for rec in dense)
     for rec in finetune:
         for name, layer in rec["layers"].items():
             assert layer["flips"] == layer["pruned"] == layer["revived"] == 0, name
@@ -134,16 +142,28 @@ def test_retraining_epochs_have_frozen_masks_and_the_requested_counts(retrained)
     assert finetune[-1]["test_error"] < 0.9  # it learned something after pruning
 
 
+@pytest.mark.parametrize("stop", [1, 2, 3])
+def test_a_resumed_pruning_run_prunes_once_and_equals_the_uninterrupted_one(tmp_path, retrained, stop):
+    lines = []
+    train(CONFIG, tmp_path, log=quiet, stop_after=stop)
+    resumed = train(CONFIG, tmp_path, resume=True, log=lines.append)
+    assert sum("magnitude pruning" in line for line in lines) == (1 if stop <= CONFIG.epochs else 0)
+    assert {k: v.tobytes() for k, v in resumed.model.state_dict().items()} == \
+        {k: v.tobytes() for k, v in retrained.model.state_dict().items()}
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(finetune_epochs=0), "finetune_epochs >= 1"),
     (dict(epochs=0), "epochs must be >= 1"),
+    (dict(prune_scope="unit"), "unknown pruning scope 'unit'"),
+    (dict(prune_scope="global"), "a global threshold takes one overall sparsity"),
+    (dict(prune_sparsity=1.0), r"sparsity must be a fraction in \[0, 1\), got 1.0"),
+    (dict(prune_sparsity={"fc1": 0.5}), "must name exactly the masked layers"),
+    (dict(prune_scope=None), "prune_sparsity is given without prune_scope"),
+    (dict(masked=False), "needs a masked run"),
+    (dict(target_sparsity=90.0), "needs a masked run without a target sparsity"),
 ])
-def test_bad_configs_fail_before_training(digits, change, message):
+def test_bad_pruning_configs_fail_before_training(monkeypatch, change, message):
+    monkeypatch.setattr(Trainer, "run_epoch", lambda self, progress=None: pytest.fail("trained before the check"))
     with pytest.raises(ValueError, match=message):
-        prune_and_retrain(dataclasses.replace(CONFIG, **change), digits, 0.5)
-
-
-def test_bad_scope_fails_before_the_dense_phase(digits, monkeypatch):
-    monkeypatch.setattr(Trainer, "run_epoch", lambda self: pytest.fail("trained before checking the scope"))
-    with pytest.raises(ValueError, match="unknown pruning scope"):
-        prune_and_retrain(CONFIG, digits, 0.5, scope="unit")
+        train(dataclasses.replace(CONFIG, **change), log=quiet)
