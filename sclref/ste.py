@@ -9,6 +9,8 @@ extend with `register`.
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 
 from sclref.autograd import Function, Tensor
@@ -43,6 +45,20 @@ def get(name, **options) -> "STE":
     if name not in _REGISTRY:
         raise ValueError(f"unknown STE {name!r}; registered: {', '.join(available())}")
     return _REGISTRY[name](**options)
+
+
+def from_spec(name: str, **options) -> "STE":
+    """The estimator `name`, given every option a configuration holds; each reaches it only if it takes it.
+
+    ``from_spec("leaky_relu", alpha=0.2)`` is ``LeakyReLU(alpha=0.2)``; ``from_spec("identity",
+    alpha=0.2)`` is ``Identity()``: a run's settings can carry the options of every
+    estimator without naming the one that uses them.
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown STE {name!r}; registered: {', '.join(available())}")
+    cls = _REGISTRY[name]
+    accepted = inspect.signature(cls.__init__).parameters
+    return cls(**{k: v for k, v in options.items() if k in accepted})
 
 
 class STE:

@@ -218,7 +218,7 @@ class RunResult:
 
 def build_model(config: TrainConfig, in_shape, num_classes: int):
     """The configured architecture for data of per-sample shape `in_shape`."""
-    ste = ste_registry.get(config.ste, **({"alpha": config.ste_alpha} if config.ste == "leaky_relu" else {}))
+    ste = ste_registry.from_spec(config.ste, alpha=config.ste_alpha)
     kwargs = dict(num_classes=num_classes, masked=config.masked, ste=ste, score_init=config.score_init,
                   dtype=np.dtype(config.dtype), generator=np.random.default_rng([config.seed, 1]))
     if config.model == "lenet300":

@@ -212,3 +212,15 @@ def test_declared_principle_agrees_with_a_dense_grid(name, opts):
     grid = np.concatenate([np.linspace(-20.0, 20.0, 400_001), [0.0, -1.0, 1.0, -1e-300, 1e-300]])
     est = get(name, **opts)
     assert bool(np.all(est.surrogate(grid) > 0)) == est.satisfies_principle
+
+
+def test_from_spec_passes_each_option_only_to_the_estimators_that_take_it():
+    from sclref.ste import LeakyReLU, from_spec
+
+    leaky = from_spec("leaky_relu", alpha=0.25)
+    assert isinstance(leaky, LeakyReLU) and leaky.alpha == 0.25
+    assert type(from_spec("identity", alpha=0.25)).__name__ == "Identity"
+    with pytest.raises(ValueError, match="unknown STE 'nope'"):
+        from_spec("nope", alpha=0.1)
+    with pytest.raises(ValueError, match="alpha must be in"):
+        from_spec("leaky_relu", alpha=2.0)
