@@ -10,11 +10,14 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 import pytest
+import scipy.sparse
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from numba.core.dispatcher import Dispatcher
 
 from sclref import kernels
 from sclref.kernels import conv as conv_module
@@ -32,7 +35,11 @@ from sclref.kernels import (
     relu_fwd,
     sgd_update,
 )
+from sclref.kernels import elementwise as elementwise_module
+from sclref.kernels import optim as optim_module
+from sclref.kernels import pool as pool_module
 from sclref.kernels import reference as ref
+from sclref.kernels import sparse as sparse_module
 
 # Interpreted kernels (NUMBA_DISABLE_JIT=1) are slow: fewer examples keep the run short.
 EXAMPLES = 8 if kernels.JIT_DISABLED else 30
@@ -633,3 +640,278 @@ def test_sgd_update_matches_reference_bit_for_bit(shape, dtype, seed, lr, moment
     np.testing.assert_array_equal(g, g_before)  # the gradient is only read
     if momentum == 0:
         np.testing.assert_array_equal(buf_k, buf)
+
+
+# -- jitted vs interpreted -----------------------------------------------------------------
+#
+# NUMBA_DISABLE_JIT=1 runs the Python functions behind numba's dispatchers. Both must give
+# the same bits: a literal such as ``acc = 0.0`` is float64 to numba but adopts float32
+# under NumPy 2's rules when interpreted, and fastmath would reorder sums. `interpreted()`
+# swaps every dispatcher of the kernel modules for its `.py_func`, so the public kernels
+# run exactly as they do with the JIT off, and the two runs are compared bit for bit.
+
+_KERNEL_MODULES = (conv_module, elementwise_module, optim_module, pool_module, sparse_module)
+
+
+def _is_dispatcher(value):
+    return isinstance(value, Dispatcher)
+
+
+@contextlib.contextmanager
+def interpreted():
+    """Run the public kernels on the plain Python functions their jitted loops are compiled from."""
+    factory = pool_module._maxpool_fwd_kernel
+    swaps = {(pool_module, "_maxpool_fwd_kernel"): lambda kh, kw: factory(kh, kw).py_func,
+             (sparse_module, "_transpose_block"): sparse_module._transpose_block_py}
+    for module in _KERNEL_MODULES:
+        for name, value in vars(module).items():
+            if _is_dispatcher(value):
+                swaps[module, name] = value.py_func
+            elif isinstance(value, dict) and value and all(_is_dispatcher(v) for v in value.values()):
+                swaps[module, name] = {k: v.py_func for k, v in value.items()}
+    old = {key: getattr(*key) for key in swaps}
+    for (module, name), value in swaps.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for (module, name), value in old.items():
+            setattr(module, name, value)
+
+
+def _jit_and_interpreted(run):
+    """run() jitted, then interpreted; each is the list of output arrays."""
+    jitted = run()
+    with interpreted():
+        plain = run()
+    return jitted, plain
+
+
+def _assert_same_bits(jitted, plain):
+    assert len(jitted) == len(plain)
+    for i, (a, b) in enumerate(zip(jitted, plain)):
+        assert a.dtype == b.dtype and a.shape == b.shape, f"output {i}: {a.dtype}{a.shape} vs {b.dtype}{b.shape}"
+        assert a.tobytes() == b.tobytes(), f"output {i} differs between jitted and interpreted"
+
+
+needs_jit = pytest.mark.skipif(kernels.JIT_DISABLED, reason="with the JIT off both runs are interpreted")
+JIT_EXAMPLES = 10
+
+
+@needs_jit
+def test_interpreted_swaps_every_dispatcher_and_restores_them():
+    jitted = {(m.__name__, n): v for m in _KERNEL_MODULES for n, v in vars(m).items()}
+    with interpreted():
+        for module in _KERNEL_MODULES:
+            for name, value in vars(module).items():
+                assert not _is_dispatcher(value), f"{module.__name__}.{name} is still jitted"
+                if isinstance(value, dict):
+                    assert not any(_is_dispatcher(v) for v in value.values()), f"{module.__name__}.{name}"
+        assert not _is_dispatcher(pool_module._maxpool_fwd_kernel(2, 2))
+    assert {(m.__name__, n): v for m in _KERNEL_MODULES for n, v in vars(m).items()} == jitted
+
+
+@needs_jit
+def test_interpreted_catches_a_python_float_accumulator():
+    from sclref.kernels._jit import jit
+
+    @jit
+    def total(x, out):
+        acc = 0.0  # float64 when jitted, float32 arithmetic when interpreted with float32 input
+        for i in range(x.shape[0]):
+            acc += x[i]
+        out[0] = acc
+
+    x = np.float32([1.0, 2.0**-24, 2.0**-24])
+    jitted, plain = np.empty(1, np.float32), np.empty(1, np.float32)
+    total(x, jitted)
+    total.py_func(x, plain)
+    assert jitted.tobytes() != plain.tobytes()
+
+
+@needs_jit
+@settings(deadline=None, max_examples=JIT_EXAMPLES)
+@given(case=conv_cases(), layout=st.sampled_from(list(LAYOUTS)), chunked=st.booleans())
+def test_conv_kernels_give_the_same_bits_interpreted(case, layout, chunked):
+    x, w, gy = case.arrays()
+
+    def run():
+        out, gx, gw = np.empty(gy.shape, case.dtype), np.empty_like(x), np.empty_like(w)
+        with conv_layout(layout, chunked):
+            conv2d_fwd(x, w, *case.geometry, out)
+            conv2d_bwd_input(gy, w, *case.geometry, gx)
+            conv2d_bwd_weight(x, gy, *case.geometry, gw)
+        return [out, gx, gw]
+
+    _assert_same_bits(*_jit_and_interpreted(run))
+
+
+@needs_jit
+@settings(deadline=None, max_examples=JIT_EXAMPLES)
+@given(case=pool_cases(), with_nan=st.booleans())
+def test_maxpool_kernels_give_the_same_bits_interpreted(case, with_nan):
+    x = case.x(with_nan)
+    gy = np.random.default_rng(case.seed).standard_normal(case.out_shape).astype(case.dtype)
+
+    def run():
+        out, argmax = np.empty(case.out_shape, case.dtype), np.empty(case.out_shape, np.int64)
+        maxpool2d_fwd(x, case.kh, case.kw, case.sh, case.sw, out, argmax)
+        gx = np.empty_like(x)
+        maxpool2d_bwd(gy, argmax, gx)
+        return [out, argmax, gx]
+
+    _assert_same_bits(*_jit_and_interpreted(run))
+
+
+@needs_jit
+@settings(deadline=None, max_examples=JIT_EXAMPLES)
+@given(x=float_arrays(), seed=st.integers(0, 2**32 - 1), alpha=st.sampled_from([0.01, 0.2, 1 / 3]))
+def test_elementwise_kernels_give_the_same_bits_interpreted(x, seed, alpha):
+    gen = np.random.default_rng(seed)
+    gy = gen.standard_normal(x.shape).astype(x.dtype)
+    s = (gen.integers(-2, 3, x.shape) * gen.random(x.shape)).astype(x.dtype)
+
+    def run():
+        outs = [np.empty_like(x) for _ in range(7)]
+        relu_fwd(x, outs[0])
+        relu_bwd(x, gy, outs[1])
+        leaky_relu_fwd(x, alpha, outs[2])
+        leaky_relu_bwd(x, gy, alpha, outs[3])
+        masked_weight_fwd(x, s, outs[4])
+        masked_weight_bwd(gy, x, s, outs[5], outs[6])
+        return outs
+
+    _assert_same_bits(*_jit_and_interpreted(run))
+
+
+@needs_jit
+@settings(deadline=None, max_examples=JIT_EXAMPLES)
+@given(shape=hnp.array_shapes(min_dims=1, max_dims=2, max_side=6), dtype=st.sampled_from([np.float32, np.float64]),
+       seed=st.integers(0, 2**32 - 1), lr=st.floats(1e-4, 1.0), momentum=st.sampled_from([0.0, 0.9]),
+       dampening=st.sampled_from([0.0, 0.3]), weight_decay=st.sampled_from([0.0, 1e-3]), nesterov=st.booleans())
+def test_sgd_update_gives_the_same_bits_interpreted(shape, dtype, seed, lr, momentum, dampening, weight_decay,
+                                                     nesterov):
+    gen = np.random.default_rng(seed)
+    p, g, buf = (gen.standard_normal(shape).astype(dtype) for _ in range(3))
+
+    def run():
+        p_k, buf_k = p.copy(), buf.copy()
+        for first in (True, False):
+            sgd_update(p_k, g, buf_k, lr, momentum, dampening, weight_decay,
+                       nesterov and momentum != 0 and dampening == 0, first)
+        return [p_k, buf_k]
+
+    _assert_same_bits(*_jit_and_interpreted(run))
+
+
+def _sparse_layers(gen, sizes, density, dtype):
+    weights = []
+    for k, f in zip(sizes[:-1], sizes[1:]):
+        w = scipy.sparse.random_array((f, k), density=density, format="csr", rng=gen, dtype=np.float64)
+        w = scipy.sparse.csr_array((w.data.astype(dtype), w.indices.astype(np.int32), w.indptr.astype(np.int32)),
+                                   shape=(f, k))
+        w.sort_indices()
+        weights.append(w)
+    return weights
+
+
+@needs_jit
+@settings(deadline=None, max_examples=JIT_EXAMPLES)
+@given(seed=st.integers(0, 2**32 - 1), dtype=st.sampled_from([np.float32, np.float64]),
+       n=st.sampled_from([1, 3, 5, 17]), threads=st.integers(1, 3), density=st.sampled_from([0.1, 0.5, 1.0]),
+       sizes=st.lists(st.integers(1, 20), min_size=2, max_size=4))
+def test_sparse_chain_gives_the_same_bits_interpreted(seed, dtype, n, threads, density, sizes):
+    gen = np.random.default_rng(seed)
+    weights = _sparse_layers(gen, sizes, density, dtype)
+    acts = [["relu", "leaky_relu", None][i % 3] for i in range(len(weights))]
+    packed = kernels.pack_chain(weights, [gen.standard_normal(w.shape[0]).astype(dtype) for w in weights], acts,
+                                [0.1 if a == "leaky_relu" else None for a in acts], dtype)
+    x = gen.standard_normal((n, sizes[0])).astype(dtype)
+
+    def run():
+        out = np.empty((n, sizes[-1]), dtype)
+        scratch = kernels.chain_scratch(packed[0], n, dtype)
+        if scratch.ndim == 4:  # several batch tiles, on several threads when threads > 1
+            scratch = np.empty((threads, *scratch.shape[1:3], 8), dtype)
+        kernels.csr_chain(*packed, x, out, scratch)
+        return [out]
+
+    _assert_same_bits(*_jit_and_interpreted(run))
+
+
+@needs_jit
+@settings(deadline=None, max_examples=JIT_EXAMPLES)
+@given(seed=st.integers(0, 2**32 - 1), dtype=st.sampled_from([np.float32, np.float64]), stride=st.integers(1, 2),
+       density=st.sampled_from([0.2, 1.0]), parallel=st.booleans())
+def test_sparse_conv_gives_the_same_bits_interpreted(seed, dtype, stride, density, parallel):
+    gen = np.random.default_rng(seed)
+    (w,) = _sparse_layers(gen, [2 * 3 * 2, 3], density, dtype)
+    b = gen.standard_normal(3).astype(dtype)
+    xp = gen.standard_normal((2, 2, 7, 6)).astype(dtype)
+    shape = (2, 3, (7 - 3) // stride + 1, (6 - 2) // stride + 1)
+
+    def run():
+        out = np.empty(shape, dtype)
+        sparse_module._CONV[parallel](3, 2, stride, stride, w.indptr, w.indices, w.data, b, xp, out)
+        return [out]
+
+    _assert_same_bits(*_jit_and_interpreted(run))
+
+
+# -- numba's thread count --------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def numba_thread_count(n):
+    old = numba.get_num_threads()
+    numba.set_num_threads(n)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(old)
+
+
+@needs_jit
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="numba has a single thread")
+@settings(deadline=None, max_examples=JIT_EXAMPLES)
+@given(seed=st.integers(0, 2**32 - 1), dtype=st.sampled_from([np.float32, np.float64]), n=st.integers(9, 80))
+def test_parallel_sparse_kernels_give_the_same_bits_on_one_and_two_threads(seed, dtype, n):
+    gen = np.random.default_rng(seed)
+    weights = _sparse_layers(gen, [30, 20, 10], 0.3, dtype)
+    packed = kernels.pack_chain(weights, [gen.standard_normal(w.shape[0]).astype(dtype) for w in weights],
+                                ["relu", None], [None, None], dtype)
+    x = gen.standard_normal((n, 30)).astype(dtype)
+    (cw,) = _sparse_layers(gen, [2 * 3 * 3, 4], 0.5, dtype)
+    xp = gen.standard_normal((n, 2, 9, 9)).astype(dtype)
+    bias = gen.standard_normal(4).astype(dtype)
+    results = []
+    for threads in (1, 2):
+        with numba_thread_count(threads):
+            out = np.empty((n, 10), dtype)
+            kernels.csr_chain(*packed, x, out, np.empty((2, 2, 30, 8), dtype))  # two tile slots, parallel loop
+            conv = np.empty((n, 4, 7, 7), dtype)
+            sparse_module._CONV[True](3, 3, 1, 1, cw.indptr, cw.indices, cw.data, bias, xp, conv)
+            results.append([out, conv])
+    _assert_same_bits(*results)
+
+
+_JIT_OFF_SCRIPT = """
+import numpy as np
+from sclref import kernels
+from tests.test_kernels import _DETERMINISM_CASES, _run_all
+assert kernels.JIT_DISABLED
+np.savez({path!r}, *[a for case in _DETERMINISM_CASES for a in _run_all(case)])
+"""
+
+
+def test_a_process_with_the_jit_off_gives_the_same_bits(tmp_path):
+    """The real switch, in a fresh process: NUMBA_DISABLE_JIT=1 against this process's kernels."""
+    path = tmp_path / "other.npz"
+    script = _JIT_OFF_SCRIPT.format(path=str(path))
+    env = {**os.environ, "NUMBA_DISABLE_JIT": "1"}
+    subprocess.run([sys.executable, "-c", script], env=env, cwd=_REPO, check=True, timeout=600)
+    got = np.load(path)
+    want = [a for case in _DETERMINISM_CASES for a in _run_all(case)]
+    assert len(got.files) == len(want)
+    for i, b in enumerate(want):
+        assert got[f"arr_{i}"].tobytes() == b.tobytes(), f"array {i} differs"

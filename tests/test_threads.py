@@ -48,10 +48,10 @@ def test_nested_pins_keep_the_limit_until_the_outermost_exits(two_threads):
 
 
 def test_pinned_restores_the_limits_on_an_exception(two_threads):
-    with pytest.raises(ZeroDivisionError):
+    with pytest.raises(RuntimeError, match="inside"):
         with threads.pinned():
             with threads.pinned():
-                1 / 0
+                raise RuntimeError("inside the pin")
     assert _counts() == two_threads
     with threads.pinned():  # the nesting count was unwound too: a new pin limits again
         assert all(n == 1 for _, n in _counts())

@@ -16,7 +16,10 @@
   cores, or BLAS threads that sleep promptly); measure before enabling it.
 * ``NUMBA_DISABLE_JIT=1`` is honoured by numba itself: the decorators return the
   Python functions unchanged and `prange` behaves as `range`, so every kernel still
-  runs, slowly.
+  runs, slowly, and gives the same bits as jitted. For that, a kernel's accumulators
+  and constants take the arrays' dtype (``zero = out.dtype.type(0)``, scalars rounded
+  by the caller), never a Python float: ``0.0`` is float64 to numba but adopts float32
+  under NumPy 2's rules when interpreted.
 """
 
 import os

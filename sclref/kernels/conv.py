@@ -17,9 +17,10 @@ Two buffer layouts are used, chosen by P:
 
 The batch is processed in chunks so the im2col buffer stays a few MiB whatever the
 batch size. Every jitted loop iteration owns a disjoint slice of its output and
-every sum runs in a fixed order (OpenBLAS splits no GEMM reduction across threads,
-and the weight gradient adds chunk partials in batch order), so results are
-bit-identical from run to run.
+every sum runs in a fixed order (the weight gradient adds chunk partials in batch
+order), so results are bit-identical from run to run for a given BLAS thread count.
+BLAS itself rounds differently on 1 and 2 threads (it picks other block kernels), which
+is why `sclref.threads.pinned` runs it on one thread while sclref computes.
 """
 
 import numpy as np
