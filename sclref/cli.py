@@ -54,7 +54,11 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ste", default=d.ste, help=f"straight-through estimator (default {d.ste})")
     p.add_argument("--alpha", type=float, default=d.ste_alpha, dest="ste_alpha",
                    help=f"slope of the leaky_relu STE (default {d.ste_alpha})")
-    p.add_argument("--lam", type=float, default=d.lam, help=f"λ of the connection-count regularizer (default {d.lam})")
+    p.add_argument("--lam", type=float, default=d.lam,
+                   help=f"λ of the connection-count regularizer, per epoch unless --lam-per step (default {d.lam})")
+    p.add_argument("--lam-per", choices=("epoch", "step"), default=d.lam_per,
+                   help="λ is one epoch's push, spread over its steps (the same λ means the same pruning pressure "
+                        f"whatever the data size), or each step's (default {d.lam_per})")
     p.add_argument("--target-sparsity", type=float, default=None, metavar="PCT",
                    help="adjust λ during training to land at this overall sparsity in percent, e.g. 98")
     p.add_argument("--lam-gain", type=float, default=d.lam_gain,

@@ -164,7 +164,8 @@ class Settings:
     def config(self, model: str, method: str, seed: int) -> TrainConfig:
         """The `TrainConfig` of one run."""
         scale = self.no_norm_scale if METHODS[method].global_scale else 1.0
-        return TrainConfig(model=model, data=self.data_spec, lam=self.lam_value * scale, epochs=self.epochs,
+        return TrainConfig(model=model, data=self.data_spec, lam=self.lam_value * scale, lam_per="step",
+                           epochs=self.epochs,
                            finetune_epochs=self.finetune_epochs, seed=seed, dtype=self.dtype,
                            train_limit=self.train_limit, test_limit=self.test_limit,
                            mask_lr=TrainConfig.mask_lr / scale, **dict(METHODS[method].overrides))

@@ -60,7 +60,10 @@ class TrainConfig:
     data: str = "digits"
     ste: str = "identity"
     ste_alpha: float = 0.1  # slope of the leaky_relu estimator
-    lam: float = 0.03  # λ; with target_sparsity, the starting λ
+    lam: float = 0.36  # λ; with target_sparsity, the starting λ
+    # "epoch": λ is the push of one epoch, spread over its steps (λ / steps per epoch each step), so the
+    # same λ prunes alike whatever the data size and batch size; "step": each step's push is λ.
+    lam_per: str = "epoch"
     target_sparsity: float | None = None  # percent, e.g. 98.0; None: fixed λ
     normalization: str = "l2"
     weighting: str = "count"
@@ -99,6 +102,8 @@ class TrainConfig:
             raise InputError(f"unknown STE {self.ste!r}; registered: {', '.join(ste_registry.available())}")
         if not (math.isfinite(self.lam) and self.lam >= 0):
             raise InputError(f"λ must be a finite number >= 0, got {self.lam}")
+        if self.lam_per not in ("epoch", "step"):
+            raise InputError(f"lam_per must be 'epoch' or 'step', got {self.lam_per!r}")
         if self.target_sparsity is not None and not 0 < self.target_sparsity < 100:
             raise InputError(f"target sparsity must be in (0, 100) percent, got {self.target_sparsity}")
         if self.target_sparsity is not None and not self.masked:
@@ -253,17 +258,18 @@ class Trainer:
         weights, scores = _param_groups(self.model)
         self.opt_w = optim.SGD(weights, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
         self.opt_s = optim.SGD(scores, lr=config.mask_lr) if scores else None
-        self.objective = SCLObjective(config.lam, config.normalization, config.weighting, config.normalize)
+        self.steps_per_epoch = -(-len(dataset.x_train) // config.batch_size)
+        lam = config.lam / self.steps_per_epoch if config.lam_per == "epoch" else config.lam  # one step's λ
+        self.objective = SCLObjective(lam, config.normalization, config.weighting, config.normalize)
         # Target mode starts from a weak λ and lets the controller raise it, so that the
         # least useful connections go first instead of all crossing zero together.
-        self.controller = (LambdaController(config.target_sparsity / 100, max(config.lam / 10, 1e-6),
+        self.controller = (LambdaController(config.target_sparsity / 100, max(lam / 10, 1e-6),
                                             gain=config.lam_gain, ramp=0.7)
                            if config.target_sparsity is not None and config.masked else None)
         if self.controller is not None:
             self.objective.lam = self.controller.lam
         self.order_rng = np.random.default_rng([config.seed, 2])
         self.epoch = 0
-        self.steps_per_epoch = -(-len(dataset.x_train) // config.batch_size)
         self.history: list[dict] = []
         self.epoch_seconds: list[float | None] = []  # wall times: kept apart, they differ between identical runs
         self.phases = phases(config)

@@ -19,10 +19,10 @@ from sclref.autograd import Tensor, no_grad
 from sclref.scl import masked_layers
 from sclref.train import CHECKPOINT, METRICS, MODEL, TrainConfig, Trainer, build_model, evaluate, load_model, train
 
-# A few epochs on a subset: both phases, about 0.1 s.
-SMALL = dict(train_limit=300, test_limit=100, epochs=3, finetune_epochs=2)
+# A few epochs on a subset: both phases, about 0.1 s. (λ per step: these subsets were tuned that way.)
+SMALL = dict(train_limit=300, test_limit=100, epochs=3, finetune_epochs=2, lam=0.03, lam_per="step")
 # Enough mask learning on a subset to prune a visible share (about 16 %) in 4 epochs.
-PRUNING = dict(train_limit=400, test_limit=100, epochs=4, finetune_epochs=2, lam=0.1)
+PRUNING = dict(train_limit=400, test_limit=100, epochs=4, finetune_epochs=2, lam=0.1, lam_per="step")
 LAYER_SIZES = {"fc1": 64 * 300, "fc2": 300 * 100, "fc3": 100 * 10}
 
 # Measured on digits, seeds 0-5, LeNet-300-100, 30 + 10 epochs, λ = 0.03: masked test error
@@ -563,6 +563,19 @@ def test_values_that_would_break_the_run_later_are_refused_first(tmp_path, bad, 
     with pytest.raises(ValueError, match=message):
         run(tmp_path / "run", **{**SMALL, **bad})
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("limit, steps", [(300, 3), (1438, 12)])
+def test_lam_per_epoch_is_spread_over_the_epochs_steps(limit, steps):
+    from sclref import data
+
+    dataset = data.subset(data.load("digits", dtype=np.float32), limit, 100)
+    per_epoch = Trainer(TrainConfig(lam=0.36, train_limit=limit), dataset)
+    per_step = Trainer(TrainConfig(lam=0.36, lam_per="step", train_limit=limit), dataset)
+    assert per_epoch.steps_per_epoch == steps
+    assert per_epoch.objective.lam == pytest.approx(0.36 / steps) and per_step.objective.lam == 0.36
+    with pytest.raises(ValueError, match="lam_per must be 'epoch' or 'step'"):
+        TrainConfig(lam_per="batch").validate()
 
 
 def test_score_init_that_fits_float64_but_not_float32_is_fine_in_float64():
