@@ -45,10 +45,11 @@ def _gradcheck(args: argparse.Namespace) -> int:
 
 
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
+    from sclref import models
     from sclref.train import TrainConfig
 
     d = TrainConfig()
-    p.add_argument("--model", default=d.model, help=f"lenet300 or lenet5 (default {d.model})")
+    p.add_argument("--model", default=d.model, help=f"{', '.join(models.MODELS)} (default {d.model})")
     p.add_argument("--data", default=d.data,
                    help="'digits' (bundled), a directory of MNIST-format IDX files, or a .npz (default digits)")
     p.add_argument("--ste", default=d.ste, help=f"straight-through estimator (default {d.ste})")
@@ -77,6 +78,9 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--score-init", type=float, default=d.score_init, help="initial mask variables (default 1)")
     p.add_argument("--dense", action="store_true", help="train the plain network without masks (a baseline)")
+    p.add_argument("--dense-first", action="store_false", dest="mask_first",
+                   help="keep the first weight layer dense (unmasked); by default every weight layer is masked")
+    p.add_argument("--dense-last", action="store_false", dest="mask_last", help="keep the classifier dense (unmasked)")
     p.add_argument("--dtype", default=d.dtype, help="float32 (default) or float64")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--train-limit", type=int, default=None, metavar="N", help="use the first N training samples")

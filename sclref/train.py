@@ -78,6 +78,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     score_init: float = 1.0
     masked: bool = True  # False trains the plain dense network (a baseline)
+    mask_first: bool = True  # False keeps the first weight layer dense (as RigL and others do)
+    mask_last: bool = True  # False keeps the classifier dense
     # Magnitude pruning + retraining (the classic baseline) instead of SCL: the masks stay on while θ trains
     # for `epochs`, then keep the largest |θ| ("layer": `prune_sparsity` per layer, a fraction or a dict by
     # layer name; "global": one fraction over all layers) and stay frozen for `finetune_epochs`.
@@ -224,11 +226,10 @@ class RunResult:
 def build_model(config: TrainConfig, in_shape, num_classes: int):
     """The configured architecture for data of per-sample shape `in_shape`."""
     ste = ste_registry.from_spec(config.ste, alpha=config.ste_alpha)
-    kwargs = dict(num_classes=num_classes, masked=config.masked, ste=ste, score_init=config.score_init,
-                  dtype=np.dtype(config.dtype), generator=np.random.default_rng([config.seed, 1]))
-    if config.model == "lenet300":
-        return models.lenet_300_100(in_features=int(np.prod(in_shape)), **kwargs)
-    return models.lenet5(in_shape=tuple(in_shape), **kwargs)
+    return models.MODELS[config.model](
+        in_shape=tuple(in_shape), num_classes=num_classes, masked=config.masked, ste=ste,
+        score_init=config.score_init, dtype=np.dtype(config.dtype), generator=np.random.default_rng([config.seed, 1]),
+        mask_first=config.mask_first, mask_last=config.mask_last)
 
 
 def _param_groups(model):

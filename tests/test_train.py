@@ -734,3 +734,15 @@ def test_fuzz_the_checkpoint_and_model_readers(tmp_path_factory, pruning_run):
     finally:
         del os.environ["SCLREF_MAX_ALLOC_BYTES"]
     assert seen["checkpoint"] >= 150 and seen["model"] >= 150
+
+
+def test_a_resnet20_scl_run_learns_and_resumes_bit_for_bit(tmp_path):
+    config = TrainConfig(model="resnet20", train_limit=256, test_limit=64, epochs=3, finetune_epochs=1, batch_size=64,
+                         lr=0.05, mask_first=False, mask_last=False)
+    whole = train(config, tmp_path / "whole", log=quiet)
+    assert whole.history[-1]["loss"] < whole.history[0]["loss"]
+    assert [name for name, _ in masked_layers(whole.model)][:1] == ["layer1.0.conv1"]  # first conv kept dense
+    train(config, tmp_path / "cut", log=quiet, stop_after=2)
+    resumed = train(config, tmp_path / "cut", resume=True, log=quiet)
+    assert param_bytes(resumed.model) == param_bytes(whole.model)
+    assert (tmp_path / "cut" / MODEL).read_bytes() == (tmp_path / "whole" / MODEL).read_bytes()
