@@ -53,6 +53,8 @@ def _reset_peak_rss() -> None:
 
 def _worker(conn, build, args):
     # Runs in its own process: build the workload once, then time blocks of calls on request.
+    from sclref.sparse.bench import call_times
+
     step = build(*args)
     first = step()  # the first call's result, for a same-work check
     # Memory a call needs on top of what stays between calls (the model, optimizer
@@ -65,12 +67,7 @@ def _worker(conn, build, args):
         count = conn.recv()
         if not count:
             break
-        times = []
-        for _ in range(count):
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
-        conn.send(times)
+        conn.send(call_times(step, count))
     peak = _rss_kib("VmHWM")
     usage = None if base is None or peak is None else {"resident_mib": base / 1024,
                                                        "step_peak_mib": (peak - base) / 1024}

@@ -58,6 +58,30 @@ def test_torch_loader_reproduces_the_export(tmp_path, load_into_torch, name, in_
     np.testing.assert_allclose(theirs, masked, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("name,in_shape", [("lenet300", (1, 8, 8)), ("lenet5", (1, 16, 16))])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_torch_loader_standardizes_raw_pixels_with_the_manifest_values(tmp_path, load_into_torch, name, in_shape,
+                                                                       dtype):
+    gen = np.random.default_rng(3)
+    if name == "lenet300":
+        model = models.lenet_300_100(in_features=int(np.prod(in_shape)), dtype=dtype, generator=gen)
+    else:
+        model = models.lenet5(in_shape=in_shape, dtype=dtype, generator=gen)
+    stats = {"pixel_max": 255.0, "mean": 0.1307, "std": 0.3081}
+    network = export(_pruned(model, 0.1, seed=4), in_shape, preprocessing=stats)
+    save(network, tmp_path / "net.npz")
+    raw = np.random.default_rng(5).integers(0, 256, (6,) + in_shape).astype(dtype)
+    x = ((raw.astype(np.float64) / 255 - stats["mean"]) / stats["std"]).astype(dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        net = load_into_torch(tmp_path / "net.npz")
+        with torch.no_grad():
+            theirs = net(torch.from_numpy(raw)).numpy()
+    assert theirs.dtype == dtype
+    tol = 1e-12 if dtype == np.float64 else 1e-4
+    np.testing.assert_allclose(theirs, Runtime(network)(x), rtol=tol, atol=tol)
+
+
 def test_torch_loader_refuses_other_versions(tmp_path, load_into_torch):
     import json
     import zipfile
@@ -68,10 +92,10 @@ def test_torch_loader_refuses_other_versions(tmp_path, load_into_torch):
     with zipfile.ZipFile(path) as z:
         members = {n: z.read(n) for n in z.namelist()}
     manifest = json.loads(members["manifest.json"])
-    manifest["version"] = 2
+    manifest["version"] = 3
     members["manifest.json"] = json.dumps(manifest).encode()
     with zipfile.ZipFile(path, "w") as z:
         for n, data in members.items():
             z.writestr(n, data)
-    with pytest.raises(ValueError, match="not an sclref sparse network of format version 1"):
+    with pytest.raises(ValueError, match="not an sclref sparse network of format version 1 or 2"):
         load_into_torch(path)

@@ -2,6 +2,7 @@
 
 import pytest
 
+from sclref.errors import InputError, LimitError
 from sclref.sparse import bench
 
 
@@ -58,3 +59,36 @@ def test_report_shows_every_layer_batch_and_ratio():
     assert "| fc1 | 940,800 | 38,836 | 1.50 | 3.0 | 2.0x |" in report
     assert "| 1 | 30.0 | 20.0 | 4.5 | 4.5 | 6.7x | 4.4x | 1.50 | 3.0x |" in report
     assert "| 256 | 600.0 | 310.0 | 50.0 | 50.0 | 12.0x | 6.2x | - | - |" in report
+
+
+def _tiny_network():
+    import numpy as np
+    import scipy.sparse as sp
+
+    from sclref.sparse import Linear, SparseNetwork
+
+    w = sp.csr_array(np.eye(4, 16))
+    w = sp.csr_array((w.data, w.indices.astype(np.int32), w.indptr.astype(np.int32)), shape=(4, 16))
+    return SparseNetwork([Linear("fc", w, np.zeros(4))], np.dtype(np.float64))
+
+
+@pytest.mark.parametrize("batches, reps, message", [
+    ((1, 0), 5, r"a batch size must be an integer in \[1, 1,048,576\], got 0"),
+    ((10**12,), 5, r"a batch size .* got 1000000000000"),
+    ((True,), 5, r"a batch size .* got True"),
+    (tuple(range(1, 18)), 5, r"give 1 to 16 batch sizes, got 17"),
+    ((), 5, r"give 1 to 16 batch sizes, got 0"),
+    ((1,), 0, r"reps must be an integer in \[1, 10,000\], got 0"),
+    ((1,), 10**9, r"reps must be .* got 1000000000"),
+])
+def test_counts_outside_their_bounds_are_refused(batches, reps, message):
+    with pytest.raises(InputError, match=message):
+        bench.bench(_tiny_network(), batches, reps)
+
+
+def test_a_batch_beyond_the_memory_limit_is_refused_before_any_timing(monkeypatch):
+    network = _tiny_network()
+    assert bench.check_counts(network, [1, 64], 5) == (1, 64)
+    monkeypatch.setenv("SCLREF_MAX_ALLOC_BYTES", str(1 << 16))
+    with pytest.raises(LimitError, match=r"a batch of 5000 inputs of shape \[16\]"):
+        bench.bench(network, (1, 5000), 5)  # 5000 x 16 float32 inputs: 320,000 bytes

@@ -1,10 +1,16 @@
 """`sclref export`, `sclref infer` and `sclref bench` on a small trained run."""
 
 import json
+import time
 
+import numpy as np
 import pytest
 
+from sclref import data
 from sclref.cli import main
+from sclref.sparse import Runtime, load, save
+from sclref.train import load_model
+from tests import mutations
 
 
 @pytest.fixture(scope="module")
@@ -13,6 +19,19 @@ def run_dir(tmp_path_factory):
     assert main(["train", "--epochs", "1", "--finetune-epochs", "0", "--train-limit", "200", "--test-limit", "50",
                  "--no-progress", "--lam", "0.3", "--out", str(out)]) == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def exported(run_dir, tmp_path_factory):
+    path = tmp_path_factory.mktemp("export") / "m.npz"
+    assert main(["export", str(run_dir), "--out", str(path)]) == 0
+    return path
+
+
+def _accuracy(network, preprocessing=None):
+    """Accuracy on the digits test split standardized by `preprocessing` (default: its own train statistics)."""
+    dataset = data.load("digits", dtype=network.dtype, preprocessing=preprocessing)
+    return float(np.mean(Runtime(network)(dataset.x_test).argmax(axis=1) == dataset.y_test))
 
 
 def test_export_then_infer(run_dir, tmp_path, capsys):
@@ -28,24 +47,101 @@ def test_export_then_infer(run_dir, tmp_path, capsys):
     assert metrics["finished"]
 
 
-def test_bench_json(run_dir, tmp_path, capsys):
-    assert main(["export", str(run_dir), "--out", str(tmp_path / "m.npz")]) == 0
+def test_export_carries_the_run_preprocessing(run_dir, exported):
+    record = load_model(run_dir)[1]["preprocessing"]
+    assert set(record) == {"pixel_max", "mean", "std"} and record["pixel_max"] == 16
+    assert load(exported).preprocessing == record
+
+
+def test_exporting_a_run_twice_gives_the_same_bytes(run_dir, exported, tmp_path, monkeypatch):
+    later = time.time() + 86400  # zip would stamp the members with the time of writing
+    monkeypatch.setattr(time, "time", lambda: later)
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "again.npz")]) == 0
+    assert (tmp_path / "again.npz").read_bytes() == exported.read_bytes()
+
+
+def test_infer_standardizes_the_data_with_the_model_preprocessing(exported, tmp_path, capsys):
+    network = load(exported)
+    own = dict(network.preprocessing)
+    network.preprocessing = dict(own, mean=own["mean"] + 0.3, std=3 * own["std"])
+    save(network, tmp_path / "shifted.npz")
+    want = _accuracy(network, network.preprocessing)
+    assert want != _accuracy(network)  # the shift changes predictions, so the test can tell the two apart
     capsys.readouterr()
-    assert main(["bench", str(tmp_path / "m.npz"), "--batches", "1,8", "--reps", "2", "--no-break-even",
-                 "--json"]) == 0
+    assert main(["infer", str(tmp_path / "shifted.npz"), "--data", "digits", "--json"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert result["accuracy"] == want and result["preprocessing"] == network.preprocessing
+    assert "warning" not in captured.err
+
+
+def test_infer_warns_on_a_network_without_preprocessing(exported, tmp_path, capsys):
+    members = mutations.zip_members(exported.read_bytes())
+    manifest = json.loads(members["manifest.json"])
+    manifest["version"] = 1
+    del manifest["preprocessing"]
+    members["manifest.json"] = json.dumps(manifest).encode()
+    (tmp_path / "v1.npz").write_bytes(mutations.make_zip(members))
+    capsys.readouterr()
+    assert main(["infer", str(tmp_path / "v1.npz"), "--data", "digits", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "records no input preprocessing" in captured.err
+    assert json.loads(captured.out)["accuracy"] == _accuracy(load(exported))  # today's behaviour: DIR's statistics
+
+
+def test_an_empty_test_set_is_an_error(exported, tmp_path, capsys):
+    digits = data.load("digits")
+    raw = np.zeros((len(digits.x_train), 1, 8, 8), np.uint8)
+    raw[:, 0, 4, 4] = np.arange(len(raw)) % 17
+    np.savez(tmp_path / "empty.npz", x_train=raw, y_train=digits.y_train, x_test=raw[:0], y_test=digits.y_test[:0],
+             pixel_max=np.float64(16))
+    capsys.readouterr()
+    assert main(["infer", str(exported), "--data", str(tmp_path / "empty.npz")]) == 2
+    assert "the test set is empty" in capsys.readouterr().err
+
+
+def test_bench_json(exported, capsys):
+    capsys.readouterr()
+    assert main(["bench", str(exported), "--batches", "1,8", "--reps", "2", "--no-break-even", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert [row["layer"] for row in result["layers"]] == ["fc1", "fc2", "fc3"]
     assert set(result["network"]["8"]) >= {"dense", "scipy", "sclref", "auto"}
 
 
+def test_bench_refuses_a_batch_beyond_the_memory_limit_before_starting(exported, monkeypatch, capsys):
+    monkeypatch.setenv("SCLREF_MAX_ALLOC_BYTES", str(1 << 20))
+    capsys.readouterr()
+    assert main(["bench", str(exported), "--batches", "1,100000", "--reps", "2", "--no-break-even"]) == 2
+    assert "a batch of 100000 inputs of shape [1, 8, 8]" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["export", "/no/such/run"], "no such run directory"),
     (["infer", "/no/such.npz", "--data", "digits"], "no such file"),
-    (["infer", "/no/such.npz", "--data", "digits", "--batch", "0"], "--batch must be >= 1"),
-    (["bench", "/no/such.npz", "--batches", "1,x"], "bad --batches"),
 ])
 def test_bad_input_is_a_clear_error(argv, message, capsys):
     assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["infer", "M", "--data", "digits", "--limit", "-5"], "argument --limit: must be an integer >= 1, got -5"),
+    (["infer", "M", "--data", "digits", "--limit", "0"], "argument --limit: must be an integer >= 1, got 0"),
+    (["infer", "M", "--data", "digits", "--batch", "0"], "argument --batch: must be an integer in [1, 1,048,576], "
+                                                         "got 0"),
+    (["infer", "M", "--data", "digits", "--batch", "10000000000"], "argument --batch: must be an integer in "
+                                                                   "[1, 1,048,576], got 10000000000"),
+    (["bench", "M", "--batches", "1000000000000"], "argument --batches: must be an integer in [1, 1,048,576], "
+                                                   "got 1000000000000"),
+    (["bench", "M", "--batches", "1,x"], "argument --batches: must be an integer in [1, 1,048,576], got 'x'"),
+    (["bench", "M", "--batches", ",".join(["1"] * 17)], "argument --batches: at most 16 batch sizes, got 17"),
+    (["bench", "M", "--reps", "0"], "argument --reps: must be an integer in [1, 10,000], got 0"),
+    (["bench", "M", "--reps", "1000000000"], "argument --reps: must be an integer in [1, 10,000], got 1000000000"),
+])
+def test_counts_out_of_range_are_usage_errors_naming_the_value(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
     assert message in capsys.readouterr().err
 
 

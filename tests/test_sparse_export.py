@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from sclref import nn
 from sclref.autograd import Tensor, no_grad
+from sclref.errors import InputError
 from sclref.nn.masked import MaskedConv2d, MaskedLinear
 from sclref.sparse import Runtime, export
 from tests.strategies import SEEDS
@@ -104,3 +105,13 @@ def test_unexportable_layer_is_a_clear_error():
     model = nn.Sequential({"fc": MaskedLinear(2, 2), "odd": nn.Sequential(nn.ReLU())})
     with pytest.raises(ValueError, match="cannot export layer 'odd'"):
         export(model)
+
+
+def test_the_preprocessing_is_carried_and_checked():
+    model = nn.Sequential({"fc": MaskedLinear(4, 2)})
+    stats = {"pixel_max": 255, "mean": 0.1307, "std": 0.3081}
+    assert export(model, preprocessing=stats).preprocessing == {"pixel_max": 255.0, "mean": 0.1307, "std": 0.3081}
+    assert export(model).preprocessing is None
+    for bad in ({"pixel_max": 255, "mean": 0.1}, {**stats, "std": 0.0}, {**stats, "mean": float("nan")}):
+        with pytest.raises(InputError, match="preprocessing"):
+            export(model, preprocessing=bad)

@@ -1,6 +1,7 @@
 """The runtime's plans: chains of sclref layers mixed with scipy and dense layers, reused scratch, threads."""
 
 import itertools
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -8,7 +9,8 @@ import pytest
 import scipy.sparse as sp
 
 from sclref import kernels
-from sclref.sparse import Activation, Flatten, Linear, Runtime, SparseNetwork
+from sclref.errors import InputError, LimitError
+from sclref.sparse import Activation, Conv2d, Flatten, Linear, Runtime, SparseNetwork
 
 
 def _network():
@@ -81,7 +83,6 @@ def _csr_with_density(rows, cols, nnz_per_row, gen):
 def test_auto_takes_dense_for_convolutions_sooner_than_for_linear_layers():
     # 8 % density: dense for a convolution at batch 1 (break-even 7 %), sparse for a
     # linear layer (30 %); big batches follow the table of the parallel or serial kernel.
-    from sclref.sparse import Conv2d
     from sclref.sparse.runtime import CONV_DENSE_FROM, DENSE_FROM
 
     gen = np.random.default_rng(0)
@@ -97,3 +98,56 @@ def test_auto_takes_dense_for_convolutions_sooner_than_for_linear_layers():
     assert [run.choose("fc", b) for b in (64, 256)] == [sparse, sparse]
     x = gen.standard_normal((2, 4, 8, 8))
     np.testing.assert_allclose(run(x), Runtime(network, backend="scipy")(x), rtol=1e-12, atol=1e-12)
+
+
+def _padded_conv_network(padding):
+    gen = np.random.default_rng(5)
+    conv = Conv2d("conv", _csr_with_density(2, 9, 3, gen), np.zeros(2), in_channels=1, kernel_size=(3, 3),
+                  padding=(padding, padding))
+    side = 8 + 2 * padding - 2
+    fc = Linear("fc", _csr_with_density(3, 2 * side * side, 4, gen), np.zeros(3))
+    return SparseNetwork([conv, Flatten("flatten"), fc], np.dtype(np.float64), input_shape=(1, 8, 8))
+
+
+@pytest.mark.parametrize("backend, what", [("sclref", "the zero-padded input (padding [64, 64])"),
+                                           ("scipy", "the zero-padded input (padding [64, 64])"),
+                                           ("dense", "the zero-padded input (padding [64, 64])")])
+def test_a_batch_whose_buffers_exceed_the_limit_is_refused_before_allocating(monkeypatch, backend, what):
+    run = Runtime(_padded_conv_network(64), backend=backend)
+    x = np.random.default_rng(0).standard_normal((2, 1, 8, 8))
+    assert np.isfinite(run(x)).all()  # a small batch fits
+    monkeypatch.setenv("SCLREF_MAX_ALLOC_BYTES", str(1 << 20))
+    with pytest.raises(LimitError, match=re.escape(f"layer 'conv', batch of 64: {what}")):
+        run(np.zeros((64, 1, 8, 8)))
+
+
+def test_im2col_columns_are_checked_for_the_backends_that_use_them(monkeypatch):
+    monkeypatch.setenv("SCLREF_MAX_ALLOC_BYTES", str(1 << 20))
+    network = _padded_conv_network(0)
+    # Per sample: input 512 bytes, conv output 576, im2col columns 2,592.
+    for backend in ("scipy", "dense"):
+        with pytest.raises(LimitError, match=r"layer 'conv', batch of 1000: the im2col columns \(kernel \[3, 3\]\)"):
+            Runtime(network, backend=backend).check_batch((1000, 1, 8, 8))
+    Runtime(network, backend="sclref").check_batch((1000, 1, 8, 8))  # the direct convolution needs none
+    with pytest.raises(LimitError, match=r"layer 'conv', batch of 1900: the output \[2, 6, 6\] per sample"):
+        Runtime(network, backend="sclref").check_batch((1900, 1, 8, 8))
+
+
+def test_a_dense_weight_beyond_the_limit_is_refused(monkeypatch):
+    gen = np.random.default_rng(6)
+    fc = Linear("wide", _csr_with_density(1000, 1000, 2, gen), np.zeros(1000))
+    network = SparseNetwork([fc], np.dtype(np.float64))
+    monkeypatch.setenv("SCLREF_MAX_ALLOC_BYTES", str(1 << 20))
+    x = gen.standard_normal((2, 1000))
+    np.testing.assert_allclose(Runtime(network, backend="scipy")(x), x @ fc.weight.toarray().T, rtol=1e-12)
+    with pytest.raises(LimitError, match=r"layer 'wide': its 1000x1000 weight made dense"):
+        Runtime(network, backend="dense")(x)
+
+
+def test_a_network_whose_outputs_overflow_float32_does_not_run_in_float32():
+    network = _network()
+    network.layers[1].weight.data[:] *= 1e30
+    x = np.random.default_rng(7).standard_normal((2, 2, 3, 5))
+    assert np.isfinite(Runtime(network)(x)).all()  # float64 holds them
+    with pytest.raises(InputError, match=r"cannot run this network in float32: layer 'fc0'.*float32"):
+        Runtime(network, dtype=np.float32)

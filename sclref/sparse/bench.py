@@ -18,12 +18,30 @@ import warnings
 import numpy as np
 import scipy.sparse as sp
 
+from sclref.errors import InputError
 from sclref.sparse import network as net
 from sclref.sparse.runtime import Runtime
 
-__all__ = ["BREAK_EVEN_GRID", "bandwidth", "bench", "break_even_density", "format_report", "median_times"]
+__all__ = ["BREAK_EVEN_GRID", "MAX_BATCH", "MAX_BATCH_SIZES", "MAX_REPS", "bandwidth", "bench", "break_even_density",
+           "call_times", "check_counts", "format_report", "median_times"]
 
 BREAK_EVEN_GRID = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+
+# Bounds of the counts a caller (or a command-line flag) gives: a latency benchmark has
+# no use for more, and a mistyped count should be an error, not hours of timing.
+MAX_BATCH = 1 << 20
+MAX_BATCH_SIZES = 16
+MAX_REPS = 10_000
+
+
+def call_times(fn, count: int) -> list[float]:
+    """Seconds of each of `count` calls of `fn`, one after the other."""
+    times = []
+    for _ in range(count):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
 
 
 def median_times(fns: dict, reps: int, warmup: int = 3) -> dict:
@@ -34,9 +52,7 @@ def median_times(fns: dict, reps: int, warmup: int = 3) -> dict:
     samples = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - t0)
+            samples[name] += call_times(fn, 1)
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
@@ -122,12 +138,7 @@ def _worker(conn, network, dtype, backend, batches):
             conn.send(None)
             continue
         fn()
-        times = []
-        for _ in range(count):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        conn.send(times)
+        conn.send(call_times(fn, count))
     conn.close()
 
 
@@ -165,6 +176,33 @@ class _Workers:
             proc.join(timeout=10)
 
 
+def _is_count(value, high: int) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 1 <= value <= high
+
+
+def check_counts(network: net.SparseNetwork, batches, reps: int, dtype=np.float32) -> tuple[int, ...]:
+    """The batch sizes as a tuple, after checking them and `reps` against the bounds and the memory they need.
+
+    Raises `InputError` for a count outside [1, MAX_BATCH] (batch sizes; at most
+    MAX_BATCH_SIZES of them) or [1, MAX_REPS] (reps), and `sclref.errors.LimitError` when
+    a batch of that size needs an array larger than sclref allocates on some backend.
+    """
+    batches = tuple(batches)
+    if not 1 <= len(batches) <= MAX_BATCH_SIZES:
+        raise InputError(f"give 1 to {MAX_BATCH_SIZES} batch sizes, got {len(batches)}")
+    for b in batches:
+        if not _is_count(b, MAX_BATCH):
+            raise InputError(f"a batch size must be an integer in [1, {MAX_BATCH:,}], got {b!r}")
+    if not _is_count(reps, MAX_REPS):
+        raise InputError(f"reps must be an integer in [1, {MAX_REPS:,}], got {reps!r}")
+    shape = network.input_shape or (network.weighted()[0].weight.shape[1],)
+    for backend in ("dense", "scipy", "sclref"):
+        run = Runtime(network, dtype, backend)
+        for b in batches:
+            run.check_batch((b, *shape))
+    return batches
+
+
 def bench(network: net.SparseNetwork, batches=(1, 64, 256), reps: int = 50, dtype=np.float32,
           break_even: bool = True, pause: float = 0.05, masked: net.SparseNetwork | None = None) -> dict:
     """Per-layer and whole-network latencies (seconds) of every backend; see the module doc.
@@ -172,9 +210,11 @@ def bench(network: net.SparseNetwork, batches=(1, 64, 256), reps: int = 50, dtyp
     Each backend runs in its own process (spawned), the processes taking turns in blocks
     of 10 calls with a `pause` between turns. `masked`, when given, is the same network
     before dead-unit removal: its dense form joins the whole-network turns as "masked".
-    The whole-network floor at batch 1 is the sum of the layers' floors.
+    The whole-network floor at batch 1 is the sum of the layers' floors. The counts are
+    checked first (`check_counts`).
     """
     dtype = np.dtype(dtype)
+    batches = check_counts(network, batches, reps, dtype)
     torch = _torch()
     bw = bandwidth()
     backends = ("dense", "scipy", "sclref") + (("torch",) if torch is not None else ())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -9,7 +10,34 @@ from pathlib import Path
 
 import numpy as np
 
+from sclref.sparse.bench import MAX_BATCH, MAX_BATCH_SIZES, MAX_REPS
+
 __all__ = ["add_parsers"]
+
+
+def _count(high: int | None = None):
+    """An argparse type: an integer >= 1 (and <= `high`); anything else is a usage error naming the value."""
+    rule = "an integer >= 1" if high is None else f"an integer in [1, {high:,}]"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text[:40]!r}") from None
+        if value < 1 or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {value}")
+        return value
+
+    return parse
+
+
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    """An argparse type: comma-separated batch sizes, each in [1, MAX_BATCH], at most MAX_BATCH_SIZES of them."""
+    parts = text.split(",")
+    if len(parts) > MAX_BATCH_SIZES:
+        raise argparse.ArgumentTypeError(f"at most {MAX_BATCH_SIZES} batch sizes, got {len(parts)}")
+    one = _count(MAX_BATCH)
+    return tuple(dict.fromkeys(one(part.strip()) for part in parts))
 
 
 def _fail(command: str, err) -> int:
@@ -42,21 +70,30 @@ def _export(args) -> int:
     return 0
 
 
-def _infer(args) -> int:
+def _test_set(args, network, dtype):
+    """The dataset of --data, standardized as the network's training inputs were."""
     from sclref import data
+
+    if network.preprocessing is None:
+        print(f"sclref infer: warning: {args.model} records no input preprocessing (exported by an older sclref or "
+              f"from an older run); standardizing {args.data} by the statistics of its own train split, which "
+              f"matches training only if it is the training data", file=sys.stderr)
+        return data.load(args.data, dtype=dtype)
+    return data.load(args.data, dtype=dtype, preprocessing=network.preprocessing)
+
+
+def _infer(args) -> int:
     from sclref.sparse import Runtime, load
 
-    if args.batch < 1:
-        return _fail("infer", f"--batch must be >= 1, got {args.batch}")
     try:
         network = load(args.model)
         runtime = Runtime(network, args.dtype, args.backend)
-        dataset = data.load(args.data, dtype=runtime.dtype)
+        dataset = _test_set(args, network, runtime.dtype)
         x, y = dataset.x_test, dataset.y_test
         if args.limit is not None:
             x, y = x[:args.limit], y[:args.limit]
         if len(x) == 0:
-            return _fail("infer", "no test samples")
+            return _fail("infer", f"{args.data}: the test set is empty")
         runtime(x[:args.batch])  # compile and warm up outside the timing
         correct, times = 0, []
         for start in range(0, len(x), args.batch):
@@ -69,7 +106,8 @@ def _infer(args) -> int:
         return _fail("infer", err)
     result = {"model": str(args.model), "data": dataset.name, "samples": len(x), "batch": args.batch,
               "dtype": runtime.dtype.name, "backends": runtime.plan(args.batch), "accuracy": correct / len(x),
-              "latency_s": float(np.median(times)), "throughput_per_s": len(x) / sum(times)}
+              "latency_s": float(np.median(times)), "throughput_per_s": len(x) / sum(times),
+              "preprocessing": network.preprocessing}
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -82,16 +120,12 @@ def _infer(args) -> int:
 
 def _bench(args) -> int:
     from sclref.sparse import load
-    from sclref.sparse.bench import bench, format_report
+    from sclref.sparse.bench import bench, check_counts, format_report
 
     try:
-        batches = tuple(int(b) for b in args.batches.split(","))
-        if min(batches) < 1 or args.reps < 1:
-            raise ValueError("batches and --reps must be >= 1")
-    except ValueError as err:
-        return _fail("bench", f"bad --batches/--reps: {err}")
-    try:
-        result = bench(load(args.model), batches, args.reps, np.dtype(args.dtype), not args.no_break_even)
+        network = load(args.model)
+        check_counts(network, args.batches, args.reps, np.dtype(args.dtype))
+        result = bench(network, args.batches, args.reps, np.dtype(args.dtype), not args.no_break_even)
     except (ValueError, OSError, TypeError) as err:
         return _fail("bench", err)
     print(json.dumps(result, indent=2) if args.json else format_report(result))
@@ -111,16 +145,18 @@ def add_parsers(subparsers) -> None:
     p.add_argument("model", metavar="MODEL", help="a sparse network file written by `sclref export`")
     p.add_argument("--data", required=True, help="'digits', a directory of MNIST-format IDX files, or a .npz")
     p.add_argument("--backend", default="auto", choices=("auto", "sclref", "scipy", "dense"))
-    p.add_argument("--batch", type=int, default=256, help="samples per call (default 256)")
+    p.add_argument("--batch", type=_count(MAX_BATCH), default=256, help="samples per call (default 256)")
     p.add_argument("--dtype", default=None, choices=("float32", "float64"), help="default: the file's dtype")
-    p.add_argument("--limit", type=int, default=None, metavar="N", help="use the first N test samples")
+    p.add_argument("--limit", type=_count(), default=None, metavar="N", help="use the first N test samples")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_infer)
 
     p = subparsers.add_parser("bench", help="per-layer latency of dense, scipy, sclref and torch backends")
     p.add_argument("model", metavar="MODEL", help="a sparse network file written by `sclref export`")
-    p.add_argument("--batches", default="1,64,256", help="comma-separated batch sizes (default 1,64,256)")
-    p.add_argument("--reps", type=int, default=50, help="timed calls per backend and case (default 50)")
+    p.add_argument("--batches", type=_batch_sizes, default=(1, 64, 256),
+                   help=f"comma-separated batch sizes, each up to {MAX_BATCH:,} (default 1,64,256)")
+    p.add_argument("--reps", type=_count(MAX_REPS), default=50,
+                   help=f"timed calls per backend and case, up to {MAX_REPS:,} (default 50)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     p.add_argument("--no-break-even", action="store_true", help="skip the break-even density search")
     p.add_argument("--json", action="store_true", help="print the result as JSON")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
+from sclref.data import check_preprocessing
 from sclref.nn.layers import Conv2d, Dropout, Flatten, LeakyReLU, Linear, MaxPool2d, ReLU
 from sclref.nn.masked import MaskedLayer
 from sclref.sparse import network as net
@@ -113,7 +114,8 @@ def _csr(weight: np.ndarray, mask: np.ndarray) -> sp.csr_array:
     return sp.csr_array((weight[rows, cols], cols.astype(itype), indptr), shape=(f, k))
 
 
-def export(model, input_shape=None, prune_dead: bool = True, dtype=None, source: dict | None = None):
+def export(model, input_shape=None, prune_dead: bool = True, dtype=None, source: dict | None = None,
+           preprocessing: dict | None = None):
     """The sparse network equal to `model` in eval mode.
 
     Parameters
@@ -129,11 +131,16 @@ def export(model, input_shape=None, prune_dead: bool = True, dtype=None, source:
         The dtype of every array (default: the model's weight dtype).
     source : dict, optional
         Provenance stored with the network (JSON values).
+    preprocessing : dict, optional
+        How the model's inputs were standardized, ``{"pixel_max", "mean", "std"}``
+        (``x = (x_raw / pixel_max - mean) / std``); None when unknown.
 
     Returns
     -------
     SparseNetwork
     """
+    if preprocessing is not None:
+        preprocessing = check_preprocessing(preprocessing)
     steps = _steps(model)
     weights = [m for _, m in steps if isinstance(m, (Linear, Conv2d))]
     if not weights:
@@ -166,7 +173,7 @@ def export(model, input_shape=None, prune_dead: bool = True, dtype=None, source:
         if gone.size:
             removed[cur.name] = [int(u) for u in gone]
     return net.SparseNetwork(layers, dtype, None if input_shape is None else tuple(int(s) for s in input_shape),
-                             removed, dict(source or {}))
+                             removed, dict(source or {}), preprocessing)
 
 
 def _to_layer(name, entry):
@@ -189,11 +196,17 @@ def _to_layer(name, entry):
 
 
 def export_run(run_dir, prune_dead: bool = True):
-    """Export the final model of a training run directory (its ``model.npz``)."""
+    """Export the final model of a training run directory (its ``model.npz``), with its input preprocessing.
+
+    A model file of an older run records no preprocessing: the network's is then None.
+    """
     from sclref._version import __version__
     from sclref.train import load_model
 
     model, saved = load_model(run_dir)
     source = {"run_dir": str(run_dir), "sclref": __version__, "config": saved["config"],
               "num_classes": int(saved["num_classes"])}
-    return export(model, saved["in_shape"], prune_dead, source=source)
+    preprocessing = saved.get("preprocessing")
+    if preprocessing is not None:
+        preprocessing = check_preprocessing(preprocessing, f"{run_dir}: the model file's preprocessing")
+    return export(model, saved["in_shape"], prune_dead, source=source, preprocessing=preprocessing)

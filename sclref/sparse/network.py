@@ -3,11 +3,14 @@ parameter-free steps between them (activations, max-pooling, flatten).
 
 A weight layer holds its weight as a canonical scipy CSR matrix of shape (F, K) and a
 dense bias (F,). For a convolution, K = C*KH*KW and column ``c*KH*KW + i*KW + k`` holds
-the filter taps w[:, c, i, k] (the im2col order). Nothing here computes; `runtime` does.
+the filter taps w[:, c, i, k] (the im2col order). Nothing here runs the network
+(`runtime` does); what is here is the arithmetic of its shapes and of how large its
+values can grow, which the file reader and the runtime check before they allocate.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -87,6 +90,9 @@ class SparseNetwork:
     `input_shape` is the per-sample input shape, or None when the source did not say.
     `removed_units` maps a weight layer's name to the original indices of the units that
     dead-unit removal took out of it. `source` is free-form provenance (JSON values).
+    `preprocessing` is how the training inputs were standardized,
+    ``{"pixel_max": p, "mean": m, "std": s}`` meaning ``x = (x_raw / p - m) / s``, or None
+    when the source did not record it (files of format version 1, older runs).
     """
 
     layers: list
@@ -94,6 +100,7 @@ class SparseNetwork:
     input_shape: tuple[int, ...] | None = None
     removed_units: dict = field(default_factory=dict)
     source: dict = field(default_factory=dict)
+    preprocessing: dict | None = None
 
     def weighted(self) -> list:
         """The weight layers (Linear and Conv2d), in order."""
@@ -113,3 +120,76 @@ class SparseNetwork:
         """Bytes of the same weights and biases stored dense."""
         size = np.dtype(self.dtype).itemsize
         return sum(size * (int(np.prod(layer.weight.shape)) + layer.bias.size) for layer in self.weighted())
+
+    def shapes(self, sample_shape=None) -> list[tuple[int, ...]]:
+        """Per-sample shapes: the input's (`sample_shape`, default `input_shape`), then each layer's output.
+
+        Without either shape the network must start (after flatten or activations) with a
+        linear layer, whose input size is then the input shape. Raises ValueError naming
+        the first layer whose input does not fit it.
+        """
+        shape = self.input_shape if sample_shape is None else tuple(int(s) for s in sample_shape)
+        if shape is None:
+            first = next((layer for layer in self.layers if not isinstance(layer, (Activation, Flatten))), None)
+            if not isinstance(first, Linear):
+                raise ValueError("a network that does not start with a linear layer needs an input_shape")
+            shape = (first.in_features,)
+        shapes = [shape]
+        for layer in self.layers:
+            shape = output_shape(layer, shape)
+            shapes.append(shape)
+        return shapes
+
+    def magnitude_bounds(self, input_bound: float) -> list[tuple[str, float]]:
+        """(layer name, largest |value| the layer can output) for inputs of magnitude at most `input_bound`.
+
+        A weight layer's output is at most the largest row sum of |W| times the bound of
+        its input, plus the largest |bias| (padding adds zeros); every partial sum of a
+        kernel obeys the same bound. ReLU, max-pooling and flatten keep the bound, a
+        leaky ReLU multiplies it by max(1, |alpha|). Computed in float64 (inf on overflow).
+        """
+        bound, out = float(input_bound), []
+        for layer in self.layers:
+            if isinstance(layer, WeightLayer):
+                w = layer.weight
+                rows = np.repeat(np.arange(w.shape[0]), np.diff(w.indptr))
+                with np.errstate(over="ignore", invalid="ignore"):
+                    row_sums = np.bincount(rows, weights=np.abs(w.data.astype(np.float64)), minlength=w.shape[0])
+                    gain = float(row_sums.max(initial=0.0))
+                    bias = float(np.abs(layer.bias.astype(np.float64)).max(initial=0.0))
+                bound = gain * bound + bias if gain else bias
+            elif isinstance(layer, Activation) and layer.kind == "leaky_relu":
+                bound *= max(1.0, abs(float(layer.alpha)))
+            out.append((layer.name, bound))
+        return out
+
+
+def output_shape(layer, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The per-sample shape `layer` makes of a per-sample input of `shape`; ValueError if it does not fit."""
+    if isinstance(layer, Linear):
+        if tuple(shape) != (layer.in_features,):
+            raise ValueError(f"layer {layer.name!r} takes {layer.in_features} features per sample, "
+                             f"gets shape {tuple(shape)}")
+        return (layer.out_features,)
+    if isinstance(layer, (Conv2d, MaxPool2d)):
+        if len(shape) != 3:
+            raise ValueError(f"layer {layer.name!r} ({layer.kind}) takes (C, H, W) samples, gets shape {tuple(shape)}")
+        c, h, w = shape
+        (kh, kw), (sh, sw) = layer.kernel_size, layer.stride
+        ph, pw = layer.padding if isinstance(layer, Conv2d) else (0, 0)
+        if isinstance(layer, Conv2d) and c != layer.in_channels:
+            raise ValueError(f"layer {layer.name!r} takes {layer.in_channels} channels, gets {c}")
+        if h + 2 * ph < kh or w + 2 * pw < kw:
+            raise ValueError(f"layer {layer.name!r}: its {kh}x{kw} window is larger than its "
+                             f"{'padded ' if ph or pw else ''}input {h + 2 * ph}x{w + 2 * pw}")
+        channels = layer.out_channels if isinstance(layer, Conv2d) else c
+        return (channels, (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1)
+    if isinstance(layer, Flatten):
+        return (math.prod(shape),)
+    return tuple(shape)
+
+
+def _show(value, limit: int = 80) -> str:
+    """repr of `value`, cut to `limit` characters (values from files can be long)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."

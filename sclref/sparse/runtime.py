@@ -14,9 +14,12 @@ network and the batch size, never on timings, so results are reproducible; a str
 Consecutive linear layers on the sclref backend, each with the activation after it,
 form a chain that runs as one `csr_chain` call: the chain is packed once, its scratch
 buffers are kept per thread and batch size, and only the chain's input and output are
-row-major (inside, batch tiles run feature-major). The plan of a batch size (the
-chains and the other steps) is built on its first call and reused. Convolutions run
-on NCHW arrays.
+row-major (inside, batch tiles run feature-major). The plan of an input shape (the
+chains and the other steps) is built on its first call and reused; before it is built,
+`check_batch` checks every array the batch will need (padded inputs, im2col columns,
+dense weights, layer outputs) against `sclref.errors.check_allocation`, so a geometry
+from a file cannot ask for more memory than sclref allocates. Convolutions run on NCHW
+arrays.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from sclref import kernels
+from sclref.errors import InputError, check_allocation
 from sclref.sparse import network as net
+from sclref.sparse.format import FormatError, check_range
 
 __all__ = ["BACKENDS", "CONV_DENSE_FROM", "DENSE_FROM", "Runtime"]
 
@@ -65,6 +70,8 @@ class _Weights:
     @property
     def dense(self) -> np.ndarray:
         if self._dense is None:
+            f, k = self.csr.shape
+            check_allocation((f, k), self.data.itemsize, f"layer {self.layer.name!r}: its {f}x{k} weight made dense")
             self._dense = self.csr.toarray()
         return self._dense
 
@@ -96,6 +103,8 @@ class Runtime:
         if bad:
             raise ValueError(f"unknown backend {bad[0]!r}; choose from {', '.join(BACKENDS)}")
         self.backend = {name: chosen.get(name, "auto") for name in names}
+        if self.dtype.itemsize < np.dtype(network.dtype).itemsize:
+            self._check_range()
         self.weights = {layer.name: _Weights(layer, self.dtype) for layer in network.weighted()}
         self._chains, self._plans = {}, {}
 
@@ -114,14 +123,52 @@ class Runtime:
         """{weight layer name: backend} for a batch of `batch` samples."""
         return {name: self.choose(name, batch) for name in self.backend}
 
+    def _check_range(self) -> None:
+        try:
+            check_range(self.network, self.dtype)
+        except FormatError as err:
+            raise InputError(f"cannot run this network in {self.dtype.name}: {err}") from None
+
+    def check_batch(self, shape) -> None:
+        """Raise before a batch of input shape `shape` (N, ...) needs an array larger than sclref allocates.
+
+        Every array a forward pass allocates is checked with
+        `sclref.errors.check_allocation` (a `LimitError` names the layer and the array):
+        each layer's output, a convolution's zero-padded input and im2col columns, a
+        pooling layer's argmax, and the dense weights of layers that run dense. A shape
+        the network does not take is a ValueError naming the layer.
+        """
+        n, size = int(shape[0]), self.dtype.itemsize
+        shapes = self.network.shapes(tuple(shape[1:]))
+        check_allocation((n, *shapes[0]), size, f"a batch of {n} inputs of shape {list(shapes[0])}")
+        for layer, before, after in zip(self.network.layers, shapes, shapes[1:]):
+            where = f"layer {layer.name!r}, batch of {n}"
+            if isinstance(layer, net.WeightLayer):
+                backend = self.choose(layer.name, n)
+                if backend == "dense":
+                    f, k = layer.weight.shape
+                    check_allocation((f, k), size, f"layer {layer.name!r}: its {f}x{k} weight made dense")
+            if isinstance(layer, net.Conv2d):
+                (c, h, w), (kh, kw), (ph, pw) = before, layer.kernel_size, layer.padding
+                if ph or pw:
+                    check_allocation((n, c, h + 2 * ph, w + 2 * pw), size,
+                                     f"{where}: the zero-padded input (padding {list(layer.padding)})")
+                if backend != "sclref":
+                    check_allocation((c * kh * kw, n * after[1] * after[2]), size,
+                                     f"{where}: the im2col columns (kernel {list(layer.kernel_size)})")
+            if isinstance(layer, net.MaxPool2d):
+                check_allocation((n, *after), np.dtype(np.int64).itemsize, f"{where}: the pooling argmax")
+            check_allocation((n, *after), size, f"{where}: the output {list(after)} per sample")
+
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """The network's output for the batch `x` (N, ...): (N, F) or (N, F, OH, OW)."""
         x = self._check_input(x)
-        steps = self._plans.get(x.shape[0])
+        steps = self._plans.get(x.shape)
         if steps is None:
             if len(self._plans) > 64:  # bounded: a stream of new batch sizes does not keep every plan
                 self._plans.clear()
-            steps = self._plans[x.shape[0]] = self._steps(x.shape[0])
+            self.check_batch(x.shape)
+            steps = self._plans[x.shape] = self._steps(x.shape[0])
         for step in steps:
             x = step(x)
         return x if x.flags.c_contiguous else np.ascontiguousarray(x)
