@@ -201,7 +201,7 @@ def export_run(run_dir, prune_dead: bool = True):
     A model file of an older run records no preprocessing: the network's is then None.
     """
     from sclref._version import __version__
-    from sclref.train import load_model
+    from sclref.runs import load_model
 
     model, saved = load_model(run_dir)
     source = {"run_dir": str(run_dir), "sclref": __version__, "config": saved["config"],
