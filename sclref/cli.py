@@ -49,48 +49,69 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     from sclref.train import TrainConfig
 
     d = TrainConfig()
-    p.add_argument("--model", default=d.model, help=f"{', '.join(models.MODELS)} (default {d.model})")
+    p.add_argument("--model", default=d.model, help=f"one of {', '.join(models.MODELS)}")
     p.add_argument("--data", default=d.data,
-                   help="'digits' (bundled), a directory of MNIST-format IDX files, or a .npz (default digits)")
-    p.add_argument("--ste", default=d.ste, help=f"straight-through estimator (default {d.ste})")
-    p.add_argument("--alpha", type=float, default=d.ste_alpha, dest="ste_alpha",
-                   help=f"slope of the leaky_relu STE (default {d.ste_alpha})")
+                   help="'digits' (bundled), a directory of MNIST-format IDX or CIFAR binary files, or a .npz")
+    p.add_argument("--ste", default=d.ste, help="straight-through estimator, a name of the sclref.ste registry")
+    p.add_argument("--alpha", type=float, default=d.ste_alpha, dest="ste_alpha", help="slope of the leaky_relu STE")
     p.add_argument("--lam", type=float, default=d.lam,
-                   help=f"λ of the connection-count regularizer, per epoch unless --lam-per step (default {d.lam})")
-    p.add_argument("--lam-per", choices=("epoch", "step"), default=d.lam_per,
+                   help="λ of the connection-count regularizer, per epoch unless --lam-per step")
+    p.add_argument("--lam-per", default=d.lam_per, metavar="{epoch,step}",
                    help="λ is one epoch's push, spread over its steps (the same λ means the same pruning pressure "
-                        f"whatever the data size), or each step's (default {d.lam_per})")
+                        "whatever the data size), or each step's")
     p.add_argument("--target-sparsity", type=float, default=None, metavar="PCT",
                    help="adjust λ during training to land at this overall sparsity in percent, e.g. 98")
     p.add_argument("--lam-gain", type=float, default=d.lam_gain,
-                   help=f"with --target-sparsity: how fast λ follows the sparsity error (default {d.lam_gain:g})")
-    p.add_argument("--normalization", default=d.normalization, help="mask-gradient normalization: l2, max or none")
-    p.add_argument("--weighting", default=d.weighting, help="regularize connection count or flops (default count)")
-    p.add_argument("--normalize", default=d.normalize, help="normalize the task gradient ('task') or the total")
-    p.add_argument("--epochs", type=int, default=d.epochs, help=f"mask-learning epochs (default {d.epochs})")
+                   help="with --target-sparsity: how fast λ follows the sparsity error")
+    p.add_argument("--mask-grad-norm", default=d.normalization, dest="normalization", metavar="{l2,max,none}",
+                   help="how each feature's mask gradient is normalized")
+    p.add_argument("--lam-before-norm", action="store_const", const="total", default=d.normalize, dest="normalize",
+                   help="add λ's gradient before normalizing the mask gradient (normalize task + λ together); "
+                        "by default the task gradient is normalized, then λ's is added")
+    p.add_argument("--weighting", default=d.weighting, metavar="{count,flops}",
+                   help="what the regularizer counts: connections, or their multiply-adds")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="mask-learning epochs")
     p.add_argument("--finetune-epochs", type=int, default=d.finetune_epochs,
-                   help=f"epochs training θ with frozen masks (default {d.finetune_epochs})")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr, help=f"learning rate of the weights θ (default {d.lr})")
-    p.add_argument("--mask-lr", type=float, default=d.mask_lr,
-                   help=f"learning rate of the mask variables s (default {d.mask_lr})")
+                   help="epochs training θ with frozen masks (a --dense run trains epochs + finetune epochs)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per step")
+    p.add_argument("--lr", type=float, default=d.lr, help="learning rate of the weights θ (SGD with momentum)")
+    p.add_argument("--mask-lr", type=float, default=d.mask_lr, help="learning rate of the mask variables s (SGD)")
     p.add_argument("--momentum", type=float, default=d.momentum, help="momentum of the weights' SGD")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--score-init", type=float, default=d.score_init, help="initial mask variables (default 1)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="L2 weight decay of θ")
+    p.add_argument("--score-init", type=float, default=d.score_init, help="initial mask variables s (> 0: start dense)")
     p.add_argument("--dense", action="store_true", help="train the plain network without masks (a baseline)")
     p.add_argument("--dense-first", action="store_false", dest="mask_first",
                    help="keep the first weight layer dense (unmasked); by default every weight layer is masked")
     p.add_argument("--dense-last", action="store_false", dest="mask_last", help="keep the classifier dense (unmasked)")
-    p.add_argument("--dtype", default=d.dtype, help="float32 (default) or float64")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--dtype", default=d.dtype, metavar="{float32,float64}", help="floating-point type of the run")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the weights and of the data order")
     p.add_argument("--train-limit", type=int, default=None, metavar="N", help="use the first N training samples")
     p.add_argument("--test-limit", type=int, default=None, metavar="N", help="use the first N test samples")
-    p.add_argument("--out", default=None, help="output directory (default runs/MODEL-DATA-STE-seedN)")
+    p.add_argument("--out", default=None, help="output directory (default: runs/MODEL-DATA-STE-seedN)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--replace", action="store_true",
                    help="start afresh in an --out that holds another run, deleting that run's files")
     p.add_argument("--json", action="store_true", help="print the final metrics as JSON on stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Help that states every option's default, unless the help already says it or there is none."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or not action.option_strings or action.default is None or action.default == argparse.SUPPRESS \
+                or action.nargs == 0:  # a flag: present or not, nothing to default
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every subcommand's parser: help with defaults."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
+        super().__init__(*args, **kwargs)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -151,12 +172,12 @@ def _resume_hint(out) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sclref",
         description="Sparse Connectivity Learning reference engine (NumPy + numba).",
     )
     parser.add_argument("--version", action="version", version=f"sclref {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     info = sub.add_parser("info", help="print versions, threads and JIT status")
     info.set_defaults(func=_info)
     train = sub.add_parser("train", help="learn a sparse network with SCL (default: LeNet-300-100 on digits)")

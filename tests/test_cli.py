@@ -1,5 +1,6 @@
 """The command line: version, help, info, and `sclref train` (in-process, small runs)."""
 
+import argparse
 import os
 import signal
 import subprocess
@@ -127,7 +128,7 @@ def test_train_default_out_dir(tmp_path, monkeypatch, capsys):
     (["--model", "vgg"], "unknown model 'vgg'"),
     (["--epochs", "0"], "epochs must be >= 1"),
     (["--lr", "0"], "lr must be a finite number > 0"),
-    (["--normalization", "l1"], "unknown normalization 'l1'"),
+    (["--mask-grad-norm", "l1"], "unknown normalization 'l1'"),
     (["--dtype", "float16"], "dtype must be float32 or float64"),
     (["--train-limit", "0"], "train_limit must be >= 1"),
     (["--data", "/nonexistent"], "unknown dataset '/nonexistent'"),
@@ -268,3 +269,26 @@ def test_theory_checks_out_before_computing(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sclref.theory, "run", lambda **kw: pytest.fail("computed before --out was checked"))
     assert main(["theory", "--quick", "--no-plots", "--out", str(tmp_path / "file" / "t")]) == 2
     assert "is a file" in capsys.readouterr().err
+
+
+def test_help_of_every_command_states_every_default(capsys):
+    from sclref.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, sub in commands.items():
+        text = sub.format_help()
+        for action in sub._actions:
+            if action.option_strings and action.nargs != 0 and action.default not in (None, argparse.SUPPRESS):
+                # the option's entry: from its line in the options list to the next option's line
+                entry = text[text.index("\n  " + ", ".join(action.option_strings)) + 1:]
+                entry = entry[:entry.find("\n  -") if "\n  -" in entry else len(entry)]
+                assert "default" in entry, f"sclref {name} {action.option_strings[-1]}: no default in its help"
+
+
+def test_train_lam_before_norm_selects_normalizing_the_total(tmp_path):
+    from sclref.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--lam-before-norm", "--mask-grad-norm", "max"])
+    assert (args.normalize, args.normalization) == ("total", "max")
+    assert build_parser().parse_args(["train"]).normalize == "task"

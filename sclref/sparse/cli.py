@@ -144,7 +144,8 @@ def add_parsers(subparsers) -> None:
     p = subparsers.add_parser("infer", help="accuracy, latency and throughput of a sparse network on a test set")
     p.add_argument("model", metavar="MODEL", help="a sparse network file written by `sclref export`")
     p.add_argument("--data", required=True, help="'digits', a directory of MNIST-format IDX files, or a .npz")
-    p.add_argument("--backend", default="auto", choices=("auto", "sclref", "scipy", "dense"))
+    p.add_argument("--backend", default="auto", choices=("auto", "sclref", "scipy", "dense"),
+                   help="auto picks, per layer, what measures fastest for its sparsity")
     p.add_argument("--batch", type=_count(MAX_BATCH), default=256, help="samples per call (default 256)")
     p.add_argument("--dtype", default=None, choices=("float32", "float64"), help="default: the file's dtype")
     p.add_argument("--limit", type=_count(), default=None, metavar="N", help="use the first N test samples")
@@ -157,7 +158,7 @@ def add_parsers(subparsers) -> None:
                    help=f"comma-separated batch sizes, each up to {MAX_BATCH:,} (default 1,64,256)")
     p.add_argument("--reps", type=_count(MAX_REPS), default=50,
                    help=f"timed calls per backend and case, up to {MAX_REPS:,} (default 50)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    p.add_argument("--dtype", default="float32", choices=("float32", "float64"), help="dtype the backends compute in")
     p.add_argument("--no-break-even", action="store_true", help="skip the break-even density search")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_bench)
