@@ -100,8 +100,8 @@ class _DefaultsFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text or not action.option_strings or action.default is None or action.default == argparse.SUPPRESS \
-                or action.nargs == 0:  # a flag: present or not, nothing to default
+        no_default = action.default is None or action.default == argparse.SUPPRESS
+        if "default" in text or not action.option_strings or no_default or action.nargs == 0:  # nargs 0: a flag
             return text
         return f"{text} (default: %(default)s)"
 
