@@ -12,6 +12,7 @@ nested too deeply, are `StateFileError`s.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -37,14 +38,20 @@ class StateFileError(InputError):
     """A state file (checkpoint, model) that is corrupt, truncated, foreign or claims more than it holds."""
 
 
-def atomic_write_bytes(path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file and a rename."""
+@contextlib.contextmanager
+def atomic_open(path):
+    """A binary file object whose content replaces `path` only once the ``with`` block completes.
+
+    The temporary file ``.NAME.XXXX.tmp`` sits in the target's directory (so the final
+    `os.replace` is atomic), gets the usual file mode, and is removed if the block fails;
+    one left by a killed process is what `sclref.rundir` cleans up.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)
@@ -53,6 +60,12 @@ def atomic_write_bytes(path, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file and a rename."""
+    with atomic_open(path) as f:
+        f.write(data)
 
 
 def atomic_write_json(path, payload) -> None:
@@ -69,6 +82,20 @@ def zip_bytes(members: dict[str, bytes]) -> bytes:
             info.external_attr = 0o644 << 16
             zf.writestr(info, content)
     return buf.getvalue()
+
+
+def write_npz(path, arrays: dict[str, np.ndarray]) -> None:
+    """Write `arrays` as an ``.npz`` (stored zip of ``NAME.npy`` members) atomically, streaming each array.
+
+    Members carry a fixed date, so the same arrays always give the same bytes; object
+    arrays are refused (a reader would have to unpickle them).
+    """
+    with atomic_open(path) as f, zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name, array in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_EPOCH)
+            info.external_attr = 0o644 << 16
+            with zf.open(info, "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
 
 
 def npy_bytes(array: np.ndarray) -> bytes:

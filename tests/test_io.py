@@ -409,3 +409,20 @@ def test_fuzz_the_state_file_reader(tmp_path_factory):
     finally:
         del os.environ["SCLREF_MAX_ALLOC_BYTES"]
     assert FUZZ_COUNTS["state"] >= 400
+
+
+def test_write_npz_streams_arrays_that_numpy_reads_and_gives_the_same_bytes_twice(tmp_path, monkeypatch):
+    import time as time_module
+
+    arrays = {"x": np.arange(12, dtype=np.float32).reshape(3, 4), "name": np.array("digits"), "y": np.arange(3)}
+    io.write_npz(tmp_path / "a.npz", arrays)
+    real_time = time_module.time
+    monkeypatch.setattr(time_module, "time", lambda: real_time() + 86400)
+    io.write_npz(tmp_path / "b.npz", arrays)
+    assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
+    with np.load(tmp_path / "a.npz", allow_pickle=False) as loaded:
+        assert {k: loaded[k].tolist() for k in loaded.files} == {k: v.tolist() for k, v in arrays.items()}
+    assert _leftovers(tmp_path) == []
+    with pytest.raises(ValueError, match="pickle"):
+        io.write_npz(tmp_path / "c.npz", {"o": np.array([{}], dtype=object)})
+    assert not (tmp_path / "c.npz").exists() and _leftovers(tmp_path) == []

@@ -30,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sclref.data.idx import _atomic_open, read_idx
+from sclref import io
+from sclref.data.idx import read_idx
 from sclref.data.npz import NpzError, read_npz
 from sclref.errors import InputError, LimitError, check_allocation
 
@@ -670,9 +671,8 @@ def save_npz(dataset: Dataset, path) -> None:
     extra = {}
     if dataset.preprocessing is not None:
         extra["preprocessing"] = np.array([dataset.preprocessing[key] for key in PREPROCESSING_KEYS], dtype=np.float64)
-    with _atomic_open(path) as f:
-        np.savez(f, x_train=dataset.x_train, y_train=dataset.y_train, x_test=dataset.x_test, y_test=dataset.y_test,
-                 name=np.str_(dataset.name), **extra)
+    io.write_npz(path, {"x_train": dataset.x_train, "y_train": dataset.y_train, "x_test": dataset.x_test,
+                        "y_test": dataset.y_test, "name": np.array(dataset.name), **extra})
 
 
 def load(spec="digits", dtype=np.float64, preprocessing=None) -> Dataset:

@@ -11,16 +11,15 @@ the header announces plus one (a decompression bomb is refused, not expanded).
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import math
 import os
-import secrets
 import struct
 import zlib
 
 import numpy as np
 
+from sclref import io
 from sclref.errors import InputError, check_allocation
 
 __all__ = ["IDXError", "read_idx", "write_idx"]
@@ -181,28 +180,6 @@ def read_idx(path) -> np.ndarray:
         return _read_gzip(path, f) if compressed else _read_raw(path, f)
 
 
-@contextlib.contextmanager
-def _atomic_open(path):
-    """A binary file that replaces `path` only once it has been written in full.
-
-    The temporary file sits in the same directory (so `os.replace` is atomic) and is
-    created with mode 0o666 filtered by the umask, like an ordinary new file.
-    """
-    path = os.fspath(path)
-    tmp = f"{path}.{secrets.token_hex(6)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def write_idx(path, array) -> None:
     """Write `array` as an IDX file, gzip-compressed when `path` ends with ``.gz``.
 
@@ -234,7 +211,7 @@ def write_idx(path, array) -> None:
         raise ValueError(f"IDX dimensions are uint32, got shape {array.shape}")
     header = bytes([0, 0, code, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
     data = np.ascontiguousarray(array, dtype=_DTYPES[code]).tobytes()
-    with _atomic_open(path) as f:
+    with io.atomic_open(path) as f:
         if os.fspath(path).endswith(".gz"):
             # mtime=0 and no stored file name: the same array always gives the same bytes.
             with gzip.GzipFile(filename="", mode="wb", fileobj=f, compresslevel=6, mtime=0) as gz:
