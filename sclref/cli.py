@@ -195,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     from sclref.reproduce_cli import add_parser as add_reproduce
 
     add_reproduce(sub)
+    from sclref.oracle_cli import add_parser as add_verify
+
+    add_verify(sub)
     return parser
 
 

@@ -1,4 +1,9 @@
-"""A gradient checker users can run on their own functions and ops.
+"""Tools for checking code against sclref: a gradient checker users can run on their own functions and ops.
+
+`sclref.testing.strategies` adds public hypothesis strategies (layer geometries, weights
+and scores kept off the step's kink, estimators, batches, SCL settings) for property
+tests of an SCL implementation against `sclref.oracle`. It is a separate import, so only
+code that imports it needs hypothesis.
 
 `check_grads(f, *inputs)` compares backpropagation with central finite differences in
 float64 along random directions (a random-projection check: one directional derivative
