@@ -161,7 +161,7 @@ def machine() -> dict:
 
 def write_json(path: Path, payload: dict) -> None:
     """Write `payload` atomically (temp file + rename), as sclref writes every file."""
-    from sclref.io import atomic_write_json
+    from sclref.storage import atomic_write_json
 
     atomic_write_json(path, payload)
 

@@ -5,7 +5,7 @@ For each model, ``sclref train`` runs in a fresh process for every combination o
 OPENBLAS_NUM_THREADS (with OMP_NUM_THREADS) in {1, 2}, NUMBA_NUM_THREADS in {1, 2} and
 NUMBA_DISABLE_JIT in {0, 1}, from the same seed, and each run is compared with the
 group's reference (1, 1, JIT on): (a) the arrays of ``model.npz`` (loaded with
-`sclref.io.load_state`) and (b) the bytes of every file of the run directory, except
+`sclref.storage.load_state`) and (b) the bytes of every file of the run directory, except
 that ``metrics.json`` is compared as JSON without its top-level ``"timing"`` (wall
 times). Two groups per model:
 
@@ -42,7 +42,7 @@ import common  # noqa: E402
 import numpy as np  # noqa: E402
 
 from sclref import threads  # noqa: E402
-from sclref.io import load_state  # noqa: E402
+from sclref.storage import load_state  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = "/usr/share/datasets/fashion-mnist"

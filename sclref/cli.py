@@ -159,11 +159,11 @@ def _resume_hint(out) -> str:
     """Where the last checkpoint of an interrupted run is, and the command that continues it."""
     import shlex
 
-    from sclref import io
+    from sclref import storage
     from sclref.train import CHECKPOINT
 
     try:
-        epoch = io.load_state(out / CHECKPOINT)["epoch"]
+        epoch = storage.load_state(out / CHECKPOINT)["epoch"]
     except (OSError, ValueError, KeyError, TypeError):
         return f"No checkpoint was written to {out}/ yet; start again to train."
     argv = [a for a in sys.argv[1:] if a != "--replace"]

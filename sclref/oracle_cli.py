@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sclref import io
+from sclref import storage
 from sclref.argtypes import nonnegative_int
 from sclref.data.npz import read_npz
 from sclref.errors import InputError
@@ -136,7 +136,7 @@ def _theirs(arrays: dict, path):
 
 
 def _write(path, flat: dict) -> None:
-    io.atomic_write_bytes(path, io.zip_bytes({f"{k}.npy": io.npy_bytes(np.array(v, order="C"))
+    storage.atomic_write_bytes(path, storage.zip_bytes({f"{k}.npy": storage.npy_bytes(np.array(v, order="C"))
                                               for k, v in flat.items()}))
 
 

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sclref import io, models, nn
+from sclref import models, nn, storage
 from sclref._version import __version__
 from sclref.errors import InputError
 from sclref.scl import layer_report, masked_layers
@@ -340,7 +340,7 @@ def reproduce(settings: Settings, json_path, log=print, dataset=None) -> dict:
                 record = _record(key, run_settings, trained, history, seconds, time.perf_counter() - t0, load)
                 store["runs"] = [r for r in store["runs"] if r is not done] + [record]
                 store["machine"] = machine()
-                io.atomic_write_json(json_path, store)
+                storage.atomic_write_json(json_path, store)
                 log(f"{tag} test error {100 * record['test_error']:.2f}%, sparsity {100 * record['sparsity']:.2f}%, "
                     f"{record['wall_seconds']:.1f}s")
     return store
@@ -668,5 +668,5 @@ def _save(fig, path: Path) -> Path:
     buf = _io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    io.atomic_write_bytes(path, buf.getvalue())
+    storage.atomic_write_bytes(path, buf.getvalue())
     return path

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from sclref import data as datasets
-from sclref import io, models, pruning
+from sclref import models, pruning, storage
 from sclref import ste as ste_registry
 from sclref.errors import InputError
 from sclref.scl import SCLObjective
@@ -72,6 +72,8 @@ class TrainConfig:
             value, kinds = getattr(self, f.name), _FIELD_TYPES[f.type]
             if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
                 raise InputError(f"{f.name} must be of type {f.type}, got {value!r}")
+            if float in kinds and isinstance(value, int) and not isinstance(value, bool) and abs(value) > 2**53:
+                raise InputError(f"{f.name} = {value} is too large for a float setting")
         if self.dtype not in ("float32", "float64"):
             raise InputError(f"dtype must be float32 or float64, got {self.dtype!r}")
         if self.model not in models.MODELS:
@@ -178,7 +180,7 @@ def load_model(run_dir):
     path = run_dir / MODEL
     if not path.is_file():
         raise FileNotFoundError(f"{path}: the run has no final model (is it finished?)")
-    saved = io.load_state(path)
+    saved = storage.load_state(path)
     if not isinstance(saved, dict) or saved.get("format") != MODEL_FORMAT or saved.get("version") != MODEL_VERSION:
         raise InputError(f"{path}: not an sclref model file of a version this sclref can read")
     try:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from sclref import data as datasets
-from sclref import io, ops, optim, pruning, rundir, threads
+from sclref import ops, optim, pruning, rundir, storage, threads
 from sclref._version import __version__
 from sclref.autograd import Tensor, no_grad
 from sclref.errors import InputError
@@ -358,7 +358,7 @@ def train(config: TrainConfig, out_dir=None, resume: bool = False, log=print, pr
             stack.enter_context(rundir.claim(out, "keep" if resume else "replace" if replace else "refuse"))
         if resume:
             try:
-                trainer.load_state_dict(io.load_state(out / CHECKPOINT))
+                trainer.load_state_dict(storage.load_state(out / CHECKPOINT))
             except InputError as err:
                 raise InputError(f"{out / CHECKPOINT}: {err}") from None
             trainer.epoch_seconds = _previous_timing(out / METRICS, trainer.epoch)
@@ -376,8 +376,8 @@ def _run(trainer: Trainer, dataset, out: Path | None, log, progress: bool, stop_
             record = trainer.run_epoch(bar)
             _write(bar, log, format_epoch(record, total))
             if out is not None:
-                io.save_state(out / CHECKPOINT, trainer.state_dict())
-                io.atomic_write_json(out / METRICS, _metrics(trainer, finished=False))
+                storage.save_state(out / CHECKPOINT, trainer.state_dict())
+                storage.atomic_write_json(out / METRICS, _metrics(trainer, finished=False))
     finally:
         if bar is not None:
             bar.close()
@@ -385,11 +385,12 @@ def _run(trainer: Trainer, dataset, out: Path | None, log, progress: bool, stop_
     if trainer.epoch == total:
         result.layers = layer_report(trainer.model) if masked_layers(trainer.model) else []
         if out is not None:
-            io.save_state(out / MODEL, {"format": MODEL_FORMAT, "version": MODEL_VERSION, "config": config.to_dict(),
-                                        "in_shape": list(dataset.in_shape), "num_classes": dataset.num_classes,
-                                        "preprocessing": dataset.preprocessing, "data": trainer.data_fingerprint,
-                                        "state": dict(trainer.model.state_dict())})
-            io.atomic_write_json(out / METRICS, _metrics(trainer, finished=True))
+            storage.save_state(out / MODEL, {
+                "format": MODEL_FORMAT, "version": MODEL_VERSION, "config": config.to_dict(),
+                "in_shape": list(dataset.in_shape), "num_classes": dataset.num_classes,
+                "preprocessing": dataset.preprocessing, "data": trainer.data_fingerprint,
+                "state": dict(trainer.model.state_dict())})
+            storage.atomic_write_json(out / METRICS, _metrics(trainer, finished=True))
     return result
 
 

@@ -59,9 +59,9 @@ def _train(out, *extra):
 
 
 def _model_state(out):
-    from sclref import io
+    from sclref import storage
 
-    return {k: v.tobytes() for k, v in io.load_state(out / "model.npz")["state"].items()}
+    return {k: v.tobytes() for k, v in storage.load_state(out / "model.npz")["state"].items()}
 
 
 def test_train_prints_one_line_per_epoch_and_the_layer_table(tmp_path, capsys):

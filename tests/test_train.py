@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from sclref import io
+from sclref import storage
 from sclref import train as train_module
 from sclref.autograd import Tensor, no_grad
 from sclref.scl import masked_layers
@@ -243,7 +243,7 @@ def test_resume_is_bit_identical(tmp_path, pruning_run, stop):
     assert len(lines) == 1 + PRUNING["epochs"] + PRUNING["finetune_epochs"] - stop
     _assert_resumed_equals(whole, resumed)
     assert resumed.layers == whole.layers
-    a, b = io.load_state(whole.out_dir / MODEL)["state"], io.load_state(tmp_path / "cut" / MODEL)["state"]
+    a, b = storage.load_state(whole.out_dir / MODEL)["state"], storage.load_state(tmp_path / "cut" / MODEL)["state"]
     assert {k: v.tobytes() for k, v in a.items()} == {k: v.tobytes() for k, v in b.items()}
 
 
@@ -260,7 +260,7 @@ def test_resume_with_the_lambda_controller_is_bit_identical(tmp_path, target_run
     config = TrainConfig(target_sparsity=80.0, finetune_epochs=2)
     for stop in (12, 31):
         train(config, tmp_path, resume=stop > 12, log=quiet, stop_after=stop)
-        saved = io.load_state(tmp_path / CHECKPOINT)
+        saved = storage.load_state(tmp_path / CHECKPOINT)
         assert saved["controller"]["lam"] == saved["lam"] == whole.history[stop - 1]["lam"]
     assert whole.history[11]["lam"] != whole.history[12]["lam"]  # λ still moving at the first stop
     _assert_resumed_equals(whole, train(config, tmp_path, resume=True, log=quiet))
@@ -268,10 +268,10 @@ def test_resume_with_the_lambda_controller_is_bit_identical(tmp_path, target_run
 
 def test_resuming_a_finished_run_changes_nothing(tmp_path):
     whole = run(tmp_path, **SMALL)
-    before = io.load_state(tmp_path / MODEL)["state"]
+    before = storage.load_state(tmp_path / MODEL)["state"]
     again = train(TrainConfig(**SMALL), tmp_path, resume=True, log=quiet)
     _assert_resumed_equals(whole, again)
-    after = io.load_state(tmp_path / MODEL)["state"]
+    after = storage.load_state(tmp_path / MODEL)["state"]
     assert {k: v.tobytes() for k, v in before.items()} == {k: v.tobytes() for k, v in after.items()}
 
 
@@ -313,9 +313,9 @@ def _model_file(path):
 
 
 def _incomplete(path):
-    state = io.load_state(path)
+    state = storage.load_state(path)
     del state["opt_w"], state["order_rng"]
-    io.save_state(path, state)
+    storage.save_state(path, state)
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -338,7 +338,7 @@ def test_a_damaged_checkpoint_is_a_clear_error_and_stays_as_it_is(tmp_path, dama
 
 def test_metrics_and_checkpoint_are_written_after_every_epoch(tmp_path, monkeypatch):
     seen = []
-    real_json, real_state = io.atomic_write_json, io.save_state
+    real_json, real_state = storage.atomic_write_json, storage.save_state
 
     def write_json(path, payload):
         real_json(path, payload)
@@ -347,10 +347,10 @@ def test_metrics_and_checkpoint_are_written_after_every_epoch(tmp_path, monkeypa
 
     def save_state(path, tree):
         real_state(path, tree)
-        seen.append((os.path.basename(path), io.load_state(path).get("epoch")))
+        seen.append((os.path.basename(path), storage.load_state(path).get("epoch")))
 
-    monkeypatch.setattr(io, "atomic_write_json", write_json)
-    monkeypatch.setattr(io, "save_state", save_state)
+    monkeypatch.setattr(storage, "atomic_write_json", write_json)
+    monkeypatch.setattr(storage, "save_state", save_state)
     result = run(tmp_path, **SMALL)
     total = SMALL["epochs"] + SMALL["finetune_epochs"]
     expected = []
@@ -391,7 +391,7 @@ def test_a_stopped_run_leaves_unfinished_metrics_and_no_model(tmp_path):
 
 def test_model_file_rebuilds_the_trained_network(pruning_run):
     result = pruning_run
-    saved = io.load_state(result.out_dir / MODEL)
+    saved = storage.load_state(result.out_dir / MODEL)
     assert saved["format"] == "sclref-model" and saved["version"] == 1
     config = TrainConfig.from_dict(saved["config"])
     assert config == TrainConfig(**PRUNING)
@@ -406,7 +406,7 @@ def test_model_file_rebuilds_the_trained_network(pruning_run):
 
 def test_checkpoint_restores_a_trainer(tmp_path):
     train(TrainConfig(**SMALL), tmp_path, log=quiet, stop_after=2)
-    state = io.load_state(tmp_path / CHECKPOINT)
+    state = storage.load_state(tmp_path / CHECKPOINT)
     assert state["format"] == "sclref-checkpoint" and state["epoch"] == 2 and len(state["history"]) == 2
     config = TrainConfig.from_dict(state["config"])
     trainer = Trainer(config, train_module.load_data(config))
@@ -527,7 +527,7 @@ def test_a_fresh_run_refuses_a_finished_runs_directory_and_replace_starts_over(t
     # Replaced and stopped after 2 epochs, as a kill would: the old model must not survive beside it.
     train(TrainConfig(**{**SMALL, "seed": 1}), tmp_path, log=quiet, stop_after=2, replace=True)
     assert not (tmp_path / MODEL).exists()
-    assert io.load_state(tmp_path / CHECKPOINT)["config"]["seed"] == 1
+    assert storage.load_state(tmp_path / CHECKPOINT)["config"]["seed"] == 1
 
 
 def test_a_second_writer_of_a_run_directory_fails_at_once(tmp_path):
@@ -558,6 +558,7 @@ def test_an_unwritable_out_is_reported_before_any_data_is_read(tmp_path, monkeyp
     (dict(lam="0.1"), "lam must be of type float"),
     (dict(masked=1), "masked must be of type bool"),
     (dict(weight_decay=-1.0), "weight_decay must be a finite number >= 0"),
+    (dict(lam=10**400), "lam = 1000.* is too large for a float setting"),
 ], ids=lambda v: str(v)[:30])
 def test_values_that_would_break_the_run_later_are_refused_first(tmp_path, bad, message):
     with pytest.raises(ValueError, match=message):
@@ -600,9 +601,9 @@ def test_a_diverging_run_stops_with_a_clear_error_and_writes_no_nan(tmp_path):
 
 
 def _tamper(path, **changes):
-    state = io.load_state(path)
+    state = storage.load_state(path)
     state.update(changes)
-    io.save_state(path, state)
+    storage.save_state(path, state)
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -627,9 +628,9 @@ def test_a_tampered_checkpoint_is_refused_naming_the_field(tmp_path, changes, me
 
 def test_a_checkpoint_with_nan_weights_is_refused(tmp_path):
     train(TrainConfig(**SMALL), tmp_path, log=quiet, stop_after=1)
-    state = io.load_state(tmp_path / CHECKPOINT)
+    state = storage.load_state(tmp_path / CHECKPOINT)
     state["model"]["fc1.weight"][0, 0] = np.nan
-    io.save_state(tmp_path / CHECKPOINT, state)
+    storage.save_state(tmp_path / CHECKPOINT, state)
     with pytest.raises(ValueError, match="fc1.weight holds NaN"):
         train(TrainConfig(**SMALL), tmp_path, resume=True, log=quiet)
 
@@ -713,7 +714,7 @@ def test_fuzz_the_checkpoint_and_model_readers(tmp_path_factory, pruning_run):
         seen["checkpoint"] += 1
         (tmp / CHECKPOINT).write_bytes(data)
         try:
-            Trainer(config, dataset).load_state_dict(io.load_state(tmp / CHECKPOINT))
+            Trainer(config, dataset).load_state_dict(storage.load_state(tmp / CHECKPOINT))
         except InputError as err:
             assert str(err)
 

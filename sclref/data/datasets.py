@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sclref import io
+from sclref import storage
 from sclref.data.idx import read_idx
 from sclref.data.npz import NpzError, read_npz
 from sclref.errors import InputError, LimitError, check_allocation
@@ -671,7 +671,7 @@ def save_npz(dataset: Dataset, path) -> None:
     extra = {}
     if dataset.preprocessing is not None:
         extra["preprocessing"] = np.array([dataset.preprocessing[key] for key in PREPROCESSING_KEYS], dtype=np.float64)
-    io.write_npz(path, {"x_train": dataset.x_train, "y_train": dataset.y_train, "x_test": dataset.x_test,
+    storage.write_npz(path, {"x_train": dataset.x_train, "y_train": dataset.y_train, "x_test": dataset.x_test,
                         "y_test": dataset.y_test, "name": np.array(dataset.name), **extra})
 
 

@@ -19,7 +19,7 @@ import zlib
 
 import numpy as np
 
-from sclref import io
+from sclref import storage
 from sclref.errors import InputError, check_allocation
 
 __all__ = ["IDXError", "read_idx", "write_idx"]
@@ -211,7 +211,7 @@ def write_idx(path, array) -> None:
         raise ValueError(f"IDX dimensions are uint32, got shape {array.shape}")
     header = bytes([0, 0, code, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
     data = np.ascontiguousarray(array, dtype=_DTYPES[code]).tobytes()
-    with io.atomic_open(path) as f:
+    with storage.atomic_open(path) as f:
         if os.fspath(path).endswith(".gz"):
             # mtime=0 and no stored file name: the same array always gives the same bytes.
             with gzip.GzipFile(filename="", mode="wb", fileobj=f, compresslevel=6, mtime=0) as gz:

@@ -4,7 +4,7 @@ The file is a zip archive (what `numpy.savez` writes): a ``manifest.json`` membe
 describes the layers and names their arrays, and one ``.npy`` member per array. The
 format is documented in docs/sparse-format.md so that plain numpy + scipy can read it.
 
-Writes are atomic (`sclref.io.atomic_write_bytes`) and reproducible: every member has a
+Writes are atomic (`sclref.storage.atomic_write_bytes`) and reproducible: every member has a
 fixed date, mode and order and is stored uncompressed, so one network always gives the
 same bytes. The reader trusts nothing in the file: it bounds the manifest's size and
 nesting before parsing it, checks each member's CRC, reads only the arrays the manifest
@@ -33,9 +33,9 @@ import scipy.sparse as sp
 
 from sclref.data import check_preprocessing
 from sclref.errors import InputError, LimitError, check_allocation
-from sclref.io import atomic_write_bytes
 from sclref.sparse import network as net
 from sclref.sparse.network import _show
+from sclref.storage import atomic_write_bytes
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "INPUT_BOUND", "MANIFEST", "MAX_DEPTH", "MAX_LAYERS", "MAX_MANIFEST_BYTES",
            "MAX_UNITS", "MAX_WINDOW", "READABLE_VERSIONS", "FormatError", "check", "load", "save"]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sclref import io
+from sclref import storage
 from sclref._version import __version__
 from sclref.theory import CLASSES
 
@@ -284,5 +284,5 @@ def write(result: dict, out_dir, with_plots: bool = True) -> list[Path]:
     if with_plots:
         files.update(plots(result))
     for name, data in files.items():
-        io.atomic_write_bytes(out / name, data)
+        storage.atomic_write_bytes(out / name, data)
     return [out / name for name in files]

@@ -1,6 +1,6 @@
-"""sclref.io: atomic writes that never leave a half-written file, and nested state in one `.npz`."""
+"""sclref.storage: atomic writes that never leave a half-written file, and nested state in one `.npz`."""
 
-import io as _io
+import io
 import json
 import os
 import zipfile
@@ -8,7 +8,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from sclref import io
+from sclref import storage
 
 
 def _leftovers(directory):
@@ -17,7 +17,7 @@ def _leftovers(directory):
 
 
 def _zip(path, members: dict) -> None:
-    buf = _io.BytesIO()
+    buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         for name, data in members.items():
             zf.writestr(name, data)
@@ -25,7 +25,7 @@ def _zip(path, members: dict) -> None:
 
 
 def _npy(a) -> bytes:
-    buf = _io.BytesIO()
+    buf = io.BytesIO()
     np.lib.format.write_array(buf, a, allow_pickle=False)
     return buf.getvalue()
 
@@ -63,8 +63,8 @@ def test_round_trip_of_nested_state(tmp_path):
         "text": "λ = 0.03 ✓",
         "none": None,
     }
-    io.save_state(tmp_path / "s.npz", tree)
-    back = io.load_state(tmp_path / "s.npz")
+    storage.save_state(tmp_path / "s.npz", tree)
+    back = storage.load_state(tmp_path / "s.npz")
 
     assert set(back["arrays"]) == set(ARRAYS)
     for name, a in ARRAYS.items():
@@ -89,14 +89,14 @@ def test_round_trip_of_nested_state(tmp_path):
 
 
 def test_tuples_come_back_as_lists(tmp_path):
-    io.save_state(tmp_path / "s.npz", {"t": (1, (2, 3))})
-    assert io.load_state(tmp_path / "s.npz") == {"t": [1, [2, 3]]}
+    storage.save_state(tmp_path / "s.npz", {"t": (1, (2, 3))})
+    assert storage.load_state(tmp_path / "s.npz") == {"t": [1, [2, 3]]}
 
 
 def test_top_level_values_other_than_a_dict(tmp_path):
     for tree in ([np.arange(3), 1], np.eye(2), "text", None, 4):
-        io.save_state(tmp_path / "s.npz", tree)
-        back = io.load_state(tmp_path / "s.npz")
+        storage.save_state(tmp_path / "s.npz", tree)
+        back = storage.load_state(tmp_path / "s.npz")
         if isinstance(tree, list):
             assert back[0].tobytes() == tree[0].tobytes() and back[1] == 1
         elif isinstance(tree, np.ndarray):
@@ -108,16 +108,16 @@ def test_top_level_values_other_than_a_dict(tmp_path):
 @pytest.mark.parametrize("key", ["__array__", "__list__", "__intdict__"])
 def test_keys_that_look_like_the_format_markers_round_trip(tmp_path, key):
     tree = {key: "a0", "x": {key: [1, 2]}, "y": {key: 5, "other": np.arange(2)}}
-    io.save_state(tmp_path / "s.npz", tree)
-    back = io.load_state(tmp_path / "s.npz")
+    storage.save_state(tmp_path / "s.npz", tree)
+    back = storage.load_state(tmp_path / "s.npz")
     assert back[key] == "a0" and back["x"] == {key: [1, 2]}
     assert back["y"][key] == 5 and back["y"]["other"].tobytes() == np.arange(2).tobytes()
 
 
 def test_loaded_arrays_are_independent_writable_copies(tmp_path):
     a = np.arange(4.0)
-    io.save_state(tmp_path / "s.npz", {"a": a, "b": a})
-    back = io.load_state(tmp_path / "s.npz")
+    storage.save_state(tmp_path / "s.npz", {"a": a, "b": a})
+    back = storage.load_state(tmp_path / "s.npz")
     back["a"][0] = 99.0
     assert back["b"][0] == 0.0 and a[0] == 0.0
 
@@ -133,22 +133,22 @@ def test_loaded_arrays_are_independent_writable_copies(tmp_path):
 def test_unsupported_values_are_a_type_error_and_write_nothing(tmp_path, value, what):
     target = tmp_path / "s.npz"
     with pytest.raises(TypeError, match=what):
-        io.save_state(target, {"ok": np.arange(3), "bad": [value]})
+        storage.save_state(target, {"ok": np.arange(3), "bad": [value]})
     assert list(tmp_path.iterdir()) == []
 
 
 def test_save_state_creates_missing_directories(tmp_path):
-    io.save_state(tmp_path / "a" / "b" / "s.npz", {"x": 1})
-    assert io.load_state(tmp_path / "a" / "b" / "s.npz") == {"x": 1}
+    storage.save_state(tmp_path / "a" / "b" / "s.npz", {"x": 1})
+    assert storage.load_state(tmp_path / "a" / "b" / "s.npz") == {"x": 1}
 
 
 # -- load_state on bad files --------------------------------------------------------------
 
 def test_missing_file_is_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.npz"):
-        io.load_state(tmp_path / "nope.npz")
+        storage.load_state(tmp_path / "nope.npz")
     with pytest.raises(FileNotFoundError, match="no such state file"):
-        io.load_state(tmp_path)  # a directory is not a state file
+        storage.load_state(tmp_path)  # a directory is not a state file
 
 
 @pytest.mark.parametrize("content", [b"", b"hello, not a zip" * 20, b"\x93NUMPY\x01\x00"],
@@ -157,38 +157,38 @@ def test_a_file_that_is_not_a_zip_is_a_clear_error(tmp_path, content):
     path = tmp_path / "s.npz"
     path.write_bytes(content)
     with pytest.raises(ValueError, match=r"s\.npz: corrupt or truncated state file"):
-        io.load_state(path)
+        storage.load_state(path)
 
 
 def test_a_plain_npy_file_is_a_clear_error(tmp_path):
     np.save(tmp_path / "a.npy", np.arange(3))
     with pytest.raises(ValueError, match=r"a\.npy: corrupt or truncated"):
-        io.load_state(tmp_path / "a.npy")
+        storage.load_state(tmp_path / "a.npy")
 
 
 def test_every_truncation_of_a_state_file_is_a_clear_error(tmp_path):
-    io.save_state(tmp_path / "full.npz", {"w": np.arange(50.0), "meta": {"epoch": 3}})
+    storage.save_state(tmp_path / "full.npz", {"w": np.arange(50.0), "meta": {"epoch": 3}})
     raw = (tmp_path / "full.npz").read_bytes()
     path = tmp_path / "cut.npz"
     for n in sorted({0, 1, 10, 64, len(raw) // 3, len(raw) // 2, len(raw) - 22, len(raw) - 1}):
         path.write_bytes(raw[:n])
         with pytest.raises(ValueError, match=r"cut\.npz: corrupt or truncated"):
-            io.load_state(path)
+            storage.load_state(path)
 
 
 def test_a_flipped_byte_inside_an_array_is_a_clear_error(tmp_path):
-    io.save_state(tmp_path / "s.npz", {"w": np.arange(50.0)})
+    storage.save_state(tmp_path / "s.npz", {"w": np.arange(50.0)})
     raw = bytearray((tmp_path / "s.npz").read_bytes())
     raw[raw.find(b"\x93NUMPY") + 300] ^= 0xFF  # inside the array's data: the zip CRC no longer matches
     (tmp_path / "s.npz").write_bytes(bytes(raw))
     with pytest.raises(ValueError, match="corrupt or truncated"):
-        io.load_state(tmp_path / "s.npz")
+        storage.load_state(tmp_path / "s.npz")
 
 
 def test_a_zip_without_the_structure_member_is_not_a_state_file(tmp_path):
     np.savez(tmp_path / "plain.npz", a=np.arange(3))
     with pytest.raises(ValueError, match=r"plain\.npz: not an sclref state file \(no __structure__\.json\)"):
-        io.load_state(tmp_path / "plain.npz")
+        storage.load_state(tmp_path / "plain.npz")
 
 
 @pytest.mark.parametrize("members", [
@@ -202,7 +202,7 @@ def test_a_zip_without_the_structure_member_is_not_a_state_file(tmp_path):
 def test_damaged_members_are_a_clear_error(tmp_path, members):
     _zip(tmp_path / "s.npz", members)
     with pytest.raises(ValueError, match=r"s\.npz: corrupt"):
-        io.load_state(tmp_path / "s.npz")
+        storage.load_state(tmp_path / "s.npz")
 
 
 @pytest.mark.parametrize("structure", [
@@ -213,23 +213,23 @@ def test_damaged_members_are_a_clear_error(tmp_path, members):
 def test_a_structure_that_does_not_match_its_arrays_is_a_clear_error(tmp_path, structure):
     _zip(tmp_path / "s.npz", {"__structure__.json": json.dumps(structure)})
     with pytest.raises(ValueError, match=r"s\.npz: corrupt state file"):
-        io.load_state(tmp_path / "s.npz")
+        storage.load_state(tmp_path / "s.npz")
 
 
 def test_an_object_array_member_is_refused_not_unpickled(tmp_path):
-    buf = _io.BytesIO()
+    buf = io.BytesIO()
     np.lib.format.write_array(buf, np.array([1, None], dtype=object), allow_pickle=True)
     _zip(tmp_path / "s.npz", {"__structure__.json": json.dumps({"w": {"__array__": "a0"}}), "a0.npy": buf.getvalue()})
     with pytest.raises(ValueError, match="corrupt or truncated"):
-        io.load_state(tmp_path / "s.npz")
+        storage.load_state(tmp_path / "s.npz")
 
 
 # -- atomic writes ----------------------------------------------------------------------
 
 def test_atomic_write_replaces_the_file_and_leaves_no_temp_files(tmp_path):
     path = tmp_path / "f.bin"
-    io.atomic_write_bytes(path, b"old")
-    io.atomic_write_bytes(path, b"new contents")
+    storage.atomic_write_bytes(path, b"old")
+    storage.atomic_write_bytes(path, b"new contents")
     assert path.read_bytes() == b"new contents"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
 
@@ -237,14 +237,14 @@ def test_atomic_write_replaces_the_file_and_leaves_no_temp_files(tmp_path):
 def test_atomic_write_gives_the_usual_file_mode(tmp_path):
     umask = os.umask(0o022)
     os.umask(umask)
-    io.atomic_write_bytes(tmp_path / "f.bin", b"x")
+    storage.atomic_write_bytes(tmp_path / "f.bin", b"x")
     assert (tmp_path / "f.bin").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 @pytest.mark.parametrize("failing", ["replace", "fsync", "write"])
 def test_a_failed_write_keeps_the_old_file_and_cleans_up(tmp_path, monkeypatch, failing):
     path = tmp_path / "f.bin"
-    io.atomic_write_bytes(path, b"old contents")
+    storage.atomic_write_bytes(path, b"old contents")
 
     def boom(*args, **kwargs):
         raise OSError(28, "No space left on device")
@@ -275,7 +275,7 @@ def test_a_failed_write_keeps_the_old_file_and_cleans_up(tmp_path, monkeypatch, 
     else:
         monkeypatch.setattr(os, failing, boom)
     with pytest.raises(OSError, match="No space left"):
-        io.atomic_write_bytes(path, b"new contents that never land")
+        storage.atomic_write_bytes(path, b"new contents that never land")
     assert path.read_bytes() == b"old contents"
     assert _leftovers(tmp_path) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
@@ -283,20 +283,20 @@ def test_a_failed_write_keeps_the_old_file_and_cleans_up(tmp_path, monkeypatch, 
 
 def test_an_interrupt_during_the_write_keeps_the_old_file(tmp_path, monkeypatch):
     path = tmp_path / "f.bin"
-    io.atomic_write_bytes(path, b"old")
+    storage.atomic_write_bytes(path, b"old")
 
     def interrupt(*args):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(os, "fsync", interrupt)
     with pytest.raises(KeyboardInterrupt):
-        io.atomic_write_bytes(path, b"new")
+        storage.atomic_write_bytes(path, b"new")
     assert path.read_bytes() == b"old" and _leftovers(tmp_path) == []
 
 
 def test_a_failed_save_state_keeps_the_old_state_file(tmp_path, monkeypatch):
     path = tmp_path / "s.npz"
-    io.save_state(path, {"epoch": 1, "w": np.arange(3.0)})
+    storage.save_state(path, {"epoch": 1, "w": np.arange(3.0)})
     before = path.read_bytes()
 
     def boom(*args):
@@ -304,13 +304,13 @@ def test_a_failed_save_state_keeps_the_old_state_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "replace", boom)
     with pytest.raises(OSError, match="disk gone"):
-        io.save_state(path, {"epoch": 2, "w": np.arange(1000.0)})
-    assert path.read_bytes() == before and io.load_state(path)["epoch"] == 1
+        storage.save_state(path, {"epoch": 2, "w": np.arange(1000.0)})
+    assert path.read_bytes() == before and storage.load_state(path)["epoch"] == 1
     assert _leftovers(tmp_path) == []
 
 
 def test_atomic_write_json(tmp_path):
-    io.atomic_write_json(tmp_path / "m.json", {"finished": False, "history": [{"loss": 0.5}]})
+    storage.atomic_write_json(tmp_path / "m.json", {"finished": False, "history": [{"loss": 0.5}]})
     text = (tmp_path / "m.json").read_text()
     assert text.endswith("\n") and json.loads(text) == {"finished": False, "history": [{"loss": 0.5}]}
 
@@ -321,11 +321,11 @@ def test_the_same_state_gives_the_same_bytes_at_any_time(tmp_path, monkeypatch):
     import time as time_module
 
     state = {"w": np.arange(6.0).reshape(2, 3), "step": 3, "rng": {"state": 2**70}}
-    io.save_state(tmp_path / "a.npz", state)
+    storage.save_state(tmp_path / "a.npz", state)
     real_time = time_module.time
     monkeypatch.setattr(time_module, "time", lambda: real_time() + 86400 * 400)  # a year later
     monkeypatch.setattr(time_module, "localtime", lambda *a: time_module.struct_time((2031, 6, 1, 12, 0, 0, 0, 1, 0)))
-    io.save_state(tmp_path / "b.npz", state)
+    storage.save_state(tmp_path / "b.npz", state)
     assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
     with zipfile.ZipFile(tmp_path / "a.npz") as zf:
         assert {info.date_time for info in zf.infolist()} == {(1980, 1, 1, 0, 0, 0)}
@@ -333,7 +333,7 @@ def test_the_same_state_gives_the_same_bytes_at_any_time(tmp_path, monkeypatch):
 
 def test_metrics_json_refuses_nan_instead_of_writing_invalid_json(tmp_path):
     with pytest.raises(ValueError, match="JSON compliant"):
-        io.atomic_write_json(tmp_path / "m.json", {"loss": float("nan")})
+        storage.atomic_write_json(tmp_path / "m.json", {"loss": float("nan")})
     assert _leftovers(tmp_path) == []
 
 
@@ -342,27 +342,27 @@ def test_an_array_header_claiming_more_than_its_member_holds_is_refused_before_a
 
     monkeypatch.setenv("SCLREF_MAX_ALLOC_BYTES", str(1 << 40))
     _zip(tmp_path / "s.npz", {"a0.npy": npy_claiming((2**30, 64)), "__structure__.json": b'{"__array__": "a0"}'})
-    with pytest.raises(io.StateFileError, match=r"claims shape \(1073741824, 64\)"):
-        io.load_state(tmp_path / "s.npz")
+    with pytest.raises(storage.StateFileError, match=r"claims shape \(1073741824, 64\)"):
+        storage.load_state(tmp_path / "s.npz")
 
 
 def test_an_array_beyond_the_allocation_limit_is_a_limit_error_naming_the_member(tmp_path, monkeypatch):
     monkeypatch.setenv("SCLREF_MAX_ALLOC_BYTES", "1000")
-    io.save_state(tmp_path / "s.npz", {"w": np.zeros(200)})
-    with pytest.raises(io.StateFileError, match=r"member a0.npy \(shape \(200,\), float64\).*1,600 bytes"):
-        io.load_state(tmp_path / "s.npz")
+    storage.save_state(tmp_path / "s.npz", {"w": np.zeros(200)})
+    with pytest.raises(storage.StateFileError, match=r"member a0.npy \(shape \(200,\), float64\).*1,600 bytes"):
+        storage.load_state(tmp_path / "s.npz")
 
 
 def test_a_structure_nested_100000_deep_is_a_clear_error(tmp_path):
     deep = "[" * 100_000 + "]" * 100_000
     _zip(tmp_path / "s.npz", {"__structure__.json": deep.encode()})
-    with pytest.raises(io.StateFileError, match="corrupt"):
-        io.load_state(tmp_path / "s.npz")
+    with pytest.raises(storage.StateFileError, match="corrupt"):
+        storage.load_state(tmp_path / "s.npz")
     marker = '{"__list__": ' * 5000 + "1" + "}" * 5000
     _zip(tmp_path / "t.npz", {"__structure__.json": marker.encode()})
     try:
-        io.load_state(tmp_path / "t.npz")
-    except io.StateFileError:
+        storage.load_state(tmp_path / "t.npz")
+    except storage.StateFileError:
         pass  # refused with sclref's error, or read: never a RecursionError
 
 
@@ -377,7 +377,7 @@ def _state_reader_sees(data: bytes, tmp_path, name: str) -> None:
     path = tmp_path / f"{name}.npz"
     path.write_bytes(data)
     try:
-        io.load_state(path)
+        storage.load_state(path)
     except InputError as err:
         assert str(err)
 
@@ -386,7 +386,7 @@ def _valid_state_file(tmp_path) -> bytes:
     state = {"format": "x", "version": 1, "model": {"fc1.weight": np.ones((3, 4), np.float32), "fc1.bias": np.zeros(3)},
              "history": [{"epoch": 1, "loss": 0.5}], "rng": {"state": {"state": 2**100, "inc": 7}}, "none": None,
              3: "int key", "t": (1, 2.5, "s"), "scalar": np.float64(2.0), "zero_d": np.array(7)}
-    io.save_state(tmp_path / "valid.npz", state)
+    storage.save_state(tmp_path / "valid.npz", state)
     return (tmp_path / "valid.npz").read_bytes()
 
 
@@ -415,14 +415,14 @@ def test_write_npz_streams_arrays_that_numpy_reads_and_gives_the_same_bytes_twic
     import time as time_module
 
     arrays = {"x": np.arange(12, dtype=np.float32).reshape(3, 4), "name": np.array("digits"), "y": np.arange(3)}
-    io.write_npz(tmp_path / "a.npz", arrays)
+    storage.write_npz(tmp_path / "a.npz", arrays)
     real_time = time_module.time
     monkeypatch.setattr(time_module, "time", lambda: real_time() + 86400)
-    io.write_npz(tmp_path / "b.npz", arrays)
+    storage.write_npz(tmp_path / "b.npz", arrays)
     assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
     with np.load(tmp_path / "a.npz", allow_pickle=False) as loaded:
         assert {k: loaded[k].tolist() for k in loaded.files} == {k: v.tolist() for k, v in arrays.items()}
     assert _leftovers(tmp_path) == []
     with pytest.raises(ValueError, match="pickle"):
-        io.write_npz(tmp_path / "c.npz", {"o": np.array([{}], dtype=object)})
+        storage.write_npz(tmp_path / "c.npz", {"o": np.array([{}], dtype=object)})
     assert not (tmp_path / "c.npz").exists() and _leftovers(tmp_path) == []
