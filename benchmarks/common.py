@@ -144,11 +144,9 @@ def gemm_gflops(dtype="float32", n: int = 1024, reps: int = 10) -> float:
 
 def machine() -> dict:
     """Where and with what a benchmark ran: sclref's record of the machine, plus thread pools and torch."""
-    import numba
+    from sclref import provenance
 
-    from sclref.reproduce import machine as sclref_machine
-
-    info = {**sclref_machine(), "numba_threads": numba.get_num_threads()}
+    info = provenance.machine()
     try:
         import torch
 

@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sclref import threads  # noqa: E402
+from sclref import provenance  # noqa: E402
 from sclref.storage import load_state  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -210,7 +210,7 @@ def main(argv=None) -> int:
     print(table(results))
     print(f"\nevery run identical to its reference: {'yes' if identical else 'no'} "
           f"({time.perf_counter() - t0:.0f} s)")
-    common.write_json(args.out, {"machine": common.machine(), "provenance": threads.provenance(),
+    common.write_json(args.out, {"machine": common.machine(), "provenance": provenance.reproducibility(),
                                  "all_identical": identical, "groups": results})
     return 0 if identical else 1
 

@@ -1,12 +1,16 @@
-"""One float32 training step at batch 128, LeNet-300-100 and LeNet-5, sclref against
-PyTorch CPU doing the identical step:
+"""One float32 training step at batch 128, LeNet-300-100 and LeNet-5 (and with
+``--resnet`` ResNet-20 on 3x32x32 input), sclref against PyTorch CPU doing the identical step:
 
 - ``plain``: the unmasked network, forward, backward, SGD with momentum;
 - ``scl``: the SCL step of `sclref.train.Trainer.step` (masked layers, identity STE,
   per-feature L2 normalization of the mask gradient, regularizer λ, SGD with momentum on
-  θ and plain SGD on the mask variables), written in PyTorch as its users would.
+  θ and plain SGD on the mask variables), written in PyTorch as its users would
+  (LeNets only).
 
-    python benchmarks/train_step.py [--kind plain|scl|both] [--threads 2] [--reps 50]
+    python benchmarks/train_step.py [--kind plain|scl|both] [--threads 2] [--reps 50] [--resnet] [--pin]
+
+``--pin`` runs sclref's step inside `sclref.threads.pinned` (BLAS on one thread), as
+`sclref train` does during its epochs; without it sclref's BLAS uses ``--threads``.
 
 Each engine runs in its own process (so their thread pools do not fight) from the same
 weights and batch; the first step's loss must agree, then the two take turns in blocks
@@ -74,18 +78,77 @@ def torch_twin(torch, model):
     return twin
 
 
-MODELS = {"LeNet-300-100": sclref.models.lenet_300_100, "LeNet-5": sclref.models.lenet5}
+def resnet_twin(torch, model):
+    """ResNet-20 (shortcut A) in PyTorch, its parameters named and valued as `model`'s."""
+    nn, F = torch.nn, torch.nn.functional
+
+    class Block(nn.Module):
+        def __init__(self, block):
+            super().__init__()
+            conv1, conv2 = block.conv1, block.conv2
+            self.conv1 = nn.Conv2d(conv1.weight.shape[1], conv1.weight.shape[0], 3, conv1.stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(conv1.weight.shape[0], eps=block.bn1.eps, momentum=block.bn1.momentum)
+            self.conv2 = nn.Conv2d(conv2.weight.shape[1], conv2.weight.shape[0], 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(conv2.weight.shape[0], eps=block.bn2.eps, momentum=block.bn2.momentum)
+            self.shortcut = block.downsample
+
+        def forward(self, x):
+            out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+            sc = self.shortcut
+            if sc is not None:
+                x = x[:, :, ::sc.stride, ::sc.stride]
+                extra = sc.out_channels - sc.in_channels
+                x = F.pad(x, (0, 0, 0, 0, extra // 2, extra - extra // 2))
+            return F.relu(out + x)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(model.conv1.weight.shape[1], 16, 3, 1, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(16, eps=model.bn1.eps, momentum=model.bn1.momentum)
+            for stage in ("layer1", "layer2", "layer3"):
+                setattr(self, stage, nn.Sequential(*(Block(b) for b in getattr(model, stage))))
+            self.fc = nn.Linear(model.fc.in_features, model.fc.out_features)
+
+        def forward(self, x):
+            x = F.relu(self.bn1(self.conv1(x)))
+            x = self.layer3(self.layer2(self.layer1(x)))
+            return self.fc(x.mean(dim=(2, 3)))
+
+    twin = Net()
+    params = dict(twin.named_parameters())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            params[name].copy_(torch.from_numpy(p.data.copy()))
+    return twin
+
+
+MODELS = {"LeNet-300-100": sclref.models.lenet_300_100, "LeNet-5": sclref.models.lenet5,
+          "ResNet-20": sclref.models.resnet20}
+IN_SHAPES = {"LeNet-300-100": (1, 28, 28), "LeNet-5": (1, 28, 28), "ResNet-20": (3, 32, 32)}
 
 
 def _workload(model_name: str, batch: int):
     sclref.manual_seed(0)
     model = MODELS[model_name](masked=False, dtype=np.float32)
     gen = np.random.default_rng(0)
-    x = gen.standard_normal((batch, 1, 28, 28)).astype(np.float32)
+    x = gen.standard_normal((batch, *IN_SHAPES[model_name])).astype(np.float32)
     return model, x, gen.integers(0, 10, batch)
 
 
-def build_sclref(model_name: str, batch: int):
+def _pinned_step(step, pin: bool):
+    """`step` itself, or `step` run inside `sclref.threads.pinned` when `pin`."""
+    if not pin:
+        return step
+
+    def pinned_step():
+        with sclref.threads.pinned():
+            return step()
+
+    return pinned_step
+
+
+def build_sclref(model_name: str, batch: int, pin: bool = False):
     """One sclref SGD-momentum step on a fixed batch, as a zero-argument callable."""
     model, x_np, y_np = _workload(model_name, batch)
     x = sclref.Tensor(x_np)
@@ -98,14 +161,14 @@ def build_sclref(model_name: str, batch: int):
         opt.step()
         return loss.item()
 
-    return step
+    return _pinned_step(step, pin)
 
 
 def build_torch(model_name: str, batch: int, threads: int):
     """The same step in PyTorch, from the same weights and batch."""
     torch = common.torch_or_none(threads)
     model, x_np, y_np = _workload(model_name, batch)
-    twin = torch_twin(torch, model)
+    twin = resnet_twin(torch, model) if model_name == "ResNet-20" else torch_twin(torch, model)
     xt, yt = torch.from_numpy(x_np), torch.from_numpy(y_np)
     opt = torch.optim.SGD(twin.parameters(), lr=0.01, momentum=0.9)
 
@@ -137,10 +200,10 @@ def _scl_trainer(model_name: str, batch: int):
     return trainer, x, y
 
 
-def build_sclref_scl(model_name: str, batch: int):
+def build_sclref_scl(model_name: str, batch: int, pin: bool = False):
     """One step of `Trainer.step`, the step `sclref train` takes."""
     trainer, x, y = _scl_trainer(model_name, batch)
-    return lambda: trainer.step(x, y)[0]
+    return _pinned_step(lambda: trainer.step(x, y)[0], pin)
 
 
 def build_torch_scl(model_name: str, batch: int, threads: int):
@@ -214,9 +277,10 @@ def build_torch_scl(model_name: str, batch: int, threads: int):
 BUILDERS = {"plain": (build_sclref, build_torch), "scl": (build_sclref_scl, build_torch_scl)}
 
 
-def bench(kind: str, model_name: str, batch: int, reps: int, threads: int, have_torch: bool) -> dict:
+def bench(kind: str, model_name: str, batch: int, reps: int, threads: int, have_torch: bool,
+          pin: bool = False) -> dict:
     ours, peer = BUILDERS[kind]
-    builders = {"sclref": (ours, (model_name, batch))}
+    builders = {"sclref": (ours, (model_name, batch, pin))}
     if have_torch:
         builders["torch"] = (peer, (model_name, batch, threads))
     medians, first, memory = common.time_in_workers(builders, reps, memory=True)
@@ -229,7 +293,7 @@ def bench(kind: str, model_name: str, batch: int, reps: int, threads: int, have_
         if memory["sclref"] and memory["torch"]:
             row["memory_ratio"] = memory["sclref"]["step_peak_mib"] / max(memory["torch"]["step_peak_mib"], 1e-3)
     model, _, _ = _workload(model_name, batch)
-    row["gflop"] = step_flops(model, (1, 28, 28), batch) / 1e9
+    row["gflop"] = step_flops(model, IN_SHAPES[model_name], batch) / 1e9
     return row
 
 
@@ -240,11 +304,16 @@ def main():
     parser.add_argument("--reps", type=int, default=50)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "train_step.json")
+    parser.add_argument("--resnet", action="store_true", help="also time ResNet-20 (plain step, 3x32x32 input)")
+    parser.add_argument("--pin", action="store_true", help="run sclref's step inside sclref.threads.pinned()")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), help="time only these models")
     args = parser.parse_args()
     have_torch = common.torch_or_none(args.threads) is not None
     gemm = common.gemm_gflops("float32")
     kinds = ("plain", "scl") if args.kind == "both" else (args.kind,)
-    rows = [bench(kind, name, args.batch, args.reps, args.threads, have_torch) for kind in kinds for name in MODELS]
+    names = args.models or [name for name in MODELS if args.resnet or name != "ResNet-20"]
+    rows = [bench(kind, name, args.batch, args.reps, args.threads, have_torch, args.pin)
+            for kind in kinds for name in names if kind == "plain" or name in SCL_MODELS]
     nan = float("nan")
     for r in rows:
         r["floor_ms"] = r["gflop"] / gemm * 1e3
@@ -254,10 +323,12 @@ def main():
         [[r["kind"], r["model"], f"{r['sclref_ms']:.2f}", f"{r.get('torch_ms', nan):.2f}", f"{r.get('ratio', nan):.2f}",
           f"{r['floor_ms']:.2f}", _memory_cell(r)] for r in rows],
     )
-    print(f"float32, batch {args.batch}, {args.threads} threads, median of {args.reps}; "
+    pin = ", sclref pinned to 1 BLAS thread" if args.pin else ""
+    print(f"float32, batch {args.batch}, {args.threads} threads{pin}, median of {args.reps}; "
           f"NumPy GEMM {gemm:.1f} GFLOP/s\n")
     print(table)
-    common.write_json(args.out, {"machine": common.machine(), "threads": args.threads, "gemm_gflops": gemm,
+    common.write_json(args.out, {"machine": common.machine(), "threads": args.threads, "pin": args.pin,
+                                 "gemm_gflops": gemm,
                                  "reps": args.reps, "rows": rows})
 
 

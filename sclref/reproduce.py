@@ -28,17 +28,14 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import statistics
 import time
 from dataclasses import dataclass
-from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 
-from sclref import models, nn, storage
-from sclref._version import __version__
+from sclref import models, nn, provenance, storage
 from sclref.errors import InputError
 from sclref.scl import layer_report, masked_layers
 from sclref.train import TrainConfig, Trainer, build_model, format_epoch, load_data
@@ -173,13 +170,7 @@ class Settings:
 
 def machine() -> dict:
     """Where and with what the numbers were measured."""
-    return {
-        "node": platform.node(), "machine": platform.machine(), "processor": platform.processor(),
-        "cpus": os.cpu_count(), "python": platform.python_version(), "sclref": __version__,
-        **{pkg: version(pkg) for pkg in ("numpy", "scipy", "numba")},
-        "threads": {var: os.environ.get(var) for var in ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-                                                         "OMP_NUM_THREADS")},
-    }
+    return provenance.machine()
 
 
 def load_runs(path) -> dict:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from sclref import data as datasets
-from sclref import ops, optim, pruning, rundir, storage, threads
+from sclref import ops, optim, provenance, pruning, rundir, storage, threads
 from sclref._version import __version__
 from sclref.autograd import Tensor, no_grad
 from sclref.errors import InputError
@@ -45,13 +45,6 @@ class DivergedError(ArithmeticError):
     """The loss became NaN or infinite: the run stops, its last checkpoint holds the epoch before."""
 
 
-def _provenance() -> dict:
-    """What of the machine's set-up decides a run's bits (recorded in its checkpoint).
-
-    numba's thread count and JIT switch are left out: they change no bit of a run, and a
-    checkpoint must be the same bytes whatever they are.
-    """
-    return {k: v for k, v in threads.provenance().items() if k not in ("numba_threads", "jit_disabled")}
 
 
 @dataclass(frozen=True)
@@ -152,7 +145,7 @@ class Trainer:
         """Everything a resume needs, and nothing that varies between identical runs (no wall times)."""
         return {
             "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "sclref": __version__,
-            "config": self.config.to_dict(), "data": self.data_fingerprint, "provenance": _provenance(),
+            "config": self.config.to_dict(), "data": self.data_fingerprint, "provenance": provenance.reproducibility(),
             "epoch": self.epoch, "history": self.history,
             "model": dict(self.model.state_dict()), "opt_w": self.opt_w.state_dict(),
             "opt_s": None if self.opt_s is None else self.opt_s.state_dict(),
@@ -180,7 +173,7 @@ class Trainer:
         if state["data"] != self.data_fingerprint:
             raise InputError(f"the checkpoint was trained on other data than {self.config.data!r} gives now "
                              "(their contents differ); resume with the data the run started with")
-        differences = threads.resume_differences(state["provenance"]) if isinstance(state["provenance"], dict) \
+        differences = provenance.resume_differences(state["provenance"]) if isinstance(state["provenance"], dict) \
             else ["the checkpoint records no machine set-up"]
         if differences:
             raise InputError("resuming here would not give the result of the uninterrupted run: "
@@ -395,11 +388,10 @@ def _run(trainer: Trainer, dataset, out: Path | None, log, progress: bool, stop_
 
 
 def _metrics(trainer: Trainer, finished: bool) -> dict:
-    from importlib.metadata import version
 
     layers = masked_layers(trainer.model)
     return {
-        "sclref": __version__, "numpy": version("numpy"), "numba": version("numba"),
+        "sclref": __version__, "provenance": provenance.reproducibility(),
         "config": trainer.config.to_dict(), "dataset": trainer.data.name, "data": trainer.data_fingerprint,
         "finished": finished, "epochs_done": trainer.epoch, "history": trainer.history,
         "final": None if not finished else {
@@ -407,7 +399,7 @@ def _metrics(trainer: Trainer, finished: bool) -> dict:
             "layers": layer_report(trainer.model) if layers else [],
         },
         # The one field that differs between identical runs: how long they took, on which threads.
-        "timing": {"epoch_seconds": trainer.epoch_seconds, "threads": threads.provenance()},
+        "timing": {"epoch_seconds": trainer.epoch_seconds, "machine": provenance.machine()},
     }
 
 

@@ -84,6 +84,14 @@ def test_load_state_dict_reports_every_problem_and_changes_nothing():
     np.testing.assert_array_equal(m.fc1.bias.data, before)
 
 
+def test_load_state_dict_refuses_complex_values_instead_of_dropping_their_imaginary_part():
+    m = TwoLayer()
+    state = m.state_dict()
+    state["fc1.bias"] = state["fc1.bias"] + 1j
+    with pytest.raises(ValueError, match="fc1.bias: values of dtype complex128"):
+        m.load_state_dict(state)
+
+
 def test_to_float32_converts_every_parameter_and_the_forward_stays_float32():
     m = TwoLayer().float()
     assert all(p.dtype == np.float32 for p in m.parameters())

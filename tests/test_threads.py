@@ -1,13 +1,11 @@
 """Tests for sclref.threads: the BLAS pin, its nesting and restoring, products that do not
 depend on the thread settings a process starts with, and what a resume must refuse."""
 
-import json
 import os
 import pathlib
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import threadpoolctl
 
@@ -106,63 +104,3 @@ def test_products_under_pinned_do_not_depend_on_the_threads_a_process_starts_wit
     assert len(one) > 0
     assert _products(tmp_path, "two", 2) == one
     assert _products(tmp_path, "default", None) == one
-
-
-def test_provenance_is_plain_json_and_names_numpys_blas():
-    record = threads.provenance()
-    assert json.loads(json.dumps(record)) == record
-    assert record["blas_threads"] == 1
-    assert record["numpy"] == np.__version__
-    assert isinstance(record["jit_disabled"], bool) and record["numba_threads"] >= 1
-    loaded = {(lib["internal_api"], lib["version"]) for lib in threadpoolctl.threadpool_info()
-              if lib["user_api"] == "blas"}
-    assert record["blas"] and {(lib["internal_api"], lib["version"]) for lib in record["blas"]} <= loaded
-
-
-def _recorded(**changes):
-    """This process's provenance after a JSON round trip, with `changes` applied."""
-    record = json.loads(json.dumps(threads.provenance()))
-    record.update(changes)
-    return record
-
-
-def test_an_unchanged_record_can_be_resumed():
-    assert threads.resume_differences(_recorded()) == []
-
-
-def test_thread_counts_and_the_jit_are_not_differences():
-    record = _recorded(blas_threads=8, numba_threads=64, jit_disabled=not threads.provenance()["jit_disabled"])
-    assert threads.resume_differences(record) == []
-
-
-def test_another_blas_architecture_is_a_difference():
-    blas = [{**lib, "architecture": "SkylakeX"} for lib in threads.provenance()["blas"]]
-    if blas == threads.provenance()["blas"]:
-        blas = [{**lib, "architecture": "Zen"} for lib in blas]
-    (line,) = threads.resume_differences(_recorded(blas=blas))
-    assert line.startswith("BLAS:") and blas[0]["architecture"] in line
-
-
-def test_another_blas_library_or_version_is_a_difference():
-    mkl = [{"internal_api": "mkl", "version": "2024.0", "architecture": None}]
-    (line,) = threads.resume_differences(_recorded(blas=mkl))
-    assert "mkl 2024.0" in line
-    older = [{**lib, "version": "0.0.1"} for lib in threads.provenance()["blas"]]
-    assert len(threads.resume_differences(_recorded(blas=older))) == 1
-
-
-def test_other_versions_and_missing_fields_are_differences():
-    found = threads.resume_differences(_recorded(numpy="1.0.0", numba="0.1.0"))
-    assert len(found) == 2 and any("NumPy version" in f for f in found) and any("numba" in f for f in found)
-    record = _recorded()
-    del record["blas"]
-    assert threads.resume_differences(record) == ["BLAS: not recorded"]
-    assert threads.resume_differences([]) != []
-
-
-def test_other_simd_extensions_are_a_difference_when_both_sides_recorded_them():
-    simd = threads.provenance()["numpy_simd"]
-    if simd is None:
-        pytest.skip("this NumPy does not report its SIMD extensions")
-    assert len(threads.resume_differences(_recorded(numpy_simd=simd + ["AVX512_SPR"]))) == 1
-    assert threads.resume_differences(_recorded(numpy_simd=None)) == []

@@ -38,7 +38,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sclref import rundir, threads
+from sclref import provenance, rundir
 from sclref._version import __version__
 from sclref.errors import InputError
 from sclref.rundir import RunDirectoryError
@@ -359,7 +359,7 @@ def _train_remote(task: _Task) -> _Outcome:
 
 def _worker_setup() -> dict:
     """What of a worker's set-up decides a run's bits (compared across the workers of a cluster)."""
-    recorded = threads.provenance()
+    recorded = provenance.reproducibility()
     return {"sclref": __version__, **{key: recorded[key] for key in ("blas", "numpy", "numpy_simd", "numba")}}
 
 

@@ -209,8 +209,8 @@ class Module:
             value = np.asarray(state[name].data if isinstance(state[name], Tensor) else state[name])
             if value.shape != current.shape:
                 problems.append(f"{name}: shape {value.shape} in the state, {current.shape} in the model")
-            elif not np.issubdtype(value.dtype, np.number):
-                problems.append(f"{name}: values of dtype {value.dtype}")
+            elif not np.issubdtype(value.dtype, np.number) or np.issubdtype(value.dtype, np.complexfloating):
+                problems.append(f"{name}: values of dtype {value.dtype}")  # complex would lose its imaginary part
             elif np.issubdtype(current.dtype, np.integer) and not _fits_integer(value, current.dtype):
                 problems.append(f"{name}: {current.dtype} counter given values that are not whole numbers "
                                 f"in its range")
