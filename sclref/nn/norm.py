@@ -13,7 +13,24 @@ from sclref.nn.module import Module, Parameter
 
 
 class _BatchNorm(Module):
-    """What BatchNorm1d and BatchNorm2d share; they differ only in the input ranks they accept."""
+    """What BatchNorm1d and BatchNorm2d share; they differ only in the input ranks they accept.
+
+    Parameters
+    ----------
+    num_features : int
+        C, the number of channels.
+    eps : float
+        Added to the variance before its square root.
+    momentum : float or None
+        Weight of each batch in the running statistics; None keeps their cumulative average.
+    affine : bool
+        Learn a per-channel scale `weight` (initially 1) and shift `bias` (initially 0).
+    track_running_stats : bool
+        Keep `running_mean`, `running_var` and `num_batches_tracked` buffers, used in eval
+        mode; without them the batch statistics are used in both modes.
+    dtype : float32 or float64
+        Dtype of the parameters and running statistics.
+    """
 
     ranks: tuple[int, ...] = ()
     layout = ""
@@ -64,46 +81,12 @@ class _BatchNorm(Module):
 
 
 class BatchNorm1d(_BatchNorm):
-    """Batch normalization of (N, C) or (N, C, L) input over every axis but C, as torch.nn.BatchNorm1d.
-
-    Parameters
-    ----------
-    num_features : int
-        C, the number of channels.
-    eps : float
-        Added to the variance before its square root.
-    momentum : float or None
-        Weight of each batch in the running statistics; None keeps their cumulative average.
-    affine : bool
-        Learn a per-channel scale `weight` (initially 1) and shift `bias` (initially 0).
-    track_running_stats : bool
-        Keep `running_mean`, `running_var` and `num_batches_tracked` buffers, used in eval
-        mode; without them the batch statistics are used in both modes.
-    dtype : float32 or float64
-        Dtype of the parameters and running statistics.
-    """
+    """Batch normalization of (N, C) or (N, C, L) input over every axis but C, as torch.nn.BatchNorm1d."""
 
     ranks, layout = (2, 3), "(N, C) or (N, C, L)"
 
 
 class BatchNorm2d(_BatchNorm):
-    """Batch normalization of (N, C, H, W) input over N, H and W, as torch.nn.BatchNorm2d.
-
-    Parameters
-    ----------
-    num_features : int
-        C, the number of channels.
-    eps : float
-        Added to the variance before its square root.
-    momentum : float or None
-        Weight of each batch in the running statistics; None keeps their cumulative average.
-    affine : bool
-        Learn a per-channel scale `weight` (initially 1) and shift `bias` (initially 0).
-    track_running_stats : bool
-        Keep `running_mean`, `running_var` and `num_batches_tracked` buffers, used in eval
-        mode; without them the batch statistics are used in both modes.
-    dtype : float32 or float64
-        Dtype of the parameters and running statistics.
-    """
+    """Batch normalization of (N, C, H, W) input over N, H and W, as torch.nn.BatchNorm2d."""
 
     ranks, layout = (4,), "(N, C, H, W)"
