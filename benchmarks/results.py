@@ -1,6 +1,6 @@
 """Run the full results reproduction: benchmarks/out/results.json, the plots in docs/img/results/, a Markdown table.
 
-A thin runner over `sclref.reproduce` (the same engine as ``sclref reproduce``). It is
+A thin runner over `sclref.experiments.reproduce` (the same engine as ``sclref reproduce``). It is
 resumable: runs already in the JSON with the same settings are skipped, so an interrupted
 reproduction continues where it stopped when started again with the same arguments.
 
@@ -29,8 +29,8 @@ PLOTS = ROOT / "docs" / "img" / "results"
 
 
 def main(argv=None) -> int:
-    from sclref import reproduce as rp
-    from sclref.reproduce import Settings
+    from sclref.experiments import reproduce as rp
+    from sclref.experiments.reproduce import Settings
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["lenet300"])

@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     from sclref.sparse.cli import add_parsers as add_sparse
 
     add_sparse(sub)
-    from sclref.reproduce_cli import add_parser as add_reproduce
+    from sclref.experiments.cli import add_parser as add_reproduce
 
     add_reproduce(sub)
     from sclref.oracle_cli import add_parser as add_verify

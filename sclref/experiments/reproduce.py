@@ -14,9 +14,12 @@ budget (``epochs`` where SCL learns masks + ``finetune_epochs`` where it fine-tu
 - ``magnitude_global`` (not run by default): one global magnitude threshold at the
   overall sparsity of ``scl_identity``.
 
-Every finished run is added to a JSON file at once (atomically), keyed by model, data,
-method and seed with its full settings, so an interrupted reproduction continues where it
-stopped: a run already in the file with the same settings is skipped. `summarize` turns
+Every run trains in its own directory beside the JSON file (``runs/<stem>/...``, named by
+its settings' hash), checkpointing every epoch, through `sclref.experiments.execute`:
+serially, on a local Dask cluster or on a cluster given by its scheduler's address. An
+interrupted reproduction therefore continues every run from its last epoch. The JSON
+file holds one record per run, keyed by model, data, method and seed with its full
+settings; a run already there with the same settings is skipped. `summarize` turns
 the runs into mean ± std over seeds of the *final-epoch* test error, sparsity overall and
 per layer, FLOPs and mask flips; `markdown` prints them beside the published MNIST rows
 of the paper's peers (other data, for orientation only); `plot` draws the figures.
@@ -25,11 +28,12 @@ of the paper's peers (other data, for orientation only); `plot` draws the figure
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
 import math
 import os
 import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,8 +41,8 @@ import numpy as np
 
 from sclref import models, nn, provenance, storage
 from sclref.errors import InputError
-from sclref.scl import layer_report, masked_layers
-from sclref.train import TrainConfig, Trainer, build_model, format_epoch, load_data
+from sclref.runs import METRICS, load_model
+from sclref.train import TrainConfig, build_model, load_data
 
 FORMAT = "sclref-reproduce"
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
@@ -203,7 +207,7 @@ _MAX_RESULTS_BYTES = 256 << 20
 _FRACTION, _COUNT, _NUMBER, _TEXT = "fraction", "count", "number", "text"
 _RUN_FIELDS = {"model": _TEXT, "data": _TEXT, "method": _TEXT, "seed": _COUNT, "test_error": _FRACTION,
                "train_error": _FRACTION, "sparsity": _FRACTION, "dense_flops": _COUNT, "effective_flops": _NUMBER,
-               "train_seconds": _NUMBER, "wall_seconds": _NUMBER}
+               "train_seconds": _NUMBER}
 _LAYER_FIELDS = {"layer": _TEXT, "weights": _COUNT, "kept": _COUNT, "sparsity": _FRACTION, "dense_flops": _COUNT,
                  "effective_flops": _NUMBER}
 _EPOCH_FIELDS = {"epoch": _COUNT, "phase": _TEXT, "loss": _NUMBER, "train_error": _FRACTION,
@@ -266,10 +270,14 @@ def _plain_layer_report(model) -> list[dict]:
     return rows
 
 
-def _record(key: dict, run_settings: dict, model, history: list, seconds: list, wall: float, load: float) -> dict:
-    layers = layer_report(model) if masked_layers(model) else _plain_layer_report(model)
+def _record(key: dict, run_settings: dict, directory: Path, load: float) -> dict:
+    """The results-file record of one finished run, read from its directory."""
+    metrics = json.loads((directory / METRICS).read_text())
+    history, seconds = metrics["history"], metrics["timing"]["epoch_seconds"]
+    layers = metrics["final"]["layers"] or _plain_layer_report(load_model(directory)[0])
     weights, kept = sum(r["weights"] for r in layers), sum(r["kept"] for r in layers)
     final = history[-1]
+    train_seconds = sum(t for t in seconds if t is not None)
     return {
         **key, "settings": run_settings,
         "test_error": final["test_error"], "train_error": final["train_error"],
@@ -280,8 +288,7 @@ def _record(key: dict, run_settings: dict, model, history: list, seconds: list, 
         "flips": [sum(layer["flips"] for layer in rec["layers"].values()) for rec in history],
         "history": [{**{k: rec[k] for k in ("epoch", "phase", "loss", "train_error", "test_error", "sparsity", "lam")},
                      "seconds": t} for rec, t in zip(history, seconds)],
-        "train_seconds": sum(seconds), "wall_seconds": wall,
-        "load_average": load,
+        "train_seconds": train_seconds, "load_average": load,
     }
 
 
@@ -290,11 +297,30 @@ def _ordered(methods) -> list[str]:
     return sorted(methods, key=lambda m: (METHODS[m].kind == "magnitude", list(METHODS).index(m)))
 
 
-def reproduce(settings: Settings, json_path, log=print, dataset=None) -> dict:
+def run_directory(json_path, model: str, method: str, seed: int, config: TrainConfig) -> Path:
+    """Where one run of a results file trains: ``runs/<results stem>/<model>-<method>-seed<k>-<settings hash>``.
+
+    The hash of the run's settings keeps a run with other settings out of the directory of
+    an earlier one, so a changed setting starts afresh and an unchanged one resumes.
+    """
+    digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
+    json_path = Path(json_path)
+    return json_path.parent / "runs" / json_path.stem / f"{model}-{method}-seed{seed}-{digest}"
+
+
+def reproduce(settings: Settings, json_path, log=print, dataset=None, scheduler: str | None = "serial") -> dict:
     """Run every (model, seed, method) not yet in `json_path` with these settings; return the file's content.
 
-    `dataset` may be passed to skip loading (it must be what ``settings.data`` names).
+    Each run trains in its own directory (`run_directory`), checkpointing every epoch,
+    through `sclref.experiments.execute` on `scheduler` ("serial", "local", a Dask
+    scheduler address, or None to let it choose): an interrupted reproduction resumes
+    every run from its last epoch, and which scheduler trained a run changes no byte.
+    Magnitude pruning waits for SCL-identity of the same model and seed and prunes each
+    layer to the sparsity it reached. `dataset` may be passed to check the models
+    against it without loading it (it must be what ``settings.data`` names).
     """
+    from sclref.experiments.executor import Run, execute
+
     settings.validate()
     json_path = Path(json_path)
     store = load_runs(json_path)
@@ -304,37 +330,58 @@ def reproduce(settings: Settings, json_path, log=print, dataset=None) -> dict:
             build_model(settings.config(model, "dense", 0), dataset.in_shape, dataset.num_classes)
         except ValueError as err:
             raise ValueError(f"model {model} cannot take the data {settings.data_label!r}: {err}") from None
+    planned, keys = [], {}
     for model in settings.models:
         for seed in settings.seeds:
             for method in _ordered(settings.methods):
                 key = {"model": model, "data": settings.data_label, "method": method, "seed": seed}
                 config = settings.config(model, method, seed)
-                run_settings = {"config": config.to_dict()}
-                if METHODS[method].kind == "magnitude":
-                    reference = _find(store, {**key, "method": "scl_identity"})
-                    run_settings.update(scope=METHODS[method].scope,
-                                        kept={r["layer"]: r["kept"] for r in reference["layers"]})
-                tag = f"[{MODEL_LABELS[model]} seed {seed} {method}]"
+                name = f"{MODEL_LABELS[model]} seed {seed} {method}"
                 done = _find(store, key)
+                run_settings = {"config": config.to_dict()}
+                reference = _find(store, {**key, "method": "scl_identity"})
+                magnitude = METHODS[method].kind == "magnitude"
+                if magnitude:
+                    run_settings.update(scope=METHODS[method].scope)
+                    if reference is not None:
+                        run_settings.update(kept={r["layer"]: r["kept"] for r in reference["layers"]})
                 if done is not None and done["settings"] == run_settings:
-                    log(f"{tag} already in {json_path.name}, skipped")
+                    log(f"[{name}] already in {json_path.name}, skipped")
                     continue
-                load = os.getloadavg()[0]
-                t0 = time.perf_counter()
-                if METHODS[method].kind == "magnitude":
-                    config = dataclasses.replace(config, prune_scope=METHODS[method].scope,
-                                                 prune_sparsity=_prune_target(run_settings, reference))
-                trainer = Trainer(config, dataset, log=lambda line, tag=tag: log(f"{tag} {line}"))
-                while trainer.epoch < config.total_epochs:
-                    log(f"{tag} {format_epoch(trainer.run_epoch(), config.total_epochs)}")
-                trained, history, seconds = trainer.model, trainer.history, trainer.epoch_seconds
-                record = _record(key, run_settings, trained, history, seconds, time.perf_counter() - t0, load)
-                store["runs"] = [r for r in store["runs"] if r is not done] + [record]
-                store["machine"] = machine()
-                storage.atomic_write_json(json_path, store)
-                log(f"{tag} test error {100 * record['test_error']:.2f}%, sparsity {100 * record['sparsity']:.2f}%, "
-                    f"{record['wall_seconds']:.1f}s")
+                depends, prepare = (), None
+                if magnitude:
+                    scl_name = f"{MODEL_LABELS[model]} seed {seed} scl_identity"
+                    depends = (scl_name,) if scl_name in keys else ()
+                    prepare = functools.partial(_prepare_magnitude, scope=METHODS[method].scope, scl=scl_name,
+                                                reference=None if depends else reference)
+                keys[name] = (key, run_settings, done)
+                planned.append(Run(name, config, run_directory(json_path, model, method, seed, config), depends,
+                                   prepare))
+    if not planned:
+        return store
+    summaries = execute(planned, scheduler=scheduler, progress=False, log=log)
+    load = os.getloadavg()[0]
+    for run in planned:
+        key, run_settings, done = keys[run.name]
+        if METHODS[key["method"]].kind == "magnitude":
+            run_settings["kept"] = {r["layer"]: r["kept"] for r in summaries[run.name].layers}
+        record = _record(key, run_settings, run.directory, load)
+        store["runs"] = [r for r in store["runs"] if r is not done] + [record]
+        log(f"[{run.name}] test error {100 * record['test_error']:.2f}%, sparsity {100 * record['sparsity']:.2f}%, "
+            f"{record['train_seconds']:.1f}s")
+    store["machine"] = machine()
+    storage.atomic_write_json(json_path, store)
     return store
+
+
+def _prepare_magnitude(config: dict, done: dict, scope: str, scl: str, reference: dict | None) -> dict:
+    """A magnitude run's settings once SCL-identity of its model and seed is known: prune to its sparsity."""
+    if reference is not None:  # SCL-identity was already in the results file
+        layers, overall = reference["layers"], reference["sparsity"]
+    else:
+        layers, overall = done[scl].layers, done[scl].sparsity
+    target = overall if scope == "global" else {r["layer"]: 1 - r["kept"] / r["weights"] for r in layers}
+    return {**config, "prune_scope": scope, "prune_sparsity": target}
 
 
 def _prune_target(run_settings: dict, reference: dict):
@@ -377,7 +424,6 @@ def summarize(store: dict, settings: Settings) -> list[dict]:
                 "effective_flops": _stats(r["effective_flops"] for r in runs),
                 "flips_per_epoch": [statistics.fmean(r["flips"][i] for r in runs) for i in mask_epochs],
                 "train_seconds": _stats(r["train_seconds"] for r in runs),
-                "wall_seconds": _stats(r["wall_seconds"] for r in runs),
             })
     return rows
 
@@ -417,7 +463,7 @@ def markdown(summary: list[dict], settings: Settings) -> str:
                       if any(METHODS[r["method"]].global_scale for r in rows) else "")
                    + "; final-epoch test error, mean ± std (ddof 1) over seeds.\n")
         out.append("| method | seeds | test error % | sparsity % | FLOPs kept % (reduction) | mask flips, first → "
-                   "last mask epoch | s per run: train / wall |")
+                   "last mask epoch | s per run (epochs) |")
         out.append("|---|---|---|---|---|---|---|")
         for r in rows:
             kept = r["effective_flops"]["mean"] / r["dense_flops"]
@@ -425,7 +471,7 @@ def markdown(summary: list[dict], settings: Settings) -> str:
             out.append(f"| {r['label']} | {len(r['seeds'])} | {_pm(r['test_error'])} | {_pm(r['sparsity'])} | "
                        f"{100 * kept:.2f} ({_reduction(kept)}) | "
                        f"{f'{flips[0]:,.0f} → {flips[-1]:,.0f}' if flips else '—'} | "
-                       f"{r['train_seconds']['mean']:.1f} / {r['wall_seconds']['mean']:.1f} |")
+                       f"{r['train_seconds']['mean']:.1f} |")
         layer_names = list(rows[0]["layers"])
         out.append(f"\nPer-layer sparsity % (mean ± std); dense multiply-adds per sample: "
                    f"{rows[0]['dense_flops'] // 2:,}\n")
@@ -542,7 +588,8 @@ def sweep_path(json_path, lam: float) -> Path:
     return json_path.with_name(f"{json_path.stem}-lam{lam:g}{json_path.suffix}")
 
 
-def sweep(settings: Settings, lams, json_path, log=print, dataset=None) -> dict[float, dict]:
+def sweep(settings: Settings, lams, json_path, log=print, dataset=None, scheduler: str | None = "serial") \
+        -> dict[float, dict]:
     """The masked methods of `settings` again at each λ of `lams`, each λ in its own `sweep_path` file.
 
     Dense training does not depend on λ and is left out. Returns λ → results file content,
@@ -559,7 +606,7 @@ def sweep(settings: Settings, lams, json_path, log=print, dataset=None) -> dict[
     for run in runs:  # every λ is checked before the first one runs
         run.validate()
     dataset = settings.dataset() if dataset is None else dataset
-    stores = {lam: reproduce(run, sweep_path(json_path, lam), log=log, dataset=dataset)
+    stores = {lam: reproduce(run, sweep_path(json_path, lam), log=log, dataset=dataset, scheduler=scheduler)
               for lam, run in zip(lams, runs)}
     if Path(json_path).exists() and settings.lam_value not in stores:
         stores[settings.lam_value] = load_runs(json_path)

@@ -1,8 +1,9 @@
-"""The `sclref reproduce` subcommand: run the results experiment of `sclref.reproduce` and print its tables.
+"""The `sclref reproduce` subcommand: run the results experiment of `sclref.experiments.reproduce`, print its tables.
 
-`add_parser(subparsers)` registers the subcommand. It writes ``results.json`` (resumable:
-runs already there with the same settings are skipped) and the PNG plots to ``--out``,
-and prints the Markdown tables, or with ``--json`` the summary as JSON on stdout.
+`add_parser(subparsers)` registers the subcommand. It writes ``results.json``, the run
+directories under ``runs/`` (resumable per epoch; runs already in the JSON with the same
+settings are skipped) and the PNG plots to ``--out``, and prints the Markdown tables, or
+with ``--json`` the summary as JSON on stdout. ``--scheduler`` says where the runs train.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ RESULTS = "results.json"
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``reproduce`` on `subparsers` (from ``ArgumentParser.add_subparsers``); return its parser."""
-    from sclref.reproduce import DEFAULT_METHODS, METHODS, Settings
+    from sclref.experiments.reproduce import DEFAULT_METHODS, METHODS, Settings
 
     d = Settings()
     p = subparsers.add_parser(
@@ -54,6 +55,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help="print the summary as JSON on stdout instead of the tables (with --sweep: every λ's rows)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--scheduler", default=None, metavar="WHERE",
+                   help="'serial', 'local' (a Dask LocalCluster on this machine) or a Dask scheduler address "
+                        "such as tcp://host:8786; default: local when Dask is installed and there are runs for "
+                        "two workers, else serial (docs/cluster.md)")
     p.set_defaults(func=run_reproduce)
     return p
 
@@ -63,7 +68,7 @@ def run_reproduce(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from sclref.reproduce import (
+    from sclref.experiments.reproduce import (
         Settings,
         markdown,
         plot,
@@ -87,10 +92,11 @@ def run_reproduce(args: argparse.Namespace) -> int:
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {out} exists and is not a directory")
         settings = Settings.quick(**given) if args.quick else Settings(**given)
-        store = reproduce(settings, out / RESULTS, log=log)
+        store = reproduce(settings, out / RESULTS, log=log, scheduler=args.scheduler)
         summary = summarize(store, settings)
         written = [] if args.no_plots else plot(summary, store, settings, out)
-        rows = sweep_summary(sweep(settings, args.sweep, out / RESULTS, log=log), settings) if args.sweep else None
+        rows = (sweep_summary(sweep(settings, args.sweep, out / RESULTS, log=log, scheduler=args.scheduler), settings)
+                if args.sweep else None)
         if rows is not None and not args.no_plots:
             written += plot_sweep(rows, settings, out)
     except (ValueError, OSError) as err:  # OSError: unreadable data, unwritable --out
