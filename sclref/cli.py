@@ -7,7 +7,7 @@ import platform
 import sys
 
 from sclref._version import __version__
-from sclref.argtypes import nonnegative_int
+from sclref.flags import add_shared, nonnegative_int
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -50,12 +50,10 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
 
     d = TrainConfig()
     p.add_argument("--model", default=d.model, help=f"one of {', '.join(models.MODELS)}")
-    p.add_argument("--data", default=d.data,
-                   help="'digits' (bundled), a directory of MNIST-format IDX or CIFAR binary files, or a .npz")
     p.add_argument("--ste", default=d.ste, help="straight-through estimator, a name of the sclref.ste registry")
     p.add_argument("--alpha", type=float, default=d.ste_alpha, dest="ste_alpha", help="slope of the leaky_relu STE")
-    p.add_argument("--lam", type=float, default=d.lam,
-                   help="λ of the connection-count regularizer, per epoch unless --lam-per step")
+    add_shared(p, {"data": d.data, "epochs": d.epochs, "finetune_epochs": d.finetune_epochs, "lam": d.lam,
+                   "train_limit": None, "test_limit": None})
     p.add_argument("--lam-per", default=d.lam_per, metavar="{epoch,step}",
                    help="λ is one epoch's push, spread over its steps (the same λ means the same pruning pressure "
                         "whatever the data size), or each step's")
@@ -70,9 +68,6 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "by default the task gradient is normalized, then λ's is added")
     p.add_argument("--weighting", default=d.weighting, metavar="{count,flops}",
                    help="what the regularizer counts: connections, or their multiply-adds")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="mask-learning epochs")
-    p.add_argument("--finetune-epochs", type=int, default=d.finetune_epochs,
-                   help="epochs training θ with frozen masks (a --dense run trains epochs + finetune epochs)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per step")
     p.add_argument("--lr", type=float, default=d.lr, help="learning rate of the weights θ (SGD with momentum)")
     p.add_argument("--mask-lr", type=float, default=d.mask_lr, help="learning rate of the mask variables s (SGD)")
@@ -85,8 +80,6 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dense-last", action="store_false", dest="mask_last", help="keep the classifier dense (unmasked)")
     p.add_argument("--dtype", default=d.dtype, metavar="{float32,float64}", help="floating-point type of the run")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the weights and of the data order")
-    p.add_argument("--train-limit", type=int, default=None, metavar="N", help="use the first N training samples")
-    p.add_argument("--test-limit", type=int, default=None, metavar="N", help="use the first N test samples")
     p.add_argument("--out", default=None, help="output directory (default: runs/MODEL-DATA-STE-seedN)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--replace", action="store_true",

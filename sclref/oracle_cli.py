@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from sclref import storage
-from sclref.argtypes import nonnegative_int
 from sclref.data.npz import read_npz
 from sclref.errors import InputError
+from sclref.flags import nonnegative_int
 
 __all__ = ["add_parser", "main", "run_verify"]
 

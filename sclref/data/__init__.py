@@ -11,6 +11,7 @@ sizes it takes from a file and reports bad bytes as an `sclref.errors.InputError
 
 from sclref.data.cifar import load_cifar_dir
 from sclref.data.datasets import (
+    ALIASES,
     MAX_CLASSES,
     MNIST_FILES,
     PREPROCESSING_KEYS,
@@ -28,6 +29,6 @@ from sclref.data.datasets import (
 from sclref.data.idx import IDXError, read_idx, write_idx
 from sclref.data.loader import batches
 
-__all__ = ["MAX_CLASSES", "MNIST_FILES", "PREPROCESSING_KEYS", "Dataset", "DatasetError", "IDXError", "batches",
-           "check_preprocessing", "load", "load_cifar_dir", "load_digits", "load_mnist_dir", "load_npz", "preprocess",
-           "read_idx", "save_npz", "subset", "write_idx"]
+__all__ = ["ALIASES", "MAX_CLASSES", "MNIST_FILES", "PREPROCESSING_KEYS", "Dataset", "DatasetError", "IDXError",
+           "batches", "check_preprocessing", "load", "load_cifar_dir", "load_digits", "load_mnist_dir", "load_npz",
+           "preprocess", "read_idx", "save_npz", "subset", "write_idx"]

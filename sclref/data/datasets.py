@@ -675,13 +675,18 @@ def save_npz(dataset: Dataset, path) -> None:
                         "y_test": dataset.y_test, "name": np.array(dataset.name), **extra})
 
 
+ALIASES = {"fashion-mnist": "/usr/share/datasets/fashion-mnist"}
+"""Names `load` understands for data installed by a package: Debian's dataset-fashion-mnist puts it there."""
+
+
 def load(spec="digits", dtype=np.float64, preprocessing=None) -> Dataset:
     """Load a dataset by name or path.
 
     Parameters
     ----------
     spec : str or os.PathLike
-        ``"digits"`` for scikit-learn's digits (the default), a directory of MNIST-format
+        ``"digits"`` for scikit-learn's digits (the default), a name of `ALIASES`
+        (``"fashion-mnist"``), a directory of MNIST-format
         files (`load_mnist_dir`), a directory of binary CIFAR-10 or CIFAR-100 files and no
         MNIST-format file (`sclref.data.cifar.load_cifar_dir`, fine labels), or a ``.npz``
         file (`load_npz`). A directory that happens to be called ``digits`` is reached as
@@ -710,7 +715,7 @@ def load(spec="digits", dtype=np.float64, preprocessing=None) -> Dataset:
         preprocessing = check_preprocessing(preprocessing, "the given preprocessing")
     if isinstance(spec, str) and spec == "digits":
         return load_digits(dtype=dtype, preprocessing=preprocessing)
-    path = Path(spec)
+    path = Path(ALIASES.get(spec, spec) if isinstance(spec, str) else spec)
     if path.is_dir():
         # cifar builds on this module, so it is imported here rather than at the top.
         from sclref.data import cifar

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sclref.argtypes import nonnegative_int, positive_float
+from sclref.flags import add_shared, nonnegative_int, positive_float
 
 __all__ = ["add_parser", "run_reproduce"]
 
@@ -25,29 +25,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     d = Settings()
     p = subparsers.add_parser(
         "reproduce", help="SCL vs dense vs magnitude pruning over several seeds: tables, plots, one JSON",
-        description=__doc__.splitlines()[0])
+        description=__doc__.splitlines()[0] + " Flags left out take the mode's values: Fashion-MNIST, 20 + 5 "
+        "epochs, λ 0.03 per step on digits and 0.003 otherwise; --quick: 300 digits, 2 + 1 epochs, seed 0.")
     p.add_argument("--models", nargs="+", default=None, metavar="MODEL",
                    help=f"lenet300 and/or lenet5 (default: {' '.join(d.models)}; --quick: lenet300)")
-    p.add_argument("--data", default=None,
-                   help="'fashion-mnist' (default), 'digits', or a directory of MNIST-format IDX files "
-                        "(--quick: digits)")
     p.add_argument("--seeds", nargs="+", type=nonnegative_int, default=None, metavar="SEED",
                    help=f"seeds (default: {' '.join(map(str, d.seeds))}; --quick: 0)")
-    p.add_argument("--epochs", type=int, default=None,
-                   help=f"mask-learning epochs, the dense phase of magnitude pruning (default {d.epochs}; --quick 2)")
-    p.add_argument("--finetune-epochs", type=int, default=None,
-                   help=f"fine-tune / retraining epochs (default {d.finetune_epochs}; --quick 1)")
     p.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
                    help=f"any of {', '.join(METHODS)} (default: {' '.join(DEFAULT_METHODS)})")
-    p.add_argument("--lam", type=float, default=None,
-                   help="λ of every SCL variant (default 0.03 on digits, 0.003 otherwise)")
+    # Without a value these take the mode's: data fashion-mnist (quick: digits), epochs 20 + 5 (quick: 2 + 1),
+    # λ 0.03 per step on digits and 0.003 otherwise, every sample (quick: 300 train, 100 test).
+    add_shared(p, {"data": None, "epochs": None, "finetune_epochs": None, "lam": None, "train_limit": None,
+                   "test_limit": None})
     p.add_argument("--no-norm-scale", type=float, default=None, metavar="C",
                    help=f"c of the scl_identity_global_scale ablation: λ·c, mask lr / c (default {d.no_norm_scale:g})")
     p.add_argument("--sweep", nargs="+", type=positive_float, default=None, metavar="LAM",
                    help="then run the masked methods again at each of these λ, each into results-lam{λ}.json, "
                         "and draw error against sparsity over every λ")
-    p.add_argument("--train-limit", type=int, default=None, metavar="N", help="use the first N training samples")
-    p.add_argument("--test-limit", type=int, default=None, metavar="N", help="use the first N test samples")
     p.add_argument("--out", default="runs/reproduce", metavar="DIR",
                    help=f"where {RESULTS} and the plots go (default runs/reproduce)")
     p.add_argument("--quick", action="store_true",

@@ -39,14 +39,13 @@ from pathlib import Path
 
 import numpy as np
 
-from sclref import models, nn, provenance, storage
+from sclref import data, models, nn, provenance, storage
 from sclref.errors import InputError
 from sclref.runs import METRICS, load_model
 from sclref.train import TrainConfig, build_model, load_data
 
 FORMAT = "sclref-reproduce"
-FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
-DATA_ALIASES = {"fashion-mnist": FASHION_MNIST}
+DATA_ALIASES = data.ALIASES
 # λ of every SCL variant unless given: the `sclref train` default on digits; on 28x28 data
 # 0.003 gave 97.3 % sparsity at dense-level error on Fashion-MNIST (20 + 5 epochs).
 DEFAULT_LAM = {"digits": 0.03}

@@ -13,7 +13,7 @@ import os
 import sys
 import tempfile
 
-from sclref.argtypes import nonnegative_int
+from sclref.flags import nonnegative_int
 
 __all__ = ["add_parser", "main", "run_theory"]
 
