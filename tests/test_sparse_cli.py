@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from sclref import data
+from sclref.autograd import Tensor, no_grad
 from sclref.cli import main
 from sclref.sparse import Runtime, load, save
 from sclref.train import load_model
@@ -45,6 +46,36 @@ def test_export_then_infer(run_dir, tmp_path, capsys):
     assert result["samples"] == 359  # the digits test split
     assert result["accuracy"] > 0 and set(result["backends"]) == {"fc1", "fc2", "fc3"}
     assert metrics["finished"]
+
+
+@pytest.fixture(scope="module")
+def resnet_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("resnet")
+    assert main(["train", "--model", "resnet20", "--epochs", "1", "--finetune-epochs", "0", "--train-limit", "64",
+                 "--test-limit", "16", "--no-progress", "--lam", "0.3", "--out", str(out)]) == 0
+    return out
+
+
+def test_export_then_infer_a_resnet(resnet_run, tmp_path, capsys):
+    capsys.readouterr()
+    assert main(["export", str(resnet_run), "--out", str(tmp_path / "r.npz"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    names = [row["layer"] for row in summary["layers"]]
+    assert len(names) == 20 and names[:3] == ["conv1", "layer1.0.conv1", "layer1.0.conv2"] and names[-1] == "fc"
+    network = load(tmp_path / "r.npz")
+    model, _ = load_model(resnet_run)  # eval mode: batch norms use their running statistics
+    x = data.load("digits", dtype=np.float32, preprocessing=network.preprocessing).x_test[:32]
+    with no_grad():
+        expected = model(Tensor(x)).data
+    np.testing.assert_allclose(Runtime(network)(x), expected, rtol=1e-4, atol=1e-4)
+    assert main(["infer", str(tmp_path / "r.npz"), "--data", "digits", "--batch", "64", "--limit", "100",
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["samples"] == 100 and list(result["backends"]) == names
+    expected_accuracy = np.mean(Runtime(network)(data.load("digits", dtype=np.float32, preprocessing=network
+                                                           .preprocessing).x_test[:100]).argmax(axis=1)
+                                == data.load("digits").y_test[:100])
+    assert result["accuracy"] == pytest.approx(expected_accuracy)
 
 
 def test_export_carries_the_run_preprocessing(run_dir, exported):

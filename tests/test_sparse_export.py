@@ -1,15 +1,18 @@
-"""Export of masked models to CSR: equal outputs, nnz == mask count, canonical CSR, dead-unit removal."""
+"""Export of masked models to CSR: equal outputs, nnz == mask count, canonical CSR, dead-unit removal,
+batch norms folded and residual blocks kept (ResNets with either shortcut, VGG)."""
 
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sclref import nn
+from sclref import models, nn, ops
 from sclref.autograd import Tensor, no_grad
 from sclref.errors import InputError
 from sclref.nn.masked import MaskedConv2d, MaskedLinear
-from sclref.sparse import Runtime, export
+from sclref.optim import SGD
+from sclref.pruning import magnitude_prune
+from sclref.sparse import Residual, Runtime, SubsamplePad, export
 from tests.strategies import SEEDS
 
 
@@ -101,10 +104,102 @@ def test_dead_units_are_removed_and_their_bias_folded():
     np.testing.assert_allclose(Runtime(net)(x), _masked_output(model, x), rtol=1e-12, atol=1e-12)
 
 
+class _Odd(nn.Module):
+    def forward(self, x):
+        return x
+
+
 def test_unexportable_layer_is_a_clear_error():
-    model = nn.Sequential({"fc": MaskedLinear(2, 2), "odd": nn.Sequential(nn.ReLU())})
-    with pytest.raises(ValueError, match="cannot export layer 'odd'"):
+    model = nn.Sequential({"fc": MaskedLinear(2, 2), "odd": nn.Sequential(nn.ReLU(), _Odd())})
+    with pytest.raises(ValueError, match="cannot export layer 'odd.1' of type _Odd"):
         export(model)
+
+
+def test_a_batch_norm_that_cannot_be_folded_is_a_clear_error():
+    model = nn.Sequential({"fc": MaskedLinear(2, 2), "relu": nn.ReLU(), "bn": nn.BatchNorm1d(2)})
+    with pytest.raises(ValueError, match="batch norm 'bn' does not follow a Linear or Conv2d"):
+        export(model)
+    model = nn.Sequential({"fc": MaskedLinear(2, 2), "bn": nn.BatchNorm1d(2, track_running_stats=False)})
+    with pytest.raises(ValueError, match="after 'fc' keeps no running statistics"):
+        export(model)
+
+
+def _train(model, shape, steps=3, seed=0):
+    """`model` after a few SGD steps on random data (weights, scores and batch-norm statistics all move), in
+    eval mode, with random batch-norm scales and shifts so that folding them matters."""
+    gen = np.random.default_rng(seed)
+    x, y = gen.standard_normal((8, *shape)), gen.integers(0, 3, 8)
+    opt = SGD(list(model.parameters()), lr=0.05, momentum=0.9)
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        ops.cross_entropy(model(Tensor(x)), y).backward()
+        opt.step()
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.weight.data[...] = gen.uniform(0.5, 1.5, module.num_features)
+            module.bias.data[...] = gen.normal(0, 0.2, module.num_features)
+    return model.eval()
+
+
+def _check_exact(model, x, min_removed=0):
+    """Every backend, with and without dead-unit removal, gives the model's eval output to 1e-10."""
+    ref = _masked_output(model, x)
+    kept = sum(m.num_kept() for m in model.modules() if isinstance(m, (MaskedLinear, MaskedConv2d)))
+    full, pruned = export(model, x.shape[1:], prune_dead=False), export(model, x.shape[1:])
+    assert full.nnz == kept and pruned.nnz <= kept
+    assert sum(map(len, pruned.removed_units.values())) >= min_removed
+    for network in (full, pruned):
+        for backend in ("dense", "scipy", "sclref", "auto"):
+            np.testing.assert_allclose(Runtime(network, backend=backend)(x), ref, rtol=0, atol=1e-10)
+    return pruned
+
+
+@pytest.mark.parametrize("shortcut", ["A", "B"])
+@pytest.mark.parametrize("sparsity", [None, 0.95])
+def test_a_trained_resnet_exports_exactly(shortcut, sparsity):
+    shape = (1, 9, 9)  # odd: the stride-2 stages see 5x5 and 3x3 maps
+    model = models.resnet(8, in_shape=shape, num_classes=3, shortcut=shortcut, score_init=(-1.0, 2.0),
+                          generator=np.random.default_rng(1))
+    _train(model, shape)
+    if sparsity is not None:
+        magnitude_prune(model, sparsity)
+    network = _check_exact(model, np.random.default_rng(2).standard_normal((4, *shape)))
+    assert [layer.kind for layer in network.layers] == ["conv2d", "relu"] + ["residual", "relu"] * 3 + [
+        "global_avg_pool2d", "linear"]
+    block = network.layers[4]  # layer2.0: the first block whose shape changes
+    assert isinstance(block, Residual) and block.name == "layer2.0"
+    assert [layer.name for layer in block.body] == ["layer2.0.conv1", "layer2.0.relu1", "layer2.0.conv2"]
+    if shortcut == "A":
+        assert block.shortcut == [SubsamplePad("layer2.0.downsample", (2, 2), (8, 8))]
+    else:
+        assert [layer.name for layer in block.shortcut] == ["layer2.0.downsample.0"]
+    assert network.layers[2].shortcut == []  # same shape: the identity
+
+
+def test_a_trained_vgg_exports_exactly():
+    shape = (1, 12, 12)
+    model = models.vgg("vgg11", width=0.25, in_shape=shape, num_classes=3, hidden=8, score_init=(-1.0, 2.0),
+                       generator=np.random.default_rng(3))
+    _train(model, shape, seed=4)
+    magnitude_prune(model, 0.9)
+    network = _check_exact(model, np.random.default_rng(5).standard_normal((3, *shape)), min_removed=1)
+    assert [layer.name for layer in network.layers[:5]] == ["features.0", "features.2", "features.3", "features.4",
+                                                            "features.6"]  # conv, relu, pool, conv, relu: no norms
+
+
+def test_units_feeding_a_residual_add_are_kept():
+    shape = (1, 6, 6)
+    model = models.resnet(8, in_shape=shape, num_classes=3, generator=np.random.default_rng(6))
+    _train(model, shape, seed=7)
+    block = model.layer1[0]
+    block.conv2.score.data[0] = -1.0  # conv2's unit 0 has no inputs: it adds a constant to the shortcut
+    block.conv2.score.data[:, 1] = -1.0  # conv1's unit 1 has no outputs
+    model.layer2[0].conv1.score.data[:, 5] = -1.0  # layer1's output channel 5 is read by the shortcut only
+    model.eval()
+    network = _check_exact(model, np.random.default_rng(8).standard_normal((3, *shape)), min_removed=1)
+    assert 1 in network.removed_units["layer1.0.conv1"]
+    assert not {"conv1", "layer1.0.conv2", "layer1.2.conv2"} & set(network.removed_units)
 
 
 def test_the_preprocessing_is_carried_and_checked():

@@ -1,6 +1,8 @@
 """The sparse network file: round trip, reproducible bytes, a loader with only numpy + scipy + json,
-versions 1 and 2, and a reader that refuses every damaged or out-of-bounds file with an InputError."""
+versions 1 to 3, residual blocks, and a reader that refuses every damaged or out-of-bounds file with an
+InputError."""
 
+import functools
 import io
 import json
 import re
@@ -49,6 +51,32 @@ def conv_network(preprocessing=STATS):
                            "relu1": nn.ReLU(), "conv2": MaskedConv2d(3, 4, 2, generator=gen), "relu2": nn.ReLU(),
                            "flatten": nn.Flatten(), "fc": MaskedLinear(36, 3, generator=gen)})
     return export(_prune(model, 0.6, 3), (1, 8, 8), preprocessing=preprocessing)
+
+
+def residual_network(preprocessing=STATS):
+    """A small ResNet: stem conv + batch norm, blocks with shortcut B, A and the identity, pooling, linear."""
+    gen = np.random.default_rng(4)
+    conv = functools.partial(MaskedConv2d, generator=gen)
+    model = nn.Sequential({"conv1": conv(1, 4, 3, padding=1), "bn1": nn.BatchNorm2d(4), "relu": nn.ReLU(),
+                           "block1": models.BasicBlock(4, 6, 2, "B", conv),
+                           "block2": models.BasicBlock(6, 8, 2, "A", conv),
+                           "block3": models.BasicBlock(8, 8, 1, "A", conv), "pool": nn.GlobalAvgPool2d(),
+                           "fc": MaskedLinear(8, 3, generator=gen)})
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean[...] = gen.normal(0, 0.1, module.num_features)
+            module.running_var[...] = gen.uniform(0.5, 1.5, module.num_features)
+            module.weight.data[...] = gen.uniform(0.5, 1.5, module.num_features)
+    for module in model.modules():
+        if hasattr(module, "score"):
+            module.score.data[...] = np.where(gen.random(module.score.shape) < 0.5, 1.0, -1.0)
+    return export(model.eval(), (1, 7, 7), preprocessing=preprocessing)
+
+
+def _kinds(layers):
+    """The layers' kinds, a residual block's as (kind, body kinds, shortcut kinds)."""
+    return [(layer.kind, _kinds(layer.body), _kinds(layer.shortcut)) if layer.kind == "residual" else layer.kind
+            for layer in layers]
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +135,44 @@ def test_preprocessing_round_trips(tmp_path, build):
     save(network, tmp_path / "n.npz")
     back = load(tmp_path / "n.npz")
     assert back.preprocessing == STATS
-    assert json.loads(_members(tmp_path / "n.npz")["manifest.json"])["version"] == FORMAT_VERSION == 2
+    assert json.loads(_members(tmp_path / "n.npz")["manifest.json"])["version"] == 2  # what version-2 readers read
     np.testing.assert_array_equal(_run(back), _run(network))
+
+
+def test_a_residual_network_round_trips(tmp_path):
+    network = residual_network()
+    save(network, tmp_path / "n.npz")
+    back = load(tmp_path / "n.npz")
+    assert json.loads(_members(tmp_path / "n.npz")["manifest.json"])["version"] == FORMAT_VERSION == 3
+    assert _kinds(back.layers) == _kinds(network.layers)
+    assert ("residual", ["conv2d", "relu", "conv2d"], ["subsample_pad"]) in _kinds(back.layers)
+    assert ("residual", ["conv2d", "relu", "conv2d"], []) in _kinds(back.layers)
+    assert [layer.name for layer in back.weighted()] == [layer.name for layer in network.weighted()]
+    assert back.nnz == network.nnz and back.removed_units == network.removed_units
+    for backend in ("dense", "sclref"):
+        x = np.random.default_rng(6).standard_normal((3, 1, 7, 7))
+        np.testing.assert_array_equal(Runtime(back, backend=backend)(x), Runtime(network, backend=backend)(x))
+    save(back, tmp_path / "again.npz")
+    assert (tmp_path / "again.npz").read_bytes() == (tmp_path / "n.npz").read_bytes()
+
+
+@pytest.mark.parametrize("build", [chain_network, conv_network])
+def test_a_plain_chain_is_written_as_version_2_and_reads_as_version_2_or_3(tmp_path, build):
+    network = build()
+    save(network, tmp_path / "v2.npz")
+    assert json.loads(_members(tmp_path / "v2.npz")["manifest.json"])["version"] == 2
+    _edit_manifest(tmp_path / "v2.npz", tmp_path / "v3.npz", lambda m: m.update(version=3))
+    for name in ("v2.npz", "v3.npz"):
+        back = load(tmp_path / name)
+        assert back.preprocessing == STATS
+        np.testing.assert_array_equal(_run(back), _run(network))
+
+
+def test_a_version_2_file_cannot_hold_a_residual_block(tmp_path):
+    save(residual_network(), tmp_path / "n.npz")
+    _edit_manifest(tmp_path / "n.npz", tmp_path / "v2.npz", lambda m: m.update(version=2))
+    with pytest.raises(FormatError, match="layer 'block1': kind 'residual' needs format version 3, the file says 2"):
+        load(tmp_path / "v2.npz")
 
 
 def test_the_same_network_gives_the_same_bytes(tmp_path, monkeypatch):
@@ -139,13 +203,24 @@ def test_version_1_files_still_read_without_preprocessing(tmp_path):
     np.testing.assert_array_equal(_run(back), _run(network))
 
 
+@pytest.mark.parametrize("build", [conv_network, residual_network])
+def test_the_docs_forward_runs_convolutions_and_residual_blocks(tmp_path, build):
+    network = build()
+    save(network, tmp_path / "n.npz")
+    namespace = {}
+    exec(re.search(r"```python\n(.*?)```", DOC.read_text(), re.S).group(1), namespace)
+    manifest, layers = namespace["load_sparse_network"](tmp_path / "n.npz")
+    x = np.random.default_rng(8).standard_normal((3, *manifest["input_shape"]))
+    np.testing.assert_allclose(namespace["forward"](layers, x), Runtime(network)(x), rtol=1e-12, atol=1e-12)
+
+
 def test_plain_numpy_scipy_loader_from_the_docs(tmp_path, network):
     save(network, tmp_path / "n.npz")
     snippet = re.search(r"```python\n(.*?)```", DOC.read_text(), re.S).group(1)
     x = np.random.default_rng(3).standard_normal((4, 1, 8, 8))
     np.save(tmp_path / "x.npy", x)
     code = snippet + (f"\nmanifest, layers = load_sparse_network({str(tmp_path / 'n.npz')!r})\n"
-                      f"y = forward_linear_stack(layers, np.load({str(tmp_path / 'x.npy')!r}))\n"
+                      f"y = forward(layers, np.load({str(tmp_path / 'x.npy')!r}))\n"
                       f"np.save({str(tmp_path / 'y.npy')!r}, y)\n"
                       "import sys\nassert not any(m.startswith('sclref') for m in sys.modules)\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
@@ -160,7 +235,7 @@ def test_docs_standardize_raw_pixels_with_the_manifest_values(tmp_path):
     raw = np.random.default_rng(5).integers(0, 256, (4, 1, 4, 4)).astype(np.float64)
     x = (raw / STATS["pixel_max"] - STATS["mean"]) / STATS["std"]
     np.testing.assert_allclose(namespace["standardize"](manifest, raw), x, rtol=1e-15)
-    np.testing.assert_allclose(namespace["forward_linear_stack"](layers, namespace["standardize"](manifest, raw)),
+    np.testing.assert_allclose(namespace["forward"](layers, namespace["standardize"](manifest, raw)),
                                Runtime(chain_network())(x), rtol=1e-12, atol=1e-12)
 
 
@@ -245,6 +320,65 @@ MANIFEST_PROBES = {
                                             r"no preprocessing field"),
     "nnz that lies": (lambda m: m.update(nnz=m["nnz"] + 1), FormatError, r"the manifest says nnz="),
 }
+
+
+def _nest(manifest, depth):
+    """Wrap block3 in `depth` - 1 more residual blocks (identity shortcuts), nesting it `depth` deep."""
+    i = next(i for i, entry in enumerate(manifest["layers"]) if entry["name"] == "block3")
+    entry = manifest["layers"][i]
+    for level in range(depth - 1):
+        entry = {"name": f"wrap{level}", "kind": "residual", "body": [entry], "shortcut": []}
+    manifest["layers"][i] = entry
+
+
+def _block(m, name):
+    return _layer(m, name)
+
+
+# Residual blocks a reader must refuse (edits of `residual_network`'s manifest).
+RESIDUAL_PROBES = {
+    "channels that do not match": (lambda m: _block(m, "block2")["shortcut"][0].update(channels=[2, 1]),
+                                   FormatError, r"residual block 'block2': its body gives \[8, 2, 2\] per sample, its "
+                                                r"shortcut \[9, 2, 2\]; the two must match"),
+    "a stride that does not match": (lambda m: _block(m, "block2")["shortcut"][0].update(stride=[1, 1]),
+                                     FormatError, r"residual block 'block2': .* its shortcut \[8, 4, 4\]"),
+    "an unknown shortcut": (lambda m: _block(m, "block1").update(shortcut="B"), FormatError,
+                            r"layer 'block1': shortcut must be a list of layers, got 'B'"),
+    "an unknown shortcut layer": (lambda m: _block(m, "block1").update(shortcut=[{"name": "s", "kind": "project"}]),
+                                  FormatError, r"layer 's': unknown kind 'project'"),
+    "no body": (lambda m: _block(m, "block3").update(body=[]), FormatError,
+                r"layer 'block3': a residual block's body must be a non-empty list"),
+    "a body that is not a list": (lambda m: _block(m, "block3").update(body={"a": 1}), FormatError,
+                                  r"layer 'block3': body must be a list of layers, got \{'a': 1\}"),
+    "blocks nested 5 deep": (lambda m: _nest(m, 5), FormatError,
+                             r"layer 'block3': residual blocks nest 5 deep, more than the format allows \(4\)"),
+    "a name used inside and outside a block": (lambda m: _block(m, "block3")["body"][0].update(name="fc"),
+                                               FormatError, r"two layers are named 'fc'"),
+    "negative padding channels": (lambda m: _block(m, "block2")["shortcut"][0].update(channels=[-1, 3]),
+                                  FormatError, r"layer 'block2.downsample': channels must be .* got -1"),
+    "2,000 layers in blocks": (lambda m: _block(m, "block3").update(body=[{"name": f"r{i}", "kind": "relu"}
+                                                                          for i in range(2000)]),
+                               FormatError, r"more than the 1,024 layers the format allows"),
+}
+
+
+@pytest.mark.parametrize("probe", list(RESIDUAL_PROBES))
+def test_bad_residual_blocks_are_refused(tmp_path, probe):
+    change, error, message = RESIDUAL_PROBES[probe]
+    save(residual_network(), tmp_path / "n.npz")
+    _edit_manifest(tmp_path / "n.npz", tmp_path / "bad.npz", change)
+    with pytest.raises(error, match=message):
+        load(tmp_path / "bad.npz")
+
+
+def test_blocks_nested_4_deep_are_allowed(tmp_path):
+    network = residual_network()
+    save(network, tmp_path / "n.npz")
+    _edit_manifest(tmp_path / "n.npz", tmp_path / "deep.npz", lambda m: _nest(m, 4))
+    back = load(tmp_path / "deep.npz")
+    x = np.random.default_rng(7).standard_normal((2, 1, 7, 7))
+    # wrapping adds the block's input three more times: a different network, but one that runs
+    assert np.isfinite(Runtime(back)(x)).all() and not np.allclose(Runtime(back)(x), Runtime(network)(x))
 
 
 @pytest.mark.parametrize("probe", list(MANIFEST_PROBES))
@@ -417,7 +551,7 @@ class _Fuzz:
 def fuzz(tmp_path_factory):
     """The valid files to mutate, under a small allocation limit."""
     fuzz = _Fuzz(tmp_path_factory.mktemp("fuzz"))
-    for build in (chain_network, conv_network):
+    for build in (chain_network, conv_network, residual_network):
         save(build(), fuzz.out / "valid.npz")
         fuzz.valid[build.__name__] = (fuzz.out / "valid.npz").read_bytes()
     with pytest.MonkeyPatch.context() as mp:
@@ -441,7 +575,7 @@ def _load_or_refuse(path) -> None:
     event("loaded and ran")
 
 
-@pytest.mark.parametrize("base", ["chain_network", "conv_network"])
+@pytest.mark.parametrize("base", ["chain_network", "conv_network", "residual_network"])
 @settings(max_examples=FUZZ_EXAMPLES, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(data=st.data())

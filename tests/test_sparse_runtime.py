@@ -1,4 +1,5 @@
-"""The runtime's plans: chains of sclref layers mixed with scipy and dense layers, reused scratch, threads."""
+"""The runtime's plans: chains of sclref layers mixed with scipy and dense layers, reused scratch, threads,
+residual blocks."""
 
 import itertools
 import re
@@ -10,7 +11,17 @@ import scipy.sparse as sp
 
 from sclref import kernels
 from sclref.errors import InputError, LimitError
-from sclref.sparse import Activation, Conv2d, Flatten, Linear, Runtime, SparseNetwork
+from sclref.sparse import (
+    Activation,
+    Conv2d,
+    Flatten,
+    GlobalAvgPool2d,
+    Linear,
+    Residual,
+    Runtime,
+    SparseNetwork,
+    SubsamplePad,
+)
 
 
 def _network():
@@ -150,4 +161,92 @@ def test_a_network_whose_outputs_overflow_float32_does_not_run_in_float32():
     x = np.random.default_rng(7).standard_normal((2, 2, 3, 5))
     assert np.isfinite(Runtime(network)(x)).all()  # float64 holds them
     with pytest.raises(InputError, match=r"cannot run this network in float32: layer 'fc0'.*float32"):
+        Runtime(network, dtype=np.float32)
+
+
+def _residual_network():
+    """Linear residual blocks (one with the identity, one with a linear shortcut) between linear layers."""
+    gen = np.random.default_rng(8)
+
+    def fc(name, k, f):
+        return Linear(name, _csr_with_density(f, k, max(1, k // 3), gen), gen.standard_normal(f))
+
+    layers = [Flatten("flatten"), fc("fc0", 30, 16), Activation("relu0", "relu"),
+              Residual("res1", [fc("fc1", 16, 16), Activation("leaky", "leaky_relu", 0.1), fc("fc2", 16, 16)], []),
+              Activation("relu1", "relu"),
+              Residual("res2", [fc("fc3", 16, 8)], [fc("fc4", 16, 8)]), fc("fc5", 8, 3)]
+    return SparseNetwork(layers, np.dtype(np.float64), input_shape=(2, 3, 5))
+
+
+def _reference(layers, h):
+    """Dense NumPy forward of flatten, linear, activation and residual layers."""
+    for layer in layers:
+        if isinstance(layer, Residual):
+            h = _reference(layer.body, h) + _reference(layer.shortcut, h)
+        elif isinstance(layer, Linear):
+            h = h @ layer.weight.toarray().T + layer.bias
+        elif isinstance(layer, Flatten):
+            h = h.reshape(len(h), -1)
+        elif layer.kind == "relu":
+            h = np.maximum(h, 0)
+        else:
+            h = np.where(h > 0, h, layer.alpha * h)
+    return h
+
+
+@pytest.mark.parametrize("batch", [1, 7])
+def test_residual_blocks_give_the_reference_output_on_every_mix_of_backends(batch):
+    network = _residual_network()
+    x = np.random.default_rng(9).standard_normal((batch, 2, 3, 5))
+    expected = _reference(network.layers, x)
+    names = [layer.name for layer in network.weighted()]
+    assert names == ["fc0", "fc1", "fc2", "fc3", "fc4", "fc5"]
+    gen = np.random.default_rng(10)
+    mixes = [dict.fromkeys(names, b) for b in ("dense", "scipy", "sclref")]
+    mixes += [dict(zip(names, gen.choice(["dense", "scipy", "sclref"], len(names)))) for _ in range(6)]
+    for mix in mixes:
+        run = Runtime(network, backend=mix)
+        np.testing.assert_allclose(run(x), expected, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(run(x), expected, rtol=1e-12, atol=1e-12)  # the planned steps, reused
+        h = x
+        for layer in network.layers:
+            h = run.step(layer, h)
+        np.testing.assert_allclose(h, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_buffers_inside_a_residual_block_are_checked(monkeypatch):
+    gen = np.random.default_rng(11)
+    conv = Conv2d("shortcut.conv", _csr_with_density(2, 2, 1, gen), np.zeros(2), in_channels=2, kernel_size=(1, 1),
+                  padding=(64, 64))
+    body = [Conv2d("body.conv", _csr_with_density(2, 2 * 9, 3, gen), np.zeros(2), in_channels=2,
+                   kernel_size=(3, 3), padding=(65, 65))]
+    block = Residual("block", body, [conv])
+    network = SparseNetwork([block, GlobalAvgPool2d("pool")], np.dtype(np.float64), input_shape=(2, 4, 4))
+    x = gen.standard_normal((2, 2, 4, 4))
+    assert Runtime(network)(x).shape == (2, 2)
+    monkeypatch.setenv("SCLREF_MAX_ALLOC_BYTES", str(1 << 20))
+    with pytest.raises(LimitError, match=r"layer 'body.conv', batch of 64: the zero-padded input"):
+        Runtime(network)(np.zeros((64, 2, 4, 4)))
+
+
+def test_an_option_a_shortcut_subsamples_and_pads_channels():
+    x = np.arange(2 * 3 * 5 * 4, dtype=np.float64).reshape(2, 3, 5, 4)
+    gen = np.random.default_rng(12)
+    body = [Conv2d("conv", _csr_with_density(6, 27, 5, gen), gen.standard_normal(6), in_channels=3,
+                   kernel_size=(3, 3), stride=(2, 2), padding=(1, 1))]
+    network = SparseNetwork([Residual("block", body, [SubsamplePad("pad", (2, 2), (1, 2))])], np.dtype(np.float64),
+                            input_shape=(3, 5, 4))
+    run = Runtime(network, backend="dense")
+    shortcut = run.step(network.layers[0].shortcut[0], x)
+    assert shortcut.shape == (2, 6, 3, 2)
+    np.testing.assert_array_equal(shortcut[:, 1:4], x[:, :, ::2, ::2])
+    assert not shortcut[:, [0, 4, 5]].any()
+    np.testing.assert_allclose(run(x), run.step(body[0], x) + shortcut, rtol=1e-15)
+
+
+def test_a_residual_block_whose_outputs_overflow_float32_does_not_run_in_float32():
+    network = _residual_network()
+    network.layers[5].shortcut[0].weight.data[:] *= 1e33
+    assert np.isfinite(Runtime(network)(np.ones((1, 2, 3, 5)))).all()
+    with pytest.raises(InputError, match=r"cannot run this network in float32: layer 'fc4'"):
         Runtime(network, dtype=np.float32)

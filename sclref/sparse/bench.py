@@ -78,11 +78,20 @@ def _layer_inputs(network, dtype, batch, seed=0):
     shape = network.input_shape or (network.weighted()[0].weight.shape[1],)
     x = run._check_input(np.random.default_rng(seed).standard_normal((batch, *shape)))
     seen = {}
-    for layer in network.layers:
+    _record(run, network.layers, x, seen)
+    return seen
+
+
+def _record(run: Runtime, layers: list, x: np.ndarray, seen: dict) -> np.ndarray:
+    """Run `layers` on `x`, keeping each weight layer's input in `seen` (inside residual blocks too)."""
+    for layer in layers:
         if isinstance(layer, net.WeightLayer):
             seen[layer.name] = np.ascontiguousarray(x)
-        x = run.step(layer, x)
-    return seen
+        if isinstance(layer, net.Residual):
+            x = _record(run, layer.body, x, seen) + _record(run, layer.shortcut, x, seen)
+        else:
+            x = run.step(layer, x)
+    return x
 
 
 def _fns(run: Runtime, layer, x, torch):

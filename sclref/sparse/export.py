@@ -1,5 +1,14 @@
-"""Turn a masked (or plain) sclref model into a `SparseNetwork`: CSR weights from the
-masks, then removal of dead units.
+"""Turn a masked (or plain) sclref model into a `SparseNetwork`: batch norms folded into
+the layers before them, CSR weights from the masks, residual blocks, then removal of dead
+units.
+
+A batch norm in eval mode is an affine map per channel, folded exactly (in float64) into
+the conv or linear layer before it: w' = w * g / sqrt(var + eps) row by row and
+b' = (b - mean) * g / sqrt(var + eps) + beta. Scaling a row keeps its zeros, so the mask
+stays the mask. A ResNet block (``conv1, bn1, conv2, bn2, downsample`` as in
+`sclref.models.BasicBlock`) becomes a residual block whose body is conv1, ReLU, conv2 and
+whose shortcut is empty (identity), a subsample-and-pad step (option A) or the 1x1 conv
+(option B), followed by a ReLU.
 
 Connectivity is the mask, never the weight values: a kept weight that is exactly 0.0 is
 still a connection and is stored. A unit (output feature of a linear layer, output
@@ -10,17 +19,22 @@ constant, so its contribution is folded into the next layer's bias. The fold is 
 for a linear next layer and for an unpadded conv (every output pixel sees the whole
 window); for a padded conv it is exact only when the constant is 0 (the border sees
 padding zeros), so such units stay otherwise. Removal repeats until nothing changes; the
-network's input and output sizes never change.
+network's input and output sizes never change. A unit whose output reaches a residual
+add (the last weight layer of a block's body or shortcut, a weight layer whose output
+enters a block) is never removed: the add needs every channel in its place.
 """
 
 from __future__ import annotations
+
+import numbers
 
 import numpy as np
 import scipy.sparse as sp
 
 from sclref.data import check_preprocessing
-from sclref.nn.layers import Conv2d, Dropout, Flatten, LeakyReLU, Linear, MaxPool2d, ReLU
+from sclref.nn.layers import Conv2d, Dropout, Flatten, GlobalAvgPool2d, LeakyReLU, Linear, MaxPool2d, ReLU, Sequential
 from sclref.nn.masked import MaskedLayer
+from sclref.nn.norm import BatchNorm1d, BatchNorm2d
 from sclref.sparse import network as net
 
 __all__ = ["export", "export_run"]
@@ -30,16 +44,42 @@ def _pair(value) -> tuple[int, int]:
     return (int(value), int(value)) if np.isscalar(value) else (int(value[0]), int(value[1]))
 
 
-class _Weighted:
-    """A weight layer while units are being removed: dense weight, mask, bias, unit ids."""
+# Steps without parameters that map a constant unit output to a constant (see `_constant`).
+_PLAIN = (ReLU, LeakyReLU, MaxPool2d, Flatten, GlobalAvgPool2d)
 
-    def __init__(self, name, layer, dtype):
-        w = np.asarray(layer.weight.data)
-        self.mask = (layer.mask() if isinstance(layer, MaskedLayer) else np.ones(w.shape, bool)).reshape(w.shape[0], -1)
-        self.weight = np.where(self.mask, w.reshape(w.shape[0], -1), 0).astype(dtype)
-        self.bias = (np.zeros(w.shape[0], dtype) if layer.bias is None else np.asarray(layer.bias.data, dtype).copy())
+
+def _fold(norm, name: str, features: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(scale, running mean, shift) in float64 of batch norm `norm` in eval mode, after layer `name`."""
+    if norm.running_mean is None:
+        raise ValueError(f"export: the batch norm after {name!r} keeps no running statistics "
+                         f"(track_running_stats=False), so eval mode uses each batch's own: it cannot be folded")
+    if norm.num_features != features:
+        raise ValueError(f"export: the batch norm after {name!r} has {norm.num_features} channels, "
+                         f"the layer {features} outputs")
+    gamma = np.ones(features) if norm.weight is None else np.asarray(norm.weight.data, np.float64)
+    beta = np.zeros(features) if norm.bias is None else np.asarray(norm.bias.data, np.float64)
+    scale = gamma / np.sqrt(np.asarray(norm.running_var, np.float64) + norm.eps)
+    return scale, np.asarray(norm.running_mean, np.float64), beta
+
+
+class _Weighted:
+    """A weight layer while units are being removed: dense weight, mask, bias, unit ids.
+
+    `norm`, a batch norm that follows the layer, is folded into the weight and bias.
+    """
+
+    def __init__(self, name, layer, dtype, norm=None):
+        w = np.asarray(layer.weight.data, np.float64)
+        f = w.shape[0]
+        self.mask = (layer.mask() if isinstance(layer, MaskedLayer) else np.ones(w.shape, bool)).reshape(f, -1)
+        w = np.where(self.mask, w.reshape(f, -1), 0.0)
+        b = np.zeros(f) if layer.bias is None else np.asarray(layer.bias.data, np.float64)
+        if norm is not None:
+            scale, mean, beta = _fold(norm, name, f)
+            w, b = w * scale[:, None], (b - mean) * scale + beta
+        self.weight, self.bias = w.astype(dtype), b.astype(dtype)
         self.name, self.layer = name, layer
-        self.units = np.arange(w.shape[0])
+        self.units = np.arange(f)
 
     def block(self, prev_units: int) -> int:
         """Columns of this layer per unit of the previous weight layer."""
@@ -57,10 +97,104 @@ class _Weighted:
         return k // prev_units
 
 
+def _is_block(module) -> bool:
+    """A residual block of the CIFAR ResNets (`sclref.models.BasicBlock`), known by its parts."""
+    return all(hasattr(module, part) for part in ("conv1", "bn1", "conv2", "bn2", "downsample"))
+
+
+def _is_zero_pad(module) -> bool:
+    """An option-A shortcut (`sclref.models.ZeroPadShortcut`): no parameters, channels in and out, a stride."""
+    return (not isinstance(module, (Linear, Conv2d)) and not module._modules
+            and next(iter(module.parameters()), None) is None
+            and all(isinstance(getattr(module, a, None), numbers.Integral) for a in ("in_channels", "out_channels",
+                                                                                      "stride")))
+
+
+def _open(name: str, module) -> list:
+    """(dotted name, module) of the steps of `module`, nested Sequentials opened."""
+    if not isinstance(module, Sequential):
+        return [(name, module)]
+    return [step for key, child in module._modules.items() for step in _open(f"{name}.{key}" if name else key, child)]
+
+
 def _steps(model):
-    """(name, module) of the model's layers in order; a Sequential, or a single layer."""
+    """(name, module) of the model's layers in order; a Sequential (nested ones opened), a block, or a layer."""
+    if isinstance(model, Sequential):
+        return _open("", model)
     children = list(model._modules.items())
-    return children if children else [("0", model)]
+    return children if children and not _is_block(model) else [("0", model)]
+
+
+class _Block:
+    """A residual block while units are being removed: the plans of its body and its shortcut."""
+
+    def __init__(self, body: list, shortcut: list):
+        self.body, self.shortcut = body, shortcut
+
+
+def _plan(steps: list, dtype) -> list:
+    """(name, entry) per exported layer: a `_Weighted` (batch norm folded), a `_Block`, a parameter-free
+    module, or a `net.SubsamplePad`."""
+    plan, i = [], 0
+    while i < len(steps):
+        name, module = steps[i]
+        if isinstance(module, (Linear, Conv2d)):
+            norm = None
+            if i + 1 < len(steps) and isinstance(steps[i + 1][1], (BatchNorm1d, BatchNorm2d)):
+                i += 1
+                norm = steps[i][1]
+            plan.append((name, _Weighted(name, module, dtype, norm)))
+        elif isinstance(module, (BatchNorm1d, BatchNorm2d)):
+            raise ValueError(f"export: batch norm {name!r} does not follow a Linear or Conv2d layer, "
+                             f"so it cannot be folded into one")
+        elif _is_block(module):
+            plan.append((name, _block(name, module, dtype)))
+            plan.append((f"{name}.relu", ReLU()))
+        elif _is_zero_pad(module):
+            extra = module.out_channels - module.in_channels  # split as ZeroPadShortcut does: the odd one after
+            stride = (module.stride, module.stride)
+            plan.append((name, net.SubsamplePad(name, stride, (extra // 2, extra - extra // 2))))
+        elif isinstance(module, _PLAIN):
+            if isinstance(module, Flatten) and module.start_dim != 1:
+                raise ValueError(f"export: {name}: only Flatten(start_dim=1) is supported")
+            plan.append((name, module))
+        elif not isinstance(module, Dropout):
+            raise ValueError(f"export: cannot export layer {name!r} of type {type(module).__name__}")
+        i += 1
+    return plan
+
+
+def _block(name: str, block, dtype) -> _Block:
+    body = _plan([(f"{name}.conv1", block.conv1), (f"{name}.bn1", block.bn1), (f"{name}.relu1", ReLU()),
+                  (f"{name}.conv2", block.conv2), (f"{name}.bn2", block.bn2)], dtype)
+    shortcut = [] if block.downsample is None else _plan(_open(f"{name}.downsample", block.downsample), dtype)
+    return _Block(body, shortcut)
+
+
+def _pairs(plan: list, items: list) -> None:
+    """Append (weight layer, steps after it, next weight layer or None) for every weight layer in `plan`.
+
+    The next layer is None when the output does not reach a weight layer through
+    parameter-free steps alone: at the end, before a residual block, at a subsampling
+    step. Blocks' bodies and shortcuts are paired on their own.
+    """
+    cur, between = None, []
+    for _, entry in plan:
+        if isinstance(entry, _Weighted):
+            if cur is not None:
+                items.append((cur, between, entry))
+            cur, between = entry, []
+        elif isinstance(entry, _PLAIN):
+            between.append(entry)
+        else:
+            if cur is not None:
+                items.append((cur, between, None))
+            cur, between = None, []
+            if isinstance(entry, _Block):
+                _pairs(entry.body, items)
+                _pairs(entry.shortcut, items)
+    if cur is not None:
+        items.append((cur, between, None))
 
 
 def _constant(value: np.ndarray, between: list) -> np.ndarray:
@@ -70,7 +204,7 @@ def _constant(value: np.ndarray, between: list) -> np.ndarray:
             value = np.where(value > 0, value, value.dtype.type(0))
         elif isinstance(step, LeakyReLU):
             value = np.where(value > 0, value, value.dtype.type(step.alpha) * value)
-        # max-pooling a constant plane and flattening leave the value unchanged
+        # pooling a constant plane and flattening leave the value unchanged
     return value
 
 
@@ -135,38 +269,29 @@ def export(model, input_shape=None, prune_dead: bool = True, dtype=None, source:
         How the model's inputs were standardized, ``{"pixel_max", "mean", "std"}``
         (``x = (x_raw / pixel_max - mean) / std``); None when unknown.
 
+    The model may also hold nested Sequentials (their layers are named ``outer.inner``),
+    BatchNorm1d/2d right after a Linear or Conv2d (folded into it, with the running
+    statistics), GlobalAvgPool2d, and the residual blocks of `sclref.models.resnet`.
+
     Returns
     -------
     SparseNetwork
     """
     if preprocessing is not None:
         preprocessing = check_preprocessing(preprocessing)
-    steps = _steps(model)
-    weights = [m for _, m in steps if isinstance(m, (Linear, Conv2d))]
+    weights = [m for m in model.modules() if isinstance(m, (Linear, Conv2d))]
     if not weights:
         raise ValueError("export: the model has no Linear or Conv2d layer")
     dtype = np.dtype(dtype or weights[0].weight.data.dtype)
     if dtype not in (np.float32, np.float64):
         raise ValueError(f"export: dtype must be float32 or float64, got {dtype}")
-    plan = []  # entries: a _Weighted or a parameter-free module, with its name
-    for name, module in steps:
-        if isinstance(module, (Linear, Conv2d)):
-            plan.append((name, _Weighted(name, module, dtype)))
-        elif isinstance(module, (ReLU, LeakyReLU, MaxPool2d, Flatten)):
-            if isinstance(module, Flatten) and module.start_dim != 1:
-                raise ValueError(f"export: {name}: only Flatten(start_dim=1) is supported")
-            plan.append((name, module))
-        elif not isinstance(module, Dropout):
-            raise ValueError(f"export: cannot export layer {name!r} of type {type(module).__name__}")
-    chain = [(i, entry) for i, (_, entry) in enumerate(plan) if isinstance(entry, _Weighted)]
+    plan = _plan(_steps(model), dtype)
     items = []
-    for n, (i, cur) in enumerate(chain):
-        nxt_i, nxt = chain[n + 1] if n + 1 < len(chain) else (len(plan), None)
-        items.append((cur, [entry for _, entry in plan[i + 1:nxt_i]], nxt))
+    _pairs(plan, items)
     if prune_dead:
         while _remove_dead(items):
             pass
-    layers = [_to_layer(name, entry) for name, entry in plan]
+    layers = _to_layers(plan)
     removed = {}
     for cur, _, _ in items:
         gone = np.setdiff1d(np.arange(cur.layer.weight.shape[0]), cur.units)
@@ -176,7 +301,17 @@ def export(model, input_shape=None, prune_dead: bool = True, dtype=None, source:
                              removed, dict(source or {}), preprocessing)
 
 
+def _to_layers(plan: list) -> list:
+    return [_to_layer(name, entry) for name, entry in plan]
+
+
 def _to_layer(name, entry):
+    if isinstance(entry, _Block):
+        return net.Residual(name, _to_layers(entry.body), _to_layers(entry.shortcut))
+    if isinstance(entry, net.SubsamplePad):
+        return entry
+    if isinstance(entry, GlobalAvgPool2d):
+        return net.GlobalAvgPool2d(name)
     if isinstance(entry, _Weighted):
         weight = _csr(entry.weight, entry.mask)
         if isinstance(entry.layer, Conv2d):

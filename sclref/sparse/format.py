@@ -10,8 +10,9 @@ same bytes. The reader trusts nothing in the file: it bounds the manifest's size
 nesting before parsing it, checks each member's CRC, reads only the arrays the manifest
 names and parses their headers itself (a header cannot make it allocate more than the
 member holds), checks every dtype and shape, the CSR invariants, the geometry against the
-format's bounds, the layer chain, the memory one sample needs (`check_allocation`), that
-every value is finite and that no output can overflow the dtype. A file it refuses is a
+format's bounds, the layer chain (through residual blocks, whose body and shortcut must
+end in one shape), the memory one sample needs (`check_allocation`), that every value is
+finite and that no output can overflow the dtype. A file it refuses is a
 `FormatError` (or a `sclref.errors.LimitError` for a size beyond what sclref allocates)
 whose message names the file, the layer and the value.
 """
@@ -37,19 +38,21 @@ from sclref.sparse import network as net
 from sclref.sparse.network import _show
 from sclref.storage import atomic_write_bytes
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "INPUT_BOUND", "MANIFEST", "MAX_DEPTH", "MAX_LAYERS", "MAX_MANIFEST_BYTES",
-           "MAX_UNITS", "MAX_WINDOW", "READABLE_VERSIONS", "FormatError", "check", "load", "save"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "INPUT_BOUND", "MANIFEST", "MAX_BLOCK_DEPTH", "MAX_DEPTH", "MAX_LAYERS",
+           "MAX_MANIFEST_BYTES", "MAX_UNITS", "MAX_WINDOW", "READABLE_VERSIONS", "FormatError", "check", "load",
+           "save"]
 
 FORMAT = "sclref-sparse"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST = "manifest.json"
 
 # Bounds of the format (docs/sparse-format.md): far beyond any network sclref trains, and
 # small enough that no product of them overflows an int64 or asks for an absurd array.
 MAX_MANIFEST_BYTES = 1 << 24
-MAX_DEPTH = 32  # JSON nesting; the manifest itself needs 4
-MAX_LAYERS = 1024
+MAX_DEPTH = 32  # JSON nesting; the manifest itself needs 4, plus 2 per level of residual blocks
+MAX_BLOCK_DEPTH = 4  # residual blocks inside residual blocks; ResNets need 1
+MAX_LAYERS = 1024  # over the whole network, the layers inside residual blocks included
 MAX_UNITS = 1 << 24  # features, channels, every dimension of input_shape
 MAX_WINDOW = 1 << 12  # kernel size, stride and padding of a convolution or pooling
 MAX_NAME = 256  # characters of a layer name
@@ -67,6 +70,8 @@ _ZIP_UNIX = 3
 _DAMAGE = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError, zlib.error, struct.error,
            NotImplementedError, RuntimeError, OverflowError, SyntaxError)
 _JSON_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"')
+# Layer kinds a reader of an older version would not know: refused in files of that version.
+_SINCE = {"residual": 3, "global_avg_pool2d": 3, "subsample_pad": 3}
 
 
 class FormatError(InputError):
@@ -74,13 +79,14 @@ class FormatError(InputError):
     or describing a network the format does not allow), or a network that cannot be written."""
 
 
-def _layer_entry(i: int, layer, arrays: dict) -> dict:
+def _layer_entry(key: str, layer, arrays: dict) -> dict:
+    """The manifest entry of `layer`; its arrays go to `arrays` under member names starting with `key`."""
     entry = {"name": layer.name, "kind": layer.kind}
     if isinstance(layer, net.WeightLayer):
         w = layer.weight
         names = {}
         for field, value in zip(_CSR_FIELDS, (w.indptr, w.indices, w.data, layer.bias)):
-            names[field] = f"layer{i}.{field}"
+            names[field] = f"{key}.{field}"
             arrays[names[field]] = np.ascontiguousarray(value)
         if isinstance(layer, net.Conv2d):
             entry.update(in_channels=layer.in_channels, out_channels=layer.out_channels,
@@ -92,6 +98,12 @@ def _layer_entry(i: int, layer, arrays: dict) -> dict:
         entry.update(kernel_size=list(layer.kernel_size), stride=list(layer.stride))
     elif isinstance(layer, net.Activation) and layer.kind == "leaky_relu":
         entry.update(alpha=layer.alpha)
+    elif isinstance(layer, net.SubsamplePad):
+        entry.update(stride=list(layer.stride), channels=list(layer.channels))
+    elif isinstance(layer, net.Residual):
+        entry.update(body=[_layer_entry(f"{key}.body{j}", sub, arrays) for j, sub in enumerate(layer.body)],
+                     shortcut=[_layer_entry(f"{key}.shortcut{j}", sub, arrays)
+                               for j, sub in enumerate(layer.shortcut)])
     return entry
 
 
@@ -105,19 +117,23 @@ def _write_member(zf: zipfile.ZipFile, name: str, data: bytes) -> None:
 
 
 def save(network: net.SparseNetwork, path) -> None:
-    """Write `network` to `path` (conventionally ``*.npz``) atomically, in format version `FORMAT_VERSION`.
+    """Write `network` to `path` (conventionally ``*.npz``) atomically.
 
-    The same network always gives the same bytes. A network the reader would refuse
+    The file has the lowest format version that holds the network: `FORMAT_VERSION` (3)
+    when it uses a kind new in version 3 (residual blocks, global average pooling,
+    subsample-and-pad), 2 otherwise, so that readers of version 2 still read plain
+    chains. The same network always gives the same bytes. A network the reader would refuse
     (see `check`) is not written: `FormatError` (or `LimitError`) says why.
     """
     try:
         check(network)
         arrays: dict = {}
+        version = max(_SINCE.get(layer.kind, 2) for layer, _ in net.walk(network.layers))
         manifest = {
-            "format": FORMAT, "version": FORMAT_VERSION, "dtype": np.dtype(network.dtype).name,
+            "format": FORMAT, "version": version, "dtype": np.dtype(network.dtype).name,
             "input_shape": None if network.input_shape is None else list(network.input_shape),
             "nnz": network.nnz,
-            "layers": [_layer_entry(i, layer, arrays) for i, layer in enumerate(network.layers)],
+            "layers": [_layer_entry(f"layer{i}", layer, arrays) for i, layer in enumerate(network.layers)],
             "removed_units": network.removed_units, "source": network.source,
             "preprocessing": network.preprocessing,
         }
@@ -189,7 +205,17 @@ def _check_layer(layer, dtype: np.dtype) -> None:
                 raise FormatError(f"{where}: the leaky_relu slope alpha must be a finite number, got {_show(a)}")
         elif layer.kind != "relu":
             raise FormatError(f"{where}: unknown activation {layer.kind!r}")
-    elif not isinstance(layer, net.Flatten):
+    elif isinstance(layer, net.SubsamplePad):
+        _pair(layer.stride, f"{where}: stride", 1, MAX_WINDOW)
+        _pair(layer.channels, f"{where}: channels", 0, MAX_UNITS)
+    elif isinstance(layer, net.Residual):
+        if not isinstance(layer.body, list) or not layer.body:
+            raise FormatError(f"{where}: a residual block's body must be a non-empty list of layers, "
+                              f"got {_show(layer.body)}")
+        if not isinstance(layer.shortcut, list):
+            raise FormatError(f"{where}: a residual block's shortcut must be a list of layers (empty for the "
+                              f"identity), got {_show(layer.shortcut)}")
+    elif not isinstance(layer, (net.Flatten, net.GlobalAvgPool2d)):
         raise FormatError(f"{where}: unknown layer type {type(layer).__name__}")
 
 
@@ -217,23 +243,36 @@ def check_range(network: net.SparseNetwork, dtype) -> None:
                               f"({np.finfo(dtype).max:.3g}); no trained network has such values")
 
 
+def _check_chain(layers: list, shape: tuple[int, ...], size: int) -> tuple[int, ...]:
+    """The per-sample shape after `layers`, each layer's fit and the memory one sample needs checked on the way."""
+    for layer in layers:
+        where = f"layer {layer.name!r}"
+        if isinstance(layer, net.Residual):
+            body, short = _check_chain(layer.body, shape, size), _check_chain(layer.shortcut, shape, size)
+            if body != short:
+                raise FormatError(f"residual block {layer.name!r}: its body gives {list(body)} per sample, its "
+                                  f"shortcut {list(short)}; the two must match to be added")
+            after = body
+        else:
+            after = net.output_shape(layer, shape)
+        if isinstance(layer, net.Conv2d):
+            (c, h, w), (kh, kw), (ph, pw) = shape, layer.kernel_size, layer.padding
+            check_allocation((1, c, h + 2 * ph, w + 2 * pw), size,
+                             f"{where} (padding {list(layer.padding)}): one zero-padded input sample")
+            check_allocation((c * kh * kw, after[1] * after[2]), size,
+                             f"{where} (kernel {list(layer.kernel_size)}): the im2col columns of one sample")
+        check_allocation((1, *after), size, f"{where}: the output {list(after)} of one sample")
+        shape = after
+    return shape
+
+
 def _check_shapes(network: net.SparseNetwork) -> None:
     """Walk the per-sample shapes from the input, checking each layer's fit and the memory one sample needs."""
     size = np.dtype(network.dtype).itemsize
     try:
         shape = network.shapes()[0] if network.input_shape is None else network.input_shape
         check_allocation((1, *shape), size, f"input_shape {list(shape)}: one input sample")
-        for layer in network.layers:
-            after = net.output_shape(layer, shape)
-            where = f"layer {layer.name!r}"
-            if isinstance(layer, net.Conv2d):
-                (c, h, w), (kh, kw), (ph, pw) = shape, layer.kernel_size, layer.padding
-                check_allocation((1, c, h + 2 * ph, w + 2 * pw), size,
-                                 f"{where} (padding {list(layer.padding)}): one zero-padded input sample")
-                check_allocation((c * kh * kw, after[1] * after[2]), size,
-                                 f"{where} (kernel {list(layer.kernel_size)}): the im2col columns of one sample")
-            check_allocation((1, *after), size, f"{where}: the output {list(after)} of one sample")
-            shape = after
+        _check_chain(network.layers, shape, size)
     except LimitError:
         raise
     except ValueError as err:
@@ -243,10 +282,12 @@ def _check_shapes(network: net.SparseNetwork) -> None:
 def check(network: net.SparseNetwork) -> None:
     """Raise `FormatError` (or `LimitError`) unless `network` is one the format allows.
 
-    Checked: at least one weight layer and at most `MAX_LAYERS` layers; unique names;
+    Checked: at least one weight layer and at most `MAX_LAYERS` layers (counting those
+    inside residual blocks); blocks nested at most `MAX_BLOCK_DEPTH` deep; unique names;
     geometry within the format's bounds; float arrays of the network's dtype, finite;
-    the chain of per-sample shapes from the input (`SparseNetwork.shapes`); the memory of
-    one sample; outputs that cannot overflow (`check_range`); the metadata fields.
+    the chain of per-sample shapes from the input, through every block (body and shortcut
+    give the same shape); the memory of one sample; outputs that cannot overflow
+    (`check_range`); the metadata fields.
     """
     if np.dtype(network.dtype).name not in _FLOATS:
         raise FormatError(f"dtype must be one of {_FLOATS}, got {_show(network.dtype)}")
@@ -254,10 +295,14 @@ def check(network: net.SparseNetwork) -> None:
     layers = network.layers
     if not isinstance(layers, list) or not layers:
         raise FormatError("the network has no layers")
-    if len(layers) > MAX_LAYERS:
-        raise FormatError(f"the network has {len(layers):,} layers, more than the format allows ({MAX_LAYERS:,})")
     names = set()
-    for layer in layers:
+    for count, (layer, depth) in enumerate(net.walk(layers), 1):
+        if count > MAX_LAYERS:
+            raise FormatError(f"the network has more than the {MAX_LAYERS:,} layers the format allows "
+                              f"(residual blocks' layers included)")
+        if depth > MAX_BLOCK_DEPTH:
+            raise FormatError(f"layer {_show(getattr(layer, 'name', None))} sits in residual blocks nested {depth} "
+                              f"deep, more than the format allows ({MAX_BLOCK_DEPTH})")
         if not isinstance(getattr(layer, "name", None), str) or not 0 < len(layer.name) <= MAX_NAME:
             raise FormatError(f"a layer name must be a string of 1 to {MAX_NAME} characters, "
                               f"got {_show(getattr(layer, 'name', None))}")
@@ -403,11 +448,33 @@ def _csr(entry: dict, zf, dtype: np.dtype, shape: tuple[int, int], where: str):
     return weight, bias
 
 
-def _layer(i: int, entry, zf, dtype: np.dtype):
+class _Reading:
+    """What reading the layers keeps across nesting: the archive, dtype, version and the layers counted so far."""
+
+    def __init__(self, zf: zipfile.ZipFile, dtype: np.dtype, version: int):
+        self.zf, self.dtype, self.version, self.count = zf, dtype, version, 0
+
+
+def _layers(entries, what: str, reading: _Reading, depth: int) -> list:
+    """The layers of the manifest list `entries` (the network's, or a residual block's body or shortcut)."""
+    if not isinstance(entries, list):
+        raise FormatError(f"{what} must be a list of layers, got {_show(entries)}")
+    reading.count += len(entries)
+    if reading.count > MAX_LAYERS:
+        raise FormatError(f"the manifest lists more than the {MAX_LAYERS:,} layers the format allows "
+                          f"(residual blocks' layers included)")
+    return [_layer(i, entry, reading, depth) for i, entry in enumerate(entries)]
+
+
+def _layer(i: int, entry, reading: _Reading, depth: int):
+    zf, dtype = reading.zf, reading.dtype
     if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
         raise FormatError(f"layer {i} must be an object with a name, got {_show(entry)}")
     kind, name = entry.get("kind"), entry["name"]
     where = f"layer {name!r}"
+    if isinstance(kind, str) and reading.version < _SINCE.get(kind, 0):
+        raise FormatError(f"{where}: kind {kind!r} needs format version {_SINCE[kind]}, the file says "
+                          f"{reading.version}")
     if kind == "linear":
         k = _int(entry.get("in_features"), f"{where}: in_features", 0, MAX_UNITS)
         f = _int(entry.get("out_features"), f"{where}: out_features", 0, MAX_UNITS)
@@ -432,6 +499,19 @@ def _layer(i: int, entry, zf, dtype: np.dtype):
         return net.Activation(name, "leaky_relu", float(alpha))
     if kind == "flatten":
         return net.Flatten(name)
+    if kind == "global_avg_pool2d":
+        return net.GlobalAvgPool2d(name)
+    if kind == "subsample_pad":
+        return net.SubsamplePad(name, _pair(entry.get("stride"), f"{where}: stride", 1, MAX_WINDOW),
+                                _pair(entry.get("channels"), f"{where}: channels", 0, MAX_UNITS))
+    if kind == "residual":
+        if depth >= MAX_BLOCK_DEPTH:
+            raise FormatError(f"{where}: residual blocks nest {depth + 1} deep, more than the format allows "
+                              f"({MAX_BLOCK_DEPTH})")
+        body = _layers(entry.get("body"), f"{where}: body", reading, depth + 1)
+        if not body:
+            raise FormatError(f"{where}: a residual block's body must be a non-empty list of layers")
+        return net.Residual(name, body, _layers(entry.get("shortcut"), f"{where}: shortcut", reading, depth + 1))
     raise FormatError(f"{where}: unknown kind {_show(kind)}")
 
 
@@ -443,14 +523,12 @@ def _network(manifest: dict, zf: zipfile.ZipFile) -> net.SparseNetwork:
     entries = manifest.get("layers")
     if not isinstance(entries, list) or not entries:
         raise FormatError(f"the manifest's layers must be a non-empty list, got {_show(entries)}")
-    if len(entries) > MAX_LAYERS:
-        raise FormatError(f"the manifest lists {len(entries):,} layers, more than the format allows ({MAX_LAYERS:,})")
     shape = manifest.get("input_shape")
     if shape is not None:
         if not isinstance(shape, list) or len(shape) not in (1, 3):
             raise FormatError(f"input_shape must be null or a list of 1 or 3 integers, got {_show(shape)}")
         shape = tuple(_int(d, "every dimension of input_shape", 1, MAX_UNITS) for d in shape)
-    layers = [_layer(i, entry, zf, dtype) for i, entry in enumerate(entries)]
+    layers = _layers(entries, "the manifest's layers", _Reading(zf, dtype, manifest["version"]), 0)
     if manifest.get("version") == 1:
         preprocessing = None  # version 1 did not record it
     elif "preprocessing" not in manifest:
@@ -467,7 +545,7 @@ def _network(manifest: dict, zf: zipfile.ZipFile) -> net.SparseNetwork:
 
 
 def load(path) -> net.SparseNetwork:
-    """Read a sparse network written by `save` (format version 1 or 2).
+    """Read a sparse network written by `save` (format version 1, 2 or 3).
 
     Raises
     ------

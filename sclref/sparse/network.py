@@ -1,5 +1,7 @@
-"""The exported network as plain data: an ordered list of sparse weight layers and the
-parameter-free steps between them (activations, max-pooling, flatten).
+"""The exported network as plain data: an ordered list of sparse weight layers, the
+parameter-free steps between them (activations, pooling, flatten, the subsampling and
+zero-padding of an option-A shortcut) and residual blocks (a body and a shortcut, each
+itself such a list, whose outputs are added).
 
 A weight layer holds its weight as a canonical scipy CSR matrix of shape (F, K) and a
 dense bias (F,). For a convolution, K = C*KH*KW and column ``c*KH*KW + i*KW + k`` holds
@@ -84,6 +86,55 @@ class Flatten:
 
 
 @dataclass
+class GlobalAvgPool2d:
+    """Mean over the spatial axes, (N, C, H, W) -> (N, C)."""
+
+    name: str
+    kind = "global_avg_pool2d"
+
+
+@dataclass
+class SubsamplePad:
+    """``x[:, :, ::SH, ::SW]`` with `channels` = (before, after) zero channels added: an option-A shortcut."""
+
+    name: str
+    stride: tuple[int, int]
+    channels: tuple[int, int]
+    kind = "subsample_pad"
+
+
+@dataclass
+class Residual:
+    """``body(x) + shortcut(x)``: each a list of layers run in order; an empty shortcut is the identity.
+
+    The activation after the add of a ResNet block is the next layer, not part of the block.
+    """
+
+    name: str
+    body: list
+    shortcut: list = field(default_factory=list)
+    kind = "residual"
+
+
+def walk(layers: list, depth: int = 0):
+    """(layer, residual depth) of every layer in `layers`, nested ones included, in execution order.
+
+    A residual block comes before its body, its body before its shortcut. Iterative, so
+    that no nesting can exhaust the stack.
+    """
+    stack = [(iter(layers), depth)]
+    while stack:
+        items, level = stack[-1]
+        layer = next(items, None)
+        if layer is None:
+            stack.pop()
+            continue
+        yield layer, level
+        if isinstance(layer, Residual):
+            stack.append((iter([*layer.body, *layer.shortcut]), level + 1))
+
+
+@dataclass
 class SparseNetwork:
     """An exported network: layers in order, the float dtype of every array, provenance.
 
@@ -103,8 +154,8 @@ class SparseNetwork:
     preprocessing: dict | None = None
 
     def weighted(self) -> list:
-        """The weight layers (Linear and Conv2d), in order."""
-        return [layer for layer in self.layers if isinstance(layer, WeightLayer)]
+        """The weight layers (Linear and Conv2d), in execution order, those inside residual blocks included."""
+        return [layer for layer, _ in walk(self.layers) if isinstance(layer, WeightLayer)]
 
     @property
     def nnz(self) -> int:
@@ -145,23 +196,40 @@ class SparseNetwork:
 
         A weight layer's output is at most the largest row sum of |W| times the bound of
         its input, plus the largest |bias| (padding adds zeros); every partial sum of a
-        kernel obeys the same bound. ReLU, max-pooling and flatten keep the bound, a
-        leaky ReLU multiplies it by max(1, |alpha|). Computed in float64 (inf on overflow).
+        kernel obeys the same bound. ReLU, pooling, flatten and subsampling keep the
+        bound, a leaky ReLU multiplies it by max(1, |alpha|), a residual block's is the sum
+        of its body's and its shortcut's. Every layer inside a block is listed, then the
+        block. Computed in float64 (inf on overflow).
         """
-        bound, out = float(input_bound), []
-        for layer in self.layers:
-            if isinstance(layer, WeightLayer):
-                w = layer.weight
-                rows = np.repeat(np.arange(w.shape[0]), np.diff(w.indptr))
-                with np.errstate(over="ignore", invalid="ignore"):
-                    row_sums = np.bincount(rows, weights=np.abs(w.data.astype(np.float64)), minlength=w.shape[0])
-                    gain = float(row_sums.max(initial=0.0))
-                    bias = float(np.abs(layer.bias.astype(np.float64)).max(initial=0.0))
-                bound = gain * bound + bias if gain else bias
-            elif isinstance(layer, Activation) and layer.kind == "leaky_relu":
-                bound *= max(1.0, abs(float(layer.alpha)))
-            out.append((layer.name, bound))
+        out = []
+        _bounds(self.layers, float(input_bound), out)
         return out
+
+
+def _bounds(layers: list, bound: float, out: list) -> float:
+    """Append (name, bound) of each of `layers` (nested ones first) to `out`; the bound of the last output."""
+    for layer in layers:
+        if isinstance(layer, Residual):
+            bound = _bounds(layer.body, bound, out) + _bounds(layer.shortcut, bound, out)
+        else:
+            bound = _layer_bound(layer, bound)
+        out.append((layer.name, bound))
+    return bound
+
+
+def _layer_bound(layer, bound: float) -> float:
+    """The bound of the output of one layer that is not a residual block, given its input's."""
+    if isinstance(layer, WeightLayer):
+        w = layer.weight
+        rows = np.repeat(np.arange(w.shape[0]), np.diff(w.indptr))
+        with np.errstate(over="ignore", invalid="ignore"):
+            row_sums = np.bincount(rows, weights=np.abs(w.data.astype(np.float64)), minlength=w.shape[0])
+            gain = float(row_sums.max(initial=0.0))
+            bias = float(np.abs(layer.bias.astype(np.float64)).max(initial=0.0))
+        return gain * bound + bias if gain else bias
+    if isinstance(layer, Activation) and layer.kind == "leaky_relu":
+        return bound * max(1.0, abs(float(layer.alpha)))
+    return bound
 
 
 def output_shape(layer, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -186,6 +254,28 @@ def output_shape(layer, shape: tuple[int, ...]) -> tuple[int, ...]:
         return (channels, (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1)
     if isinstance(layer, Flatten):
         return (math.prod(shape),)
+    if isinstance(layer, GlobalAvgPool2d):
+        if len(shape) != 3:
+            raise ValueError(f"layer {layer.name!r} ({layer.kind}) takes (C, H, W) samples, gets shape {tuple(shape)}")
+        return (shape[0],)
+    if isinstance(layer, SubsamplePad):
+        if len(shape) != 3:
+            raise ValueError(f"layer {layer.name!r} ({layer.kind}) takes (C, H, W) samples, gets shape {tuple(shape)}")
+        (c, h, w), (sh, sw), (before, after) = shape, layer.stride, layer.channels
+        return (c + before + after, -(-h // sh), -(-w // sw))
+    if isinstance(layer, Residual):
+        body, short = chain_shape(layer.body, shape), chain_shape(layer.shortcut, shape)
+        if body != short:
+            raise ValueError(f"residual block {layer.name!r}: its body gives {list(body)} per sample, its shortcut "
+                             f"{list(short)}; the two must match to be added")
+        return body
+    return tuple(shape)
+
+
+def chain_shape(layers: list, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The per-sample shape `layers`, run in order, make of an input of `shape`; ValueError if one does not fit."""
+    for layer in layers:
+        shape = output_shape(layer, shape)
     return tuple(shape)
 
 

@@ -19,7 +19,8 @@ chains and the other steps) is built on its first call and reused; before it is 
 `check_batch` checks every array the batch will need (padded inputs, im2col columns,
 dense weights, layer outputs) against `sclref.errors.check_allocation`, so a geometry
 from a file cannot ask for more memory than sclref allocates. Convolutions run on NCHW
-arrays.
+arrays. A residual block runs its body and its shortcut (each planned like the network's
+own layers) on the same input and adds their outputs.
 """
 
 from __future__ import annotations
@@ -94,9 +95,9 @@ class Runtime:
         self.dtype = np.dtype(dtype or network.dtype)
         if self.dtype not in (np.float32, np.float64):
             raise ValueError(f"dtype must be float32 or float64, got {self.dtype}")
-        names = {layer.name for layer in network.weighted()}
+        names = [layer.name for layer in network.weighted()]  # in order: plans list the layers as they run
         chosen = backend if isinstance(backend, dict) else {name: backend for name in names}
-        unknown = sorted(set(chosen) - names)
+        unknown = sorted(set(chosen) - set(names))
         if unknown:
             raise ValueError(f"backend given for unknown layers {unknown}; weight layers: {sorted(names)}")
         bad = sorted({b for b in chosen.values() if b not in BACKENDS})
@@ -138,10 +139,20 @@ class Runtime:
         pooling layer's argmax, and the dense weights of layers that run dense. A shape
         the network does not take is a ValueError naming the layer.
         """
-        n, size = int(shape[0]), self.dtype.itemsize
+        n = int(shape[0])
         shapes = self.network.shapes(tuple(shape[1:]))
-        check_allocation((n, *shapes[0]), size, f"a batch of {n} inputs of shape {list(shapes[0])}")
-        for layer, before, after in zip(self.network.layers, shapes, shapes[1:]):
+        check_allocation((n, *shapes[0]), self.dtype.itemsize, f"a batch of {n} inputs of shape {list(shapes[0])}")
+        self._check_layers(self.network.layers, shapes[0], n)
+
+    def _check_layers(self, layers: list, before: tuple, n: int) -> tuple:
+        """`check_batch` for `layers` on a per-sample input of shape `before`; the shape after them."""
+        size = self.dtype.itemsize
+        for layer in layers:
+            if isinstance(layer, net.Residual):
+                after = self._check_layers(layer.body, before, n)
+                self._check_layers(layer.shortcut, before, n)
+            else:
+                after = net.output_shape(layer, before)
             where = f"layer {layer.name!r}, batch of {n}"
             if isinstance(layer, net.WeightLayer):
                 backend = self.choose(layer.name, n)
@@ -159,6 +170,8 @@ class Runtime:
             if isinstance(layer, net.MaxPool2d):
                 check_allocation((n, *after), np.dtype(np.int64).itemsize, f"{where}: the pooling argmax")
             check_allocation((n, *after), size, f"{where}: the output {list(after)} per sample")
+            before = after
+        return before
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """The network's output for the batch `x` (N, ...): (N, F) or (N, F, OH, OW)."""
@@ -173,9 +186,11 @@ class Runtime:
             x = step(x)
         return x if x.flags.c_contiguous else np.ascontiguousarray(x)
 
-    def _steps(self, batch: int) -> list:
-        """The calls a batch of `batch` samples takes: chains of sclref linear layers, other layers one by one."""
-        steps, layers, i = [], self.network.layers, 0
+    def _steps(self, batch: int, layers: list | None = None) -> list:
+        """The calls a batch of `batch` samples takes through `layers` (default: the network's): chains of
+        sclref linear layers, residual blocks as one call, other layers one by one."""
+        steps, i = [], 0
+        layers = self.network.layers if layers is None else layers
         while i < len(layers):
             chain = []
             while (i < len(layers) and isinstance(layers[i], net.Linear)
@@ -194,6 +209,8 @@ class Runtime:
                 layer = layers[i]
                 if isinstance(layer, net.Flatten):
                     steps.append(_flatten)
+                elif isinstance(layer, net.Residual):
+                    steps.append(_Block(self._steps(batch, layer.body), self._steps(batch, layer.shortcut)))
                 else:
                     steps.append(lambda x, layer=layer: self.step(layer, x))
                 i += 1
@@ -221,6 +238,22 @@ class Runtime:
             return self.linear(layer.name, x, backend or self.choose(layer.name, x.shape[0]))
         if isinstance(layer, net.Conv2d):
             return self.conv2d(layer.name, _nchw(layer, x), backend or self.choose(layer.name, x.shape[0]))
+        if isinstance(layer, net.Residual):
+            body, shortcut = x, x
+            for sub in layer.body:
+                body = self.step(sub, body, backend)
+            for sub in layer.shortcut:
+                shortcut = self.step(sub, shortcut, backend)
+            return body + shortcut
+        if isinstance(layer, net.GlobalAvgPool2d):
+            return _nchw(layer, x).mean(axis=(2, 3))
+        if isinstance(layer, net.SubsamplePad):
+            x = _nchw(layer, x)
+            (sh, sw), (before, after) = layer.stride, layer.channels
+            kept = x[:, :, ::sh, ::sw]
+            out = np.zeros((x.shape[0], x.shape[1] + before + after, *kept.shape[2:]), x.dtype)
+            out[:, before:before + x.shape[1]] = kept
+            return out
         if isinstance(layer, net.Activation):
             if layer.kind == "relu":
                 return np.maximum(x, 0)
@@ -280,6 +313,21 @@ class Runtime:
         cols = windows.transpose(1, 4, 5, 0, 2, 3).reshape(c * kh * kw, n * oh * ow)
         y = (w.dense if backend == "dense" else w.csr) @ cols + w.bias[:, None]
         return np.ascontiguousarray(y.reshape(f, n, oh, ow).transpose(1, 0, 2, 3))
+
+
+class _Block:
+    """A residual block's planned steps: body and shortcut on the same input, outputs added."""
+
+    def __init__(self, body: list, shortcut: list):
+        self.body, self.shortcut = body, shortcut
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        body, shortcut = x, x
+        for step in self.body:
+            body = step(body)
+        for step in self.shortcut:
+            shortcut = step(shortcut)
+        return body + shortcut
 
 
 def _flatten(x: np.ndarray) -> np.ndarray:
