@@ -48,6 +48,19 @@ def test_export_then_infer(run_dir, tmp_path, capsys):
     assert metrics["finished"]
 
 
+def test_infer_and_bench_take_a_run_directory(run_dir, exported, capsys):
+    capsys.readouterr()
+    assert main(["infer", str(run_dir), "--data", "digits", "--json"]) == 0
+    from_run = json.loads(capsys.readouterr().out)
+    assert main(["infer", str(exported), "--data", "digits", "--json"]) == 0
+    from_file = json.loads(capsys.readouterr().out)
+    assert from_run["accuracy"] == from_file["accuracy"] and from_run["samples"] == 359
+    assert main(["bench", str(run_dir), "--batches", "1", "--reps", "2", "--json", "--no-break-even"]) == 0
+    assert json.loads(capsys.readouterr().out)
+    assert main(["infer", str(run_dir.parent), "--data", "digits"]) == 2  # a directory that is no run
+    assert "no final model" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def resnet_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("resnet")

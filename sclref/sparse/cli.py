@@ -82,11 +82,27 @@ def _test_set(args, network, dtype):
     return data.load(args.data, dtype=dtype, preprocessing=network.preprocessing)
 
 
+def _network(model):
+    """The sparse network `model` names: a file written by `sclref export`, or a finished run's directory.
+
+    A run directory is exported in memory (dead units removed), unless it holds the file
+    `sclref export` writes there by default.
+    """
+    from pathlib import Path
+
+    from sclref.sparse import export_run, load
+
+    path = Path(model)
+    if path.is_dir():
+        return load(path / "sparse.npz") if (path / "sparse.npz").is_file() else export_run(path)
+    return load(path)
+
+
 def _infer(args) -> int:
-    from sclref.sparse import Runtime, load
+    from sclref.sparse import Runtime
 
     try:
-        network = load(args.model)
+        network = _network(args.model)
         runtime = Runtime(network, args.dtype, args.backend)
         dataset = _test_set(args, network, runtime.dtype)
         x, y = dataset.x_test, dataset.y_test
@@ -119,11 +135,10 @@ def _infer(args) -> int:
 
 
 def _bench(args) -> int:
-    from sclref.sparse import load
     from sclref.sparse.bench import bench, check_counts, format_report
 
     try:
-        network = load(args.model)
+        network = _network(args.model)
         check_counts(network, args.batches, args.reps, np.dtype(args.dtype))
         result = bench(network, args.batches, args.reps, np.dtype(args.dtype), not args.no_break_even)
     except (ValueError, OSError, TypeError) as err:
@@ -142,7 +157,8 @@ def add_parsers(subparsers) -> None:
     p.set_defaults(func=_export)
 
     p = subparsers.add_parser("infer", help="accuracy, latency and throughput of a sparse network on a test set")
-    p.add_argument("model", metavar="MODEL", help="a sparse network file written by `sclref export`")
+    p.add_argument("model", metavar="MODEL",
+                   help="a sparse network file written by `sclref export`, or a finished run's directory")
     p.add_argument("--data", required=True, help="'digits', a directory of MNIST-format IDX files, or a .npz")
     p.add_argument("--backend", default="auto", choices=("auto", "sclref", "scipy", "dense"),
                    help="auto picks, per layer, what measures fastest for its sparsity")
@@ -153,7 +169,8 @@ def add_parsers(subparsers) -> None:
     p.set_defaults(func=_infer)
 
     p = subparsers.add_parser("bench", help="per-layer latency of dense, scipy, sclref and torch backends")
-    p.add_argument("model", metavar="MODEL", help="a sparse network file written by `sclref export`")
+    p.add_argument("model", metavar="MODEL",
+                   help="a sparse network file written by `sclref export`, or a finished run's directory")
     p.add_argument("--batches", type=_batch_sizes, default=(1, 64, 256),
                    help=f"comma-separated batch sizes, each up to {MAX_BATCH:,} (default 1,64,256)")
     p.add_argument("--reps", type=_count(MAX_REPS), default=50,
