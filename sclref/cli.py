@@ -44,10 +44,22 @@ def _gradcheck(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_train_arguments(p: argparse.ArgumentParser) -> None:
+def _add_info(subparsers) -> None:
+    subparsers.add_parser("info", help="print versions, threads and JIT status").set_defaults(func=_info)
+
+
+def _add_gradcheck(subparsers) -> None:
+    p = subparsers.add_parser("gradcheck", help="check every op's gradient against finite differences")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the test points")
+    p.set_defaults(func=_gradcheck)
+
+
+def _add_train(subparsers) -> None:
     from sclref import models
     from sclref.train import TrainConfig
 
+    p = subparsers.add_parser("train", help="learn a sparse network with SCL (default: LeNet-300-100 on digits)")
+    p.set_defaults(func=_train)
     d = TrainConfig()
     p.add_argument("--model", default=d.model, help=f"one of {', '.join(models.MODELS)}")
     p.add_argument("--ste", default=d.ste, help="straight-through estimator, a name of the sclref.ste registry")
@@ -171,26 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"sclref {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    info = sub.add_parser("info", help="print versions, threads and JIT status")
-    info.set_defaults(func=_info)
-    train = sub.add_parser("train", help="learn a sparse network with SCL (default: LeNet-300-100 on digits)")
-    _add_train_arguments(train)
-    train.set_defaults(func=_train)
-    check = sub.add_parser("gradcheck", help="check every op's gradient against finite differences")
-    check.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the test points (default 0)")
-    check.set_defaults(func=_gradcheck)
+    from sclref.experiments.cli import add_parser as add_reproduce
+    from sclref.oracle.cli import add_parser as add_verify
+    from sclref.sparse.cli import add_parsers as add_sparse
     from sclref.theory.cli import add_parser as add_theory
 
-    add_theory(sub)
-    from sclref.sparse.cli import add_parsers as add_sparse
-
-    add_sparse(sub)
-    from sclref.experiments.cli import add_parser as add_reproduce
-
-    add_reproduce(sub)
-    from sclref.oracle_cli import add_parser as add_verify
-
-    add_verify(sub)
+    # One pattern for every command: a function that registers it (and its handler) on `sub`.
+    for register in (_add_info, _add_train, _add_gradcheck, add_theory, add_sparse, add_reproduce, add_verify):
+        register(sub)
     return parser
 
 

@@ -28,8 +28,8 @@ from sclref.oracle import (
     load_state,
     reference_step,
 )
+from sclref.oracle.cli import main as verify_main
 from sclref.oracle.step import build_model
-from sclref.oracle_cli import main as verify_main
 from sclref.scl import masked_layers, normalize_per_feature
 from sclref.testing import strategies as sst
 from sclref.train import TrainConfig, Trainer

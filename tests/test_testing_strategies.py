@@ -123,6 +123,6 @@ def test_oracle_cases_run_through_the_oracle(case):
 
 
 def test_sclref_and_its_oracle_import_without_hypothesis():
-    code = ("import sys, sclref, sclref.testing, sclref.oracle, sclref.oracle_cli; "
+    code = ("import sys, sclref, sclref.testing, sclref.oracle, sclref.oracle.cli; "
             "assert 'hypothesis' not in sys.modules, 'hypothesis was imported'")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -12,7 +12,7 @@ the user's tensors under flat names ``stage/name`` (``loss``, ``logits``,
 `--out` writes every stage of every step the same way. Exit status: 0 when everything
 agrees (or nothing was compared), 1 when a stage disagrees, 2 for refused input (a
 one-line message on stderr). `add_parser(subparsers)` registers the subcommand;
-``python -m sclref.oracle_cli`` runs it on its own.
+``python -m sclref.oracle.cli`` runs it on its own.
 """
 
 from __future__ import annotations
