@@ -48,13 +48,19 @@ def _fail(command: str, err) -> int:
 def _export(args) -> int:
     from sclref.sparse import export_run, save
 
-    out = Path(args.out) if args.out else Path(args.run_dir) / "sparse.npz"
+    out = Path(args.out) if args.out else Path(args.run_dir) / f"sparse.{args.format}"
     try:
         network = export_run(args.run_dir, prune_dead=not args.no_prune_dead)
-        save(network, out)
-    except (ValueError, OSError, KeyError, TypeError) as err:
+        if args.format == "onnx":
+            from sclref.sparse.onnx_export import save_onnx
+
+            save_onnx(network, out)
+        else:
+            save(network, out)
+    except (ValueError, OSError, KeyError, TypeError, ImportError) as err:
         return _fail("export", err)
-    summary = {"out": str(out), "nnz": network.nnz, "bytes_csr": network.csr_bytes(),
+    summary = {"out": str(out), "format": args.format, "bytes_file": out.stat().st_size, "nnz": network.nnz,
+               "bytes_csr": network.csr_bytes(),
                "bytes_dense": network.dense_bytes(), "dtype": np.dtype(network.dtype).name,
                "layers": [{"layer": layer.name, "shape": list(layer.weight.shape), "nnz": int(layer.weight.nnz),
                            "removed_units": len(network.removed_units.get(layer.name, []))}
@@ -149,9 +155,12 @@ def _bench(args) -> int:
 
 def add_parsers(subparsers) -> None:
     """Register `export`, `infer` and `bench` on the `sclref` command's subparsers."""
-    p = subparsers.add_parser("export", help="write a run's pruned network as a sparse .npz file")
+    p = subparsers.add_parser("export", help="write a run's pruned network as a sparse .npz file or an ONNX model")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a finished training run (holds model.npz)")
-    p.add_argument("--out", default=None, metavar="FILE", help="output file (default RUN_DIR/sparse.npz)")
+    p.add_argument("--format", default="npz", choices=("npz", "onnx"),
+                   help="npz: sclref's CSR file (default); onnx: a standard ONNX model with dense weights "
+                        "(needs the onnx extra)")
+    p.add_argument("--out", default=None, metavar="FILE", help="output file (default RUN_DIR/sparse.npz or .onnx)")
     p.add_argument("--no-prune-dead", action="store_true", help="keep units with no inputs or no outputs")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.set_defaults(func=_export)
