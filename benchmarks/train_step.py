@@ -34,22 +34,27 @@ common.set_threads(THREADS)
 import numpy as np  # noqa: E402
 
 import sclref  # noqa: E402
-from sclref import ops  # noqa: E402
+from sclref import ops, threads  # noqa: E402
 
 
 def step_flops(model, in_shape, batch: int) -> float:
-    """Multiply-adds of the forward pass x 2 FLOPs x 3 (forward, input grad, weight grad)."""
+    """Multiply-adds of the forward pass x 2 FLOPs x 3 (forward, input grad, weight grad).
+
+    Layers are taken in the order `modules()` yields them, which is the order they run in
+    for the LeNets and the ResNets with shortcut A (whose shortcuts have no conv).
+    """
     macs, shape = 0, in_shape
-    for layer in model:
+    for layer in model.modules():
         if isinstance(layer, sclref.nn.Conv2d):
             c, h, w = shape
             f, _, kh, kw = layer.weight.shape
-            shape = (f, h - kh + 1, w - kw + 1)
+            (sh, sw), (ph, pw) = (v if isinstance(v, tuple) else (v, v) for v in (layer.stride, layer.padding))
+            shape = (f, (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1)
             macs += f * shape[1] * shape[2] * c * kh * kw
         elif isinstance(layer, sclref.nn.MaxPool2d):
             shape = (shape[0], shape[1] // 2, shape[2] // 2)
-        elif isinstance(layer, sclref.nn.Flatten):
-            shape = (int(np.prod(shape)),)
+        elif isinstance(layer, (sclref.nn.Flatten, sclref.nn.GlobalAvgPool2d)):
+            shape = (int(np.prod(shape)),) if isinstance(layer, sclref.nn.Flatten) else (shape[0],)
         elif isinstance(layer, sclref.nn.Linear):
             macs += layer.in_features * layer.out_features
             shape = (layer.out_features,)
@@ -142,7 +147,7 @@ def _pinned_step(step, pin: bool):
         return step
 
     def pinned_step():
-        with sclref.threads.pinned():
+        with threads.pinned():
             return step()
 
     return pinned_step

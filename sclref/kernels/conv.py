@@ -6,33 +6,41 @@ built by a jitted loop. Shapes, with K = C*KH*KW and P = OH*OW::
     x  (N, C, H, W)    w  (F, C, KH, KW)    y, gy  (N, F, OH, OW)
     OH = (H + 2*ph - KH) // sh + 1,  OW = (W + 2*pw - KW) // sw + 1
 
-Two buffer layouts are used, chosen by P:
+The batch is processed in chunks of b images, b fixed by the shapes alone (never by a
+thread count), so that the chunk's im2col buffer ``cols`` (K, b*P) stays about
+`CHUNK_BYTES`: it is written by the jitted loop and read back by the matrix product
+while still in cache, and scratch memory stays bounded whatever the batch size. Each
+chunk costs one matrix product per kernel:
 
-* per-sample ``(N, K, P)``: one ``(F, K) @ (K, P)`` product per image writes NCHW
-  output directly, with no transposes. BLAS stays efficient while P is a few
-  hundred columns or more (large feature maps).
-* batch-wide ``(K, N*P)``: one ``(F, K) @ (K, N*P)`` product for many images, at the
-  price of transposing between ``(F, N, P)`` and ``(N, F, P)``. It wins on small
-  feature maps, where per-image products are too thin for BLAS.
+* forward        ``(F, K) @ cols``            -> (F, b*P), reordered to NCHW;
+* input grad     ``(F, K).T @ gy_chunk``      -> cols, summed back onto the images;
+* weight grad    ``gy_chunk @ cols.T``        -> (F, K), added to the total in batch order;
 
-The batch is processed in chunks so the im2col buffer stays a few MiB whatever the
-batch size. Every jitted loop iteration owns a disjoint slice of its output and
-every sum runs in a fixed order (the weight gradient adds chunk partials in batch
-order), so results are bit-identical from run to run for a given BLAS thread count.
-BLAS itself rounds differently on 1 and 2 threads (it picks other block kernels), which
-is why `sclref.threads.pinned` runs it on one thread while sclref computes.
+where ``gy_chunk`` is gy's chunk reordered to (F, b*P). With b = 1 (large feature
+maps) the reorderings are plain views and the forward product writes NCHW output
+directly. Zero padding never materializes: im2col writes zeros for taps outside the
+image and col2im skips them. With unit strides and OW == W (the padded 3x3
+convolutions of ResNets) each tap of an image is one contiguous run of its plane,
+copied or added at once instead of row by row.
+
+Every jitted loop iteration owns a disjoint slice of its output and every sum runs in
+a fixed order (chunk sizes depend on the shapes and `CHUNK_BYTES` only), so results are
+bit-identical from run to run, serial or parallel, jitted or interpreted. BLAS itself
+rounds differently on 1 and 2 threads (it picks other block kernels), which is why
+`sclref.threads.pinned` runs it on one thread while sclref computes.
 """
 
 import numpy as np
 
-from sclref.kernels._jit import pjit, prange
+from sclref.kernels._jit import jit, pjit, prange
 
 __all__ = ["conv2d_bwd_input", "conv2d_bwd_weight", "conv2d_fwd"]
 
-# Smallest P = OH*OW at which per-sample GEMMs beat one batch-wide GEMM plus
-# transposes (measured at LeNet-5 shapes: P=576 favours per-sample, P=64 batch-wide).
-PER_SAMPLE_MIN_P = 256
-
+# Target size of one chunk's im2col buffer, small enough to be still cached when the
+# matrix product reads it back. Measured on LeNet-5 and ResNet-20 shapes (float32, one
+# BLAS thread, 512 KiB L2 per core): 1-2 MiB chunks were as fast as any and up to 1.5x
+# faster than 16-72 MiB ones; past ~1000 columns the product's width gains little.
+CHUNK_BYTES = 1 << 20
 
 # The loops below index flat views with unsigned integers: numba's negative-index
 # wraparound check on signed indices stops LLVM from vectorizing the short row copies
@@ -40,107 +48,143 @@ PER_SAMPLE_MIN_P = 256
 _uint = np.uint64
 
 
-def _make_im2col(batch_layout):
-    @pjit
-    def im2col(xp, kh, kw, sh, sw, oh, ow, cols):
-        nimg, nch, hp, wp = xp.shape
-        xf = xp.reshape(-1)
-        usw = _uint(sw)
-        uow = _uint(ow)
-        for nc in prange(nimg * nch):
-            n = nc // nch
-            c = nc - n * nch
-            for i in range(kh):
-                for j in range(kw):
-                    row = (c * kh + i) * kw + j
-                    dst = cols[row, n] if batch_layout else cols[n, row]
-                    for r in range(oh):
-                        d0 = _uint(r * ow)
-                        s0 = _uint((nc * hp + r * sh + i) * wp + j)
-                        if sw == 1:
-                            for t in range(uow):
-                                dst[d0 + t] = xf[s0 + t]
-                        else:
-                            for t in range(uow):
-                                dst[d0 + t] = xf[s0 + t * usw]
-
-    return im2col
-
-
-def _make_col2im(batch_layout):
-    @pjit
-    def col2im(cols, kh, kw, sh, sw, oh, ow, gxp):
-        nimg, nch, hp, wp = gxp.shape
-        gf = gxp.reshape(-1)
-        usw = _uint(sw)
-        uow = _uint(ow)
-        for nc in prange(nimg * nch):
-            n = nc // nch
-            c = nc - n * nch
-            base = _uint(nc * hp * wp)
-            for t in range(_uint(hp * wp)):
-                gf[base + t] = 0
-            for i in range(kh):
-                for j in range(kw):
-                    row = (c * kh + i) * kw + j
-                    src = cols[row, n] if batch_layout else cols[n, row]
-                    for r in range(oh):
-                        s0 = _uint(r * ow)
-                        d0 = _uint((nc * hp + r * sh + i) * wp + j)
-                        if sw == 1:
-                            for t in range(uow):
-                                gf[d0 + t] += src[s0 + t]
-                        else:
-                            for t in range(uow):
-                                gf[d0 + t * usw] += src[s0 + t]
-
-    return col2im
+@jit
+def _valid_columns(j, pw, sw, ow, w):
+    """(t0, t1): output columns t in [t0, t1) read input column t*sw + j - pw inside [0, w)."""
+    t0 = 0 if j >= pw else (pw - j + sw - 1) // sw
+    t1 = 0 if w + pw - j <= 0 else (w + pw - j - 1) // sw + 1
+    t0 = min(t0, ow)
+    return t0, max(t0, min(t1, ow))
 
 
 @pjit
-def _pad(x, ph, pw, xp):
-    """xp = x with `ph` zero rows and `pw` zero columns on each side; one pass over xp."""
+def _im2col(x, kh, kw, sh, sw, ph, pw, oh, ow, cols):
+    """cols[(c*kh + i)*kw + j, n*P + r*OW + t] = xpad[n, c, r*sh + i, t*sw + j].
+
+    x (b, C, H, W) unpadded, cols (K, b*P). Iteration (n, c) owns the rows of channel c
+    for image n. O(b*K*P).
+    """
     nimg, nch, h, w = x.shape
-    hp, wp = xp.shape[2], xp.shape[3]
+    p = oh * ow
+    xf = x.reshape(-1)
+    cf = cols.reshape(-1)
+    zero = cols.dtype.type(0)
+    usw = _uint(sw)
+    # Unit strides and OW == W (a "same" convolution): a tap's valid outputs read one
+    # contiguous run of the plane, copied at once; the columns that run wraps onto from
+    # neighbouring rows are zeroed after.
+    runs = sh == 1 and sw == 1 and ow == w
     for nc in prange(nimg * nch):
         n = nc // nch
         c = nc - n * nch
-        for r in range(hp):
-            dst = xp[n, c, r]
-            if r < ph or r >= ph + h:
-                for t in range(wp):
-                    dst[t] = 0
-                continue
-            src = x[n, c, r - ph]
-            left, mid, right = dst[:pw], dst[pw:pw + w], dst[pw + w:]
-            for t in range(pw):
-                left[t] = 0
-                right[t] = 0
-            for t in range(w):
-                mid[t] = src[t]
+        for i in range(kh):
+            for j in range(kw):
+                t0, t1 = _valid_columns(j, pw, sw, ow, w)
+                row = (c * kh + i) * kw + j
+                base = _uint((row * nimg + n) * p)
+                if runs:
+                    r0, r1 = max(0, ph - i), min(oh, h + ph - i)
+                    if r1 <= r0 or t1 <= t0:
+                        for t in range(_uint(p)):
+                            cf[base + t] = zero
+                        continue
+                    d0 = base + _uint(r0 * ow + t0)
+                    d1 = base + _uint((r1 - 1) * ow + t1)
+                    s0 = _uint((nc * h + r0 + i - ph) * w + t0 + j - pw)
+                    for t in range(base, d0):
+                        cf[t] = zero
+                    for t in range(d1 - d0):
+                        cf[d0 + t] = xf[s0 + t]
+                    for t in range(d1, base + _uint(p)):
+                        cf[t] = zero
+                    for r in range(r0, r1):
+                        d = base + _uint(r * ow)
+                        for t in range(_uint(t0)):
+                            cf[d + t] = zero
+                        for t in range(_uint(t1), _uint(ow)):
+                            cf[d + t] = zero
+                    continue
+                for r in range(oh):
+                    d0 = base + _uint(r * ow)
+                    hr = r * sh + i - ph
+                    if hr < 0 or hr >= h:
+                        for t in range(_uint(ow)):
+                            cf[d0 + t] = zero
+                        continue
+                    for t in range(_uint(t0)):
+                        cf[d0 + t] = zero
+                    if t1 > t0:
+                        d1 = d0 + _uint(t0)
+                        s0 = _uint((nc * h + hr) * w + t0 * sw + j - pw)
+                        if sw == 1:
+                            for t in range(_uint(t1 - t0)):
+                                cf[d1 + t] = xf[s0 + t]
+                        else:
+                            for t in range(_uint(t1 - t0)):
+                                cf[d1 + t] = xf[s0 + t * usw]
+                    for t in range(_uint(t1), _uint(ow)):
+                        cf[d0 + t] = zero
 
 
-def _padded(x, ph, pw):
-    """`x` itself when no padding, else a zero-padded copy (small next to the im2col buffer)."""
-    if ph == 0 and pw == 0:
-        return x
-    n, c, h, w = x.shape
-    xp = np.empty((n, c, h + 2 * ph, w + 2 * pw), dtype=x.dtype)
-    _pad(x, ph, pw, xp)
-    return xp
+@pjit
+def _col2im(cols, kh, kw, sh, sw, ph, pw, oh, ow, gx):
+    """gx[n, c] = sum over taps of cols entries landing inside the image; the inverse scatter of `_im2col`.
 
-
-def _prefix(buf, shape):
-    """A C-contiguous view of the first prod(shape) elements of `buf`."""
-    return buf.reshape(-1)[:int(np.prod(shape))].reshape(shape)
-
-
-# Batch-wide buffers are passed to the jitted loops as (K, N, P) views, per-sample
-# ones as (N, K, P).
-_im2col_batch = _make_im2col(True)
-_im2col_sample = _make_im2col(False)
-_col2im_batch = _make_col2im(True)
-_col2im_sample = _make_col2im(False)
+    cols (K, b*P), also scratch (entries of taps outside the image may be set to 0); gx
+    (b, C, H, W), overwritten. Iteration (n, c) owns plane gx[n, c] and the rows of
+    channel c for image n; each element sums its taps in (i, j) order. O(b*K*P).
+    """
+    nimg, nch, h, w = gx.shape
+    p = oh * ow
+    gf = gx.reshape(-1)
+    cf = cols.reshape(-1)
+    zero = gx.dtype.type(0)
+    usw = _uint(sw)
+    # As in `_im2col`, unit strides and OW == W add each tap as one contiguous run. The
+    # entries that run wraps onto neighbouring rows are first set to +0 in `cols`: adding
+    # +0 changes no bit of a sum that starts from +0 (it can never become -0).
+    runs = sh == 1 and sw == 1 and ow == w
+    for nc in prange(nimg * nch):
+        n = nc // nch
+        c = nc - n * nch
+        plane = _uint(nc * h * w)
+        for t in range(_uint(h * w)):
+            gf[plane + t] = zero
+        for i in range(kh):
+            for j in range(kw):
+                t0, t1 = _valid_columns(j, pw, sw, ow, w)
+                if t1 == t0:
+                    continue
+                row = (c * kh + i) * kw + j
+                if runs:
+                    r0, r1 = max(0, ph - i), min(oh, h + ph - i)
+                    if r1 <= r0:
+                        continue
+                    base = _uint((row * nimg + n) * p)
+                    for r in range(r0, r1):
+                        d = base + _uint(r * ow)
+                        for t in range(_uint(t0)):
+                            cf[d + t] = zero
+                        for t in range(_uint(t1), _uint(ow)):
+                            cf[d + t] = zero
+                    s0 = base + _uint(r0 * ow + t0)
+                    g0 = _uint((nc * h + r0 + i - ph) * w + t0 + j - pw)
+                    for t in range(_uint((r1 - 1 - r0) * ow + t1 - t0)):
+                        gf[g0 + t] += cf[s0 + t]
+                    continue
+                base = _uint((row * nimg + n) * p + t0)
+                for r in range(oh):
+                    hr = r * sh + i - ph
+                    if hr < 0 or hr >= h:
+                        continue
+                    s0 = base + _uint(r * ow)
+                    d0 = _uint((nc * h + hr) * w + t0 * sw + j - pw)
+                    if sw == 1:
+                        for t in range(_uint(t1 - t0)):
+                            gf[d0 + t] += cf[s0 + t]
+                    else:
+                        for t in range(_uint(t1 - t0)):
+                            gf[d0 + t * usw] += cf[s0 + t]
 
 
 @pjit
@@ -155,63 +199,25 @@ def _swap01(src, dst):
                 d[t] = s[t]
 
 
-class _Plan:
-    """Buffer layout and batch chunking shared by the three kernels of one geometry.
-
-    The batch is processed `chunk` images at a time so the im2col buffer stays a few
-    MiB however large the batch: it is then read back from cache by the GEMM, and
-    scratch memory stays bounded. Per-sample chunks target L2 (GEMMs are per image
-    anyway); batch-wide chunks are larger because BLAS gets faster with more columns.
-    """
-
-    SCRATCH_BYTES = {True: 1 << 20, False: 16 << 20}
-
-    def __init__(self, n, c, kh, kw, oh, ow, dtype):
-        self.k, self.p = c * kh * kw, oh * ow
-        self.per_sample = self.p >= PER_SAMPLE_MIN_P
-        image_bytes = self.k * self.p * np.dtype(dtype).itemsize
-        self.chunk = max(1, min(n, self.SCRATCH_BYTES[self.per_sample] // max(image_bytes, 1)))
-        self.cols = np.empty(self.chunk * self.k * self.p, dtype=dtype)
-
-    def ranges(self, n):
-        """[(n0, n1), ...]: the image ranges of consecutive chunks."""
-        return [(n0, min(n, n0 + self.chunk)) for n0 in range(0, n, self.chunk)]
-
-    def cols_view(self, b):
-        """The im2col buffer for `b` images: (b, K, P) per sample, else (K, b*P)."""
-        return _prefix(self.cols, (b, self.k, self.p) if self.per_sample else (self.k, b * self.p))
+def _rows(buf, rows, cols):
+    """A C-contiguous (rows, cols) view of the start of the flat buffer `buf`."""
+    return buf[:rows * cols].reshape(rows, cols)
 
 
-def _im2col(x, kh, kw, sh, sw, ph, pw, oh, ow, plan):
-    """Fill and return the plan's im2col buffer for the images of `x`."""
-    b = x.shape[0]
-    cols = plan.cols_view(b)
-    xp = _padded(x, ph, pw)
-    if plan.per_sample:
-        _im2col_sample(xp, kh, kw, sh, sw, oh, ow, cols)
-    else:
-        _im2col_batch(xp, kh, kw, sh, sw, oh, ow, cols.reshape(plan.k, b, plan.p))
-    return cols
+def _chunk(n, k, p, dtype):
+    """Images per chunk: as many as fit `CHUNK_BYTES` of im2col buffer, at least one."""
+    image_bytes = max(k * p * np.dtype(dtype).itemsize, 1)
+    return max(1, min(n, CHUNK_BYTES // image_bytes))
 
 
-def _col2im(cols, kh, kw, sh, sw, ph, pw, oh, ow, plan, gx):
-    """Overwrite `gx` with the im2col buffer `cols` summed back onto its windows."""
-    b, c, h, w = gx.shape
-    gxp = gx if ph == 0 and pw == 0 else np.empty((b, c, h + 2 * ph, w + 2 * pw), dtype=gx.dtype)
-    if plan.per_sample:
-        _col2im_sample(cols, kh, kw, sh, sw, oh, ow, gxp)
-    else:
-        _col2im_batch(cols.reshape(plan.k, b, plan.p), kh, kw, sh, sw, oh, ow, gxp)
-    if gxp is not gx:
-        gx[...] = gxp[:, :, ph:ph + h, pw:pw + w]
-
-
-def _channels_first(gy3):
-    """gy (b, F, P) transposed to (F, b*P), the operand of batch-wide GEMMs."""
+def _channels_first(gy3, buf):
+    """gy (b, F, P) as (F, b*P): a view for one image, else reordered into `buf`."""
     b, f, p = gy3.shape
-    gyt = np.empty((f, b, p), dtype=gy3.dtype)
-    _swap01(gy3, gyt)
-    return gyt.reshape(f, b * p)
+    if b == 1:
+        return gy3.reshape(f, p)
+    dst = _rows(buf, f, b * p)
+    _swap01(gy3, dst.reshape(f, b, p))
+    return dst
 
 
 def conv2d_fwd(x, w, sh, sw, ph, pw, out):
@@ -220,40 +226,49 @@ def conv2d_fwd(x, w, sh, sw, ph, pw, out):
     x (N, C, H, W), w (F, C, KH, KW), out (N, F, OH, OW), all one float dtype and
     C-contiguous; stride (sh, sw), zero padding (ph, pw).
     out[n, f, a, b] = sum_{c,i,j} w[f, c, i, j] * xpad[n, c, a*sh + i, b*sw + j].
-    O(N*F*K*P) flops with K = C*KH*KW, P = OH*OW; a few MiB of scratch.
+    O(N*F*K*P) flops with K = C*KH*KW, P = OH*OW; about `CHUNK_BYTES` of scratch.
     """
     n = x.shape[0]
     f, c, kh, kw = w.shape
     oh, ow = out.shape[2], out.shape[3]
-    plan = _Plan(n, c, kh, kw, oh, ow, x.dtype)
-    wm = w.reshape(f, plan.k)
-    out3 = out.reshape(n, f, plan.p)
-    for n0, n1 in plan.ranges(n):
-        cols = _im2col(x[n0:n1], kh, kw, sh, sw, ph, pw, oh, ow, plan)
-        if plan.per_sample:
-            np.matmul(wm, cols, out=out3[n0:n1])
+    k, p = c * kh * kw, oh * ow
+    chunk = _chunk(n, k, p, x.dtype)
+    wm = w.reshape(f, k)
+    out3 = out.reshape(n, f, p)
+    cols = np.empty(k * chunk * p, dtype=x.dtype)
+    prod = np.empty(f * chunk * p, dtype=x.dtype) if chunk > 1 else None
+    for n0 in range(0, n, chunk):
+        b = min(chunk, n - n0)
+        cb = _rows(cols, k, b * p)
+        _im2col(x[n0:n0 + b], kh, kw, sh, sw, ph, pw, oh, ow, cb)
+        if b == 1:
+            np.matmul(wm, cb, out=out3[n0])
         else:
-            _swap01(np.matmul(wm, cols).reshape(f, n1 - n0, plan.p), out3[n0:n1])
+            pb = _rows(prod, f, b * p)
+            np.matmul(wm, cb, out=pb)
+            _swap01(pb.reshape(f, b, p), out3[n0:n0 + b])
 
 
 def conv2d_bwd_input(gy, w, sh, sw, ph, pw, gx):
     """Overwrite `gx` with dL/dx of `conv2d_fwd` given gy = dL/dy.
 
     gy (N, F, OH, OW), w (F, C, KH, KW), gx (N, C, H, W); every element of `gx` is
-    written (positions no window covers get 0). O(N*F*K*P) flops; a few MiB of scratch.
+    written (positions no window covers get 0). O(N*F*K*P) flops; about `CHUNK_BYTES`
+    of scratch.
     """
     n, f, oh, ow = gy.shape
     _, c, kh, kw = w.shape
-    plan = _Plan(n, c, kh, kw, oh, ow, gy.dtype)
-    wt = w.reshape(f, plan.k).T
-    gy3 = gy.reshape(n, f, plan.p)
-    for n0, n1 in plan.ranges(n):
-        cols = plan.cols_view(n1 - n0)
-        if plan.per_sample:
-            np.matmul(wt, gy3[n0:n1], out=cols)
-        else:
-            np.matmul(wt, _channels_first(gy3[n0:n1]), out=cols)
-        _col2im(cols, kh, kw, sh, sw, ph, pw, oh, ow, plan, gx[n0:n1])
+    k, p = c * kh * kw, oh * ow
+    chunk = _chunk(n, k, p, gy.dtype)
+    wt = w.reshape(f, k).T
+    gy3 = gy.reshape(n, f, p)
+    cols = np.empty(k * chunk * p, dtype=gy.dtype)
+    gbuf = np.empty(f * chunk * p, dtype=gy.dtype) if chunk > 1 else None
+    for n0 in range(0, n, chunk):
+        b = min(chunk, n - n0)
+        cb = _rows(cols, k, b * p)
+        np.matmul(wt, _channels_first(gy3[n0:n0 + b], gbuf), out=cb)
+        _col2im(cb, kh, kw, sh, sw, ph, pw, oh, ow, gx[n0:n0 + b])
 
 
 def conv2d_bwd_weight(x, gy, sh, sw, ph, pw, gw):
@@ -261,20 +276,23 @@ def conv2d_bwd_weight(x, gy, sh, sw, ph, pw, gw):
 
     x (N, C, H, W), gy (N, F, OH, OW), gw (F, C, KH, KW).
     gw[f, c, i, j] = sum_{n,a,b} gy[n, f, a, b] * xpad[n, c, a*sh + i, b*sw + j].
-    O(N*F*K*P) flops; a few MiB of scratch. Chunk partial sums are added in batch order.
+    O(N*F*K*P) flops; about `CHUNK_BYTES` of scratch. Chunk partial sums are added in
+    batch order.
     """
     n = x.shape[0]
     f, c, kh, kw = gw.shape
     oh, ow = gy.shape[2], gy.shape[3]
-    plan = _Plan(n, c, kh, kw, oh, ow, x.dtype)
-    gy3 = gy.reshape(n, f, plan.p)
-    total = gw.reshape(f, plan.k)
+    k, p = c * kh * kw, oh * ow
+    chunk = _chunk(n, k, p, x.dtype)
+    gy3 = gy.reshape(n, f, p)
+    total = gw.reshape(f, k)
     total[...] = 0
-    for n0, n1 in plan.ranges(n):
-        cols = _im2col(x[n0:n1], kh, kw, sh, sw, ph, pw, oh, ow, plan)
-        if plan.per_sample:
-            part = np.matmul(gy3[n0:n1], cols.transpose(0, 2, 1)).sum(axis=0)
-        else:
-            # (K, b*P) @ (b*P, F) is the faster orientation for OpenBLAS at these shapes.
-            part = np.matmul(cols, _channels_first(gy3[n0:n1]).T).T
+    cols = np.empty(k * chunk * p, dtype=x.dtype)
+    gbuf = np.empty(f * chunk * p, dtype=x.dtype) if chunk > 1 else None
+    part = np.empty((f, k), dtype=x.dtype)
+    for n0 in range(0, n, chunk):
+        b = min(chunk, n - n0)
+        cb = _rows(cols, k, b * p)
+        _im2col(x[n0:n0 + b], kh, kw, sh, sw, ph, pw, oh, ow, cb)
+        np.matmul(_channels_first(gy3[n0:n0 + b], gbuf), cb.T, out=part)
         total += part
