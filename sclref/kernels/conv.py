@@ -57,6 +57,18 @@ def _valid_columns(j, pw, sw, ow, w):
     return t0, max(t0, min(t1, ow))
 
 
+@jit
+def _zero_margins(cf, base, r0, r1, ow, t0, t1, zero):
+    """cf[base + r*ow + t] = 0 for rows r in [r0, r1) and columns t outside [t0, t1): the entries a
+    contiguous tap run of a "same" convolution wraps onto from neighbouring rows. O((r1 - r0) * ow)."""
+    for r in range(r0, r1):
+        d = base + _uint(r * ow)
+        for t in range(_uint(t0)):
+            cf[d + t] = zero
+        for t in range(_uint(t1), _uint(ow)):
+            cf[d + t] = zero
+
+
 @pjit
 def _im2col(x, kh, kw, sh, sw, ph, pw, oh, ow, cols):
     """cols[(c*kh + i)*kw + j, n*P + r*OW + t] = xpad[n, c, r*sh + i, t*sw + j].
@@ -97,12 +109,7 @@ def _im2col(x, kh, kw, sh, sw, ph, pw, oh, ow, cols):
                         cf[d0 + t] = xf[s0 + t]
                     for t in range(d1, base + _uint(p)):
                         cf[t] = zero
-                    for r in range(r0, r1):
-                        d = base + _uint(r * ow)
-                        for t in range(_uint(t0)):
-                            cf[d + t] = zero
-                        for t in range(_uint(t1), _uint(ow)):
-                            cf[d + t] = zero
+                    _zero_margins(cf, base, r0, r1, ow, t0, t1, zero)
                     continue
                 for r in range(oh):
                     d0 = base + _uint(r * ow)
@@ -161,12 +168,7 @@ def _col2im(cols, kh, kw, sh, sw, ph, pw, oh, ow, gx):
                     if r1 <= r0:
                         continue
                     base = _uint((row * nimg + n) * p)
-                    for r in range(r0, r1):
-                        d = base + _uint(r * ow)
-                        for t in range(_uint(t0)):
-                            cf[d + t] = zero
-                        for t in range(_uint(t1), _uint(ow)):
-                            cf[d + t] = zero
+                    _zero_margins(cf, base, r0, r1, ow, t0, t1, zero)
                     s0 = base + _uint(r0 * ow + t0)
                     g0 = _uint((nc * h + r0 + i - ph) * w + t0 + j - pw)
                     for t in range(_uint((r1 - 1 - r0) * ow + t1 - t0)):
