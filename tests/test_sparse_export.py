@@ -124,7 +124,7 @@ def test_a_batch_norm_that_cannot_be_folded_is_a_clear_error():
         export(model)
 
 
-def _train(model, shape, steps=3, seed=0):
+def train_briefly(model, shape, steps=3, seed=0):
     """`model` after a few SGD steps on random data (weights, scores and batch-norm statistics all move), in
     eval mode, with random batch-norm scales and shifts so that folding them matters."""
     gen = np.random.default_rng(seed)
@@ -161,7 +161,7 @@ def test_a_trained_resnet_exports_exactly(shortcut, sparsity):
     shape = (1, 9, 9)  # odd: the stride-2 stages see 5x5 and 3x3 maps
     model = models.resnet(8, in_shape=shape, num_classes=3, shortcut=shortcut, score_init=(-1.0, 2.0),
                           generator=np.random.default_rng(1))
-    _train(model, shape)
+    train_briefly(model, shape)
     if sparsity is not None:
         magnitude_prune(model, sparsity)
     network = _check_exact(model, np.random.default_rng(2).standard_normal((4, *shape)))
@@ -181,7 +181,7 @@ def test_a_trained_vgg_exports_exactly():
     shape = (1, 12, 12)
     model = models.vgg("vgg11", width=0.25, in_shape=shape, num_classes=3, hidden=8, score_init=(-1.0, 2.0),
                        generator=np.random.default_rng(3))
-    _train(model, shape, seed=4)
+    train_briefly(model, shape, seed=4)
     magnitude_prune(model, 0.9)
     network = _check_exact(model, np.random.default_rng(5).standard_normal((3, *shape)), min_removed=1)
     assert [layer.name for layer in network.layers[:5]] == ["features.0", "features.2", "features.3", "features.4",
@@ -191,7 +191,7 @@ def test_a_trained_vgg_exports_exactly():
 def test_units_feeding_a_residual_add_are_kept():
     shape = (1, 6, 6)
     model = models.resnet(8, in_shape=shape, num_classes=3, generator=np.random.default_rng(6))
-    _train(model, shape, seed=7)
+    train_briefly(model, shape, seed=7)
     block = model.layer1[0]
     block.conv2.score.data[0] = -1.0  # conv2's unit 0 has no inputs: it adds a constant to the shortcut
     block.conv2.score.data[:, 1] = -1.0  # conv1's unit 1 has no outputs

@@ -7,11 +7,9 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from sclref import __version__, models, nn, ops
-from sclref.autograd import Tensor
+from sclref import __version__, models
 from sclref.cli import main
 from sclref.errors import InputError
-from sclref.optim import SGD
 from sclref.sparse import (
     Activation,
     Conv2d,
@@ -24,6 +22,7 @@ from sclref.sparse import (
     export_run,
 )
 from sclref.sparse.onnx_export import OPSET, save_onnx, to_onnx, to_onnx_bytes
+from tests.test_sparse_export import train_briefly
 
 
 @pytest.fixture(scope="module")
@@ -137,29 +136,12 @@ def test_a_network_that_overflows_float32_is_refused_and_nothing_is_written(tmp_
     assert list(tmp_path.iterdir()) == []
 
 
-def _trained(model, shape):
-    """`model` in eval mode after a few SGD steps on random data, with random batch-norm scales and shifts."""
-    gen = np.random.default_rng(0)
-    x, y = gen.standard_normal((8, *shape)), gen.integers(0, 3, 8)
-    opt = SGD(list(model.parameters()), lr=0.05, momentum=0.9)
-    model.train()
-    for _ in range(3):
-        opt.zero_grad()
-        ops.cross_entropy(model(Tensor(x)), y).backward()
-        opt.step()
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.weight.data[...] = gen.uniform(0.5, 1.5, module.num_features)
-            module.bias.data[...] = gen.normal(0, 0.2, module.num_features)
-    return model.eval()
-
-
 @pytest.mark.parametrize("shortcut", ["A", "B"])
 def test_a_trained_resnet_runs_in_onnx_runtime(ort, shortcut):
     shape = (1, 9, 9)  # odd: the stride-2 stages see 5x5 and 3x3 maps
     model = models.resnet(8, in_shape=shape, num_classes=3, shortcut=shortcut, score_init=(-1.0, 2.0),
                           generator=np.random.default_rng(1))
-    network = export(_trained(model, shape), shape)
+    network = export(train_briefly(model, shape), shape)
     ops = [node.op_type for node in to_onnx(network).graph.node]
     assert ops.count("Add") == 3 and (("Pad" in ops) == (shortcut == "A"))
     x = np.random.default_rng(2).standard_normal((5, *shape)).astype(np.float32)
