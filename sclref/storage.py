@@ -98,6 +98,35 @@ def write_npz(path, arrays: dict[str, np.ndarray]) -> None:
                 np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
 
 
+_CHUNK = 1 << 20
+
+
+class ShortRead(EOFError):
+    """A stream that ended before the bytes a header announced; `got` says how many came."""
+
+    def __init__(self, got: int):
+        self.got = got
+        super().__init__(f"the stream ended after {got} bytes")
+
+
+def read_exactly(f, n: int) -> bytearray:
+    """Exactly `n` bytes of stream `f` in one buffer, read a megabyte at a time; `ShortRead` if fewer remain.
+
+    The buffer is allocated once at its final size, so a caller checks `n` (with
+    `sclref.errors.check_allocation`) before calling.
+    """
+    buffer = bytearray(n)
+    view = memoryview(buffer)
+    got = 0
+    while got < n:
+        part = f.read(min(_CHUNK, n - got))
+        if not part:
+            raise ShortRead(got)
+        view[got:got + len(part)] = part
+        got += len(part)
+    return buffer
+
+
 def npy_bytes(array: np.ndarray) -> bytes:
     """`array` in the ``.npy`` format (0-d arrays stay 0-d; object arrays are refused)."""
     member = io.BytesIO()

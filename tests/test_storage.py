@@ -426,3 +426,12 @@ def test_write_npz_streams_arrays_that_numpy_reads_and_gives_the_same_bytes_twic
     with pytest.raises(ValueError, match="pickle"):
         storage.write_npz(tmp_path / "c.npz", {"o": np.array([{}], dtype=object)})
     assert not (tmp_path / "c.npz").exists() and _leftovers(tmp_path) == []
+
+
+def test_read_exactly_reads_in_pieces_and_says_how_many_bytes_came_when_short():
+    data = bytes(range(256)) * 9000  # more than one piece
+    assert storage.read_exactly(io.BytesIO(data), len(data)) == data
+    assert storage.read_exactly(io.BytesIO(data), 10) == data[:10]
+    with pytest.raises(storage.ShortRead) as info:
+        storage.read_exactly(io.BytesIO(data[:100]), 101)
+    assert info.value.got == 100 and isinstance(info.value, EOFError)

@@ -37,8 +37,6 @@ _CODES = {(dt.kind, dt.itemsize): code for code, dt in _DTYPES.items()}
 _GZIP_MAGIC = b"\x1f\x8b"
 # NumPy's limit; a larger count in the magic number cannot come from a real array.
 _MAX_NDIM = 64
-# Data is read in pieces of this size, so a reader never holds a second copy of the array.
-_CHUNK = 1 << 20
 # What a corrupt gzip stream raises: BadGzipFile (an OSError) for a bad header or CRC, EOFError
 # for a cut-off stream, zlib.error for bad deflate data, struct.error for a cut-off header field.
 _GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error, struct.error)
@@ -100,16 +98,10 @@ def _read_header(path, f) -> tuple[tuple[int, ...], np.dtype, int]:
 
 def _read_data(path, f, n: int) -> bytearray:
     """Exactly `n` bytes of `f` in one buffer, read piece by piece; an `IDXError` if fewer remain."""
-    buffer = bytearray(n)
-    view = memoryview(buffer)
-    got = 0
-    while got < n:
-        part = f.read(min(_CHUNK, n - got))
-        if not part:
-            raise IDXError(path, f"truncated: expected {n} bytes of data, found {got}")
-        view[got:got + len(part)] = part
-        got += len(part)
-    return buffer
+    try:
+        return storage.read_exactly(f, n)
+    except storage.ShortRead as short:
+        raise IDXError(path, f"truncated: expected {n} bytes of data, found {short.got}") from None
 
 
 def _read_raw(path, f) -> np.ndarray:

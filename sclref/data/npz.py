@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
+from sclref import storage
 from sclref.errors import InputError, check_allocation
 
 __all__ = ["NpzError", "read_npz"]
@@ -30,7 +31,6 @@ __all__ = ["NpzError", "read_npz"]
 _NPY_MAGIC = b"\x93NUMPY"
 # numpy.load's own bound on a header (max_header_size); np.save writes about 128 bytes.
 _MAX_HEADER = 10_000
-_CHUNK = 1 << 20
 # np.savez stores, np.savez_compressed deflates; other methods would reach bz2/lzma decoders.
 _METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflate"}
 # What zipfile, zlib and NumPy's header parser raise on corrupt bytes. RuntimeError covers an
@@ -122,15 +122,11 @@ def _read_member(path: str, archive: zipfile.ZipFile, info: zipfile.ZipInfo, key
             if math.prod(abs(d) for d in shape if d) * dtype.itemsize >= 2**63:
                 raise NpzError(f"{where}: shape {shape} overflows NumPy's index range")
             nbytes = check_allocation(shape, dtype.itemsize, f"{where}: the .npy header's shape {shape} of {dtype}")
-            buffer = bytearray(nbytes)
-            view = memoryview(buffer)
-            got = 0
-            while got < nbytes:
-                part = member.read(min(_CHUNK, nbytes - got))
-                if not part:
-                    raise NpzError(f"{where}: truncated: the header announces {nbytes} bytes of data, found {got}")
-                view[got:got + len(part)] = part
-                got += len(part)
+            try:
+                buffer = storage.read_exactly(member, nbytes)
+            except storage.ShortRead as short:
+                raise NpzError(f"{where}: truncated: the header announces {nbytes} bytes of data, "
+                               f"found {short.got}") from None
             # Reading to the end lets zipfile check the member's CRC; a longer member is not NumPy's.
             if member.read(1):
                 raise NpzError(f"{where}: trailing bytes after the {nbytes} bytes of data")
