@@ -305,6 +305,25 @@ def test_sweep_again_trains_nothing(swept, counted):
     assert counted == {"epochs": 0, "magnitude": 0}
 
 
+def test_a_sweep_submits_every_lambda_at_once(tmp_path, monkeypatch):
+    from sclref.experiments import executor
+
+    submitted = []
+
+    def execute(runs, **kwargs):
+        submitted.append(sorted(run.name for run in runs))
+        return real(runs, **kwargs)
+
+    real = executor.execute
+    monkeypatch.setattr(executor, "execute", execute)
+    settings = dataclasses.replace(SWEEP, methods=("dense", "scl_identity"), epochs=1, finetune_epochs=0)
+    stores = rp.sweep(settings, [0.3, settings.lam_value], tmp_path / "results.json", log=quiet)
+    assert list(stores) == [settings.lam_value, 0.3]  # a λ equal to the main one runs once, in the main file
+    assert submitted == [sorted(f"LeNet-300-100 seed 0 {method} λ {lam:g}" for method, lam in [
+        ("dense", settings.lam_value), ("scl_identity", settings.lam_value), ("scl_identity", 0.3)])]
+    assert not rp.sweep_path(tmp_path / "results.json", settings.lam_value).exists()
+
+
 @pytest.mark.parametrize("lams, message", [([], "one or more"), ([0.0], "λ > 0"), ([float("nan")], "λ > 0"),
                                            ([0.1, 0.1], "once")])
 def test_bad_sweeps_are_clear_errors_before_anything_runs(tmp_path, lams, message, counted):

@@ -86,11 +86,13 @@ def run_reproduce(args: argparse.Namespace) -> int:
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {out} exists and is not a directory")
         settings = Settings.quick(**given) if args.quick else Settings(**given)
-        store = reproduce(settings, out / RESULTS, log=log, scheduler=args.scheduler)
+        if args.sweep:  # every λ's runs in one submission, the main file's among them
+            stores = sweep(settings, args.sweep, out / RESULTS, log=log, scheduler=args.scheduler)
+            store, rows = stores[settings.lam_value], sweep_summary(stores, settings)
+        else:
+            store, rows = reproduce(settings, out / RESULTS, log=log, scheduler=args.scheduler), None
         summary = summarize(store, settings)
         written = [] if args.no_plots else plot(summary, store, settings, out)
-        rows = (sweep_summary(sweep(settings, args.sweep, out / RESULTS, log=log, scheduler=args.scheduler), settings)
-                if args.sweep else None)
         if rows is not None and not args.no_plots:
             written += plot_sweep(rows, settings, out)
     except (ValueError, OSError) as err:  # OSError: unreadable data, unwritable --out
@@ -103,6 +105,7 @@ def run_reproduce(args: argparse.Namespace) -> int:
     print(markdown(summary, settings))
     if rows is not None:
         print(sweep_markdown(rows, settings))
-    files = [RESULTS, *(sweep_path(out / RESULTS, lam).name for lam in args.sweep or ()), *(p.name for p in written)]
+    files = [RESULTS, *(sweep_path(out / RESULTS, lam).name for lam in args.sweep or () if lam != settings.lam_value),
+             *(p.name for p in written)]
     print(f"wrote {', '.join(files)} to {out}/")
     return 0

@@ -318,59 +318,72 @@ def reproduce(settings: Settings, json_path, log=print, dataset=None, scheduler:
     layer to the sparsity it reached. `dataset` may be passed to check the models
     against it without loading it (it must be what ``settings.data`` names).
     """
+    return _reproduce([(settings, Path(json_path))], log, dataset, scheduler)[0]
+
+
+def _reproduce(parts: list, log, dataset, scheduler) -> list[dict]:
+    """`reproduce` for several (settings, results file) pairs whose runs all go to one `execute`.
+
+    One submission lets a cluster keep every worker busy across the parts (a λ sweep of
+    three seeds per λ would leave a worker of two idle at the end of each λ).
+    """
     from sclref.experiments.executor import Run, execute
 
-    settings.validate()
-    json_path = Path(json_path)
-    store = load_runs(json_path)
-    dataset = settings.dataset() if dataset is None else dataset
-    for model in settings.models:  # a model that cannot take this data fails now, not after hours
+    for settings, _ in parts:  # every part is checked before the first run starts
+        settings.validate()
+    stores = [load_runs(path) for _, path in parts]
+    first = parts[0][0]
+    dataset = first.dataset() if dataset is None else dataset
+    for model in first.models:  # a model that cannot take this data fails now, not after hours
         try:
-            build_model(settings.config(model, "dense", 0), dataset.in_shape, dataset.num_classes)
+            build_model(first.config(model, "dense", 0), dataset.in_shape, dataset.num_classes)
         except ValueError as err:
-            raise ValueError(f"model {model} cannot take the data {settings.data_label!r}: {err}") from None
+            raise ValueError(f"model {model} cannot take the data {first.data_label!r}: {err}") from None
     planned, keys = [], {}
-    for model in settings.models:
-        for seed in settings.seeds:
-            for method in _ordered(settings.methods):
-                key = {"model": model, "data": settings.data_label, "method": method, "seed": seed}
-                config = settings.config(model, method, seed)
-                name = f"{MODEL_LABELS[model]} seed {seed} {method}"
-                done = _find(store, key)
-                run_settings = {"config": config.to_dict()}
-                reference = _find(store, {**key, "method": "scl_identity"})
-                magnitude = METHODS[method].kind == "magnitude"
-                if magnitude:
-                    run_settings.update(scope=METHODS[method].scope)
-                    if reference is not None:
-                        run_settings.update(kept={r["layer"]: r["kept"] for r in reference["layers"]})
-                if done is not None and done["settings"] == run_settings:
-                    log(f"[{name}] already in {json_path.name}, skipped")
-                    continue
-                depends, prepare = (), None
-                if magnitude:
-                    scl_name = f"{MODEL_LABELS[model]} seed {seed} scl_identity"
-                    depends = (scl_name,) if scl_name in keys else ()
-                    prepare = functools.partial(_prepare_magnitude, scope=METHODS[method].scope, scl=scl_name,
-                                                reference=None if depends else reference)
-                keys[name] = (key, run_settings, done)
-                planned.append(Run(name, config, run_directory(json_path, model, method, seed, config), depends,
-                                   prepare))
+    for part, ((settings, json_path), store) in enumerate(zip(parts, stores)):
+        suffix = f" λ {settings.lam_value:g}" if len(parts) > 1 else ""
+        for model in settings.models:
+            for seed in settings.seeds:
+                for method in _ordered(settings.methods):
+                    key = {"model": model, "data": settings.data_label, "method": method, "seed": seed}
+                    config = settings.config(model, method, seed)
+                    name = f"{MODEL_LABELS[model]} seed {seed} {method}{suffix}"
+                    done = _find(store, key)
+                    run_settings = {"config": config.to_dict()}
+                    reference = _find(store, {**key, "method": "scl_identity"})
+                    magnitude = METHODS[method].kind == "magnitude"
+                    if magnitude:
+                        run_settings.update(scope=METHODS[method].scope)
+                        if reference is not None:
+                            run_settings.update(kept={r["layer"]: r["kept"] for r in reference["layers"]})
+                    if done is not None and done["settings"] == run_settings:
+                        log(f"[{name}] already in {json_path.name}, skipped")
+                        continue
+                    depends, prepare = (), None
+                    if magnitude:
+                        scl_name = f"{MODEL_LABELS[model]} seed {seed} scl_identity{suffix}"
+                        depends = (scl_name,) if scl_name in keys else ()
+                        prepare = functools.partial(_prepare_magnitude, scope=METHODS[method].scope, scl=scl_name,
+                                                    reference=None if depends else reference)
+                    keys[name] = (part, key, run_settings, done)
+                    planned.append(Run(name, config, run_directory(json_path, model, method, seed, config), depends,
+                                       prepare))
     if not planned:
-        return store
+        return stores
     summaries = execute(planned, scheduler=scheduler, progress=False, log=log)
     load = os.getloadavg()[0]
     for run in planned:
-        key, run_settings, done = keys[run.name]
+        part, key, run_settings, done = keys[run.name]
         if METHODS[key["method"]].kind == "magnitude":
             run_settings["kept"] = {r["layer"]: r["kept"] for r in summaries[run.name].layers}
         record = _record(key, run_settings, run.directory, load)
-        store["runs"] = [r for r in store["runs"] if r is not done] + [record]
+        stores[part]["runs"] = [r for r in stores[part]["runs"] if r is not done] + [record]
         log(f"[{run.name}] test error {100 * record['test_error']:.2f}%, sparsity {100 * record['sparsity']:.2f}%, "
             f"{record['train_seconds']:.1f}s")
-    store["machine"] = machine()
-    storage.atomic_write_json(json_path, store)
-    return store
+    for part in sorted({keys[run.name][0] for run in planned}):
+        stores[part]["machine"] = machine()
+        storage.atomic_write_json(parts[part][1], stores[part])
+    return stores
 
 
 def _prepare_magnitude(config: dict, done: dict, scope: str, scl: str, reference: dict | None) -> dict:
@@ -589,11 +602,12 @@ def sweep_path(json_path, lam: float) -> Path:
 
 def sweep(settings: Settings, lams, json_path, log=print, dataset=None, scheduler: str | None = "serial") \
         -> dict[float, dict]:
-    """The masked methods of `settings` again at each λ of `lams`, each λ in its own `sweep_path` file.
+    """`reproduce(settings, json_path)` and its masked methods again at each λ of `lams`, in one submission.
 
-    Dense training does not depend on λ and is left out. Returns λ → results file content,
-    with the runs of `json_path` itself (at ``settings.lam_value``) when there are any, so
-    that `sweep_summary` can draw error against sparsity over every λ measured.
+    The runs at another λ go to their own `sweep_path` file; dense training does not
+    depend on λ and runs once, in `json_path`. Returns λ → results file content, the
+    main file's λ (``settings.lam_value``) included, so that `sweep_summary` can draw
+    error against sparsity over every λ measured.
     """
     lams = [float(lam) for lam in lams]
     if not lams or any(not (math.isfinite(lam) and lam > 0) for lam in lams):
@@ -601,15 +615,12 @@ def sweep(settings: Settings, lams, json_path, log=print, dataset=None, schedule
     if len(set(lams)) != len(lams):
         raise ValueError(f"sweep: each λ may be given once, got {lams}")
     methods = tuple(m for m in settings.methods if METHODS[m].kind != "dense")
-    runs = [dataclasses.replace(settings, lam=lam, methods=methods) for lam in lams]
-    for run in runs:  # every λ is checked before the first one runs
-        run.validate()
-    dataset = settings.dataset() if dataset is None else dataset
-    stores = {lam: reproduce(run, sweep_path(json_path, lam), log=log, dataset=dataset, scheduler=scheduler)
-              for lam, run in zip(lams, runs)}
-    if Path(json_path).exists() and settings.lam_value not in stores:
-        stores[settings.lam_value] = load_runs(json_path)
-    return dict(sorted(stores.items()))
+    json_path = Path(json_path)
+    others = [lam for lam in lams if lam != settings.lam_value]
+    parts = [(settings, json_path)] + [(dataclasses.replace(settings, lam=lam, methods=methods),
+                                        sweep_path(json_path, lam)) for lam in others]
+    stores = _reproduce(parts, log, dataset, scheduler)
+    return dict(sorted(zip([settings.lam_value, *others], stores)))
 
 
 def sweep_summary(stores: dict[float, dict], settings: Settings) -> list[dict]:
