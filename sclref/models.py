@@ -53,6 +53,34 @@ def _image_shape(model: str, in_shape) -> tuple[int, int, int]:
     return tuple(int(d) for d in shape)
 
 
+def _flat_features(model: str, in_features: int | None, in_shape) -> int:
+    """The inputs per sample of a network that flattens its input: `in_features`, the product of `in_shape`, or 784."""
+    if in_shape is not None:
+        try:
+            dims = tuple(in_shape)
+        except TypeError:
+            dims = ()
+        if not dims or not all(_positive_int(d) for d in dims):
+            raise InputError(f"{model}: in_shape must be a tuple of positive integers, got {in_shape!r}")
+        flat = math.prod(int(d) for d in dims)
+        if in_features is not None and in_features != flat:
+            raise InputError(f"{model}: in_features={in_features} disagrees with in_shape {dims} ({flat} inputs)")
+        in_features = flat
+    return 784 if in_features is None else in_features
+
+
+def linear(in_shape=(1, 28, 28), num_classes: int = 10, masked: bool = True, ste="identity", score_init=1.0,
+           dtype=np.float64, generator=None, mask_first: bool = True, mask_last: bool = True) -> nn.Sequential:
+    """One linear layer ``fc`` on the flattened input: logistic regression, or with the mse loss a
+    linear regression (the student of `sclref.theory.teacher`).
+
+    The layer is both the first and the last, so it is masked only when `masked`,
+    `mask_first` and `mask_last` all are.
+    """
+    layer, _ = _layer_kinds(masked and mask_first and mask_last, ste, score_init, dtype, generator)
+    return nn.Sequential({"flatten": nn.Flatten(), "fc": layer(_flat_features("linear", None, in_shape), num_classes)})
+
+
 def lenet_300_100(in_features: int | None = None, num_classes: int = 10, masked: bool = True, ste="identity",
                   score_init=1.0, dtype=np.float64, generator=None, *, in_shape=None, mask_first: bool = True,
                   mask_last: bool = True) -> nn.Sequential:
@@ -70,18 +98,7 @@ def lenet_300_100(in_features: int | None = None, num_classes: int = 10, masked:
         Per-sample shape of the input, the keyword every builder of `MODELS` takes; its
         product must equal `in_features` when both are given.
     """
-    if in_shape is not None:
-        try:
-            dims = tuple(in_shape)
-        except TypeError:
-            dims = ()
-        if not dims or not all(_positive_int(d) for d in dims):
-            raise InputError(f"lenet300: in_shape must be a tuple of positive integers, got {in_shape!r}")
-        flat = math.prod(int(d) for d in dims)
-        if in_features is not None and in_features != flat:
-            raise InputError(f"lenet300: in_features={in_features} disagrees with in_shape {dims} ({flat} inputs)")
-        in_features = flat
-    in_features = 784 if in_features is None else in_features
+    in_features = _flat_features("lenet300", in_features, in_shape)
     linear, _ = _layer_kinds(masked, ste, score_init, dtype, generator)
     first, _ = _layer_kinds(masked and mask_first, ste, score_init, dtype, generator)
     last, _ = _layer_kinds(masked and mask_last, ste, score_init, dtype, generator)
@@ -370,7 +387,7 @@ def vgg16(in_shape=(3, 32, 32), num_classes: int = 10, masked: bool = True, ste=
                mask_first, mask_last)
 
 
-MODELS = {"lenet300": lenet_300_100, "lenet5": lenet5, "resnet20": resnet20, "resnet56": resnet56, "vgg11": vgg11,
-          "vgg16": vgg16}
+MODELS = {"linear": linear, "lenet300": lenet_300_100, "lenet5": lenet5, "resnet20": resnet20, "resnet56": resnet56,
+          "vgg11": vgg11, "vgg16": vgg16}
 """Builders by name, each callable as ``MODELS[name](in_shape=, num_classes=, masked=, ste=, score_init=,
 dtype=, generator=, mask_first=, mask_last=)``."""

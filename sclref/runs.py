@@ -26,6 +26,7 @@ MODEL_FORMAT, MODEL_VERSION = "sclref-model", 1  # the final model file of a run
 CHECKPOINT_FORMAT, CHECKPOINT_VERSION = "sclref-checkpoint", 2  # 2: data by content, provenance, no wall times
 MAX_INPUT_SIDE = 4096  # bound on each of (C, H, W) read from a model file
 MAX_CLASSES = datasets.MAX_CLASSES
+LOSSES = ("cross_entropy", "mse")  # the task losses `sclref.train` knows
 
 
 @dataclass
@@ -65,6 +66,10 @@ class TrainConfig:
     seed: int = 0
     train_limit: int | None = None  # use only the first N training samples
     test_limit: int | None = None
+    # The task: "cross_entropy" against class labels (errors: the misclassified fraction), or "mse" against
+    # real-valued targets, one per output (errors: the mean squared error), as the planted teacher of
+    # `sclref theory` trains.
+    loss: str = "cross_entropy"
 
     def validate(self) -> None:
         """Raise `InputError` naming the first bad setting; numbers are checked in the dtype they live in."""
@@ -82,6 +87,8 @@ class TrainConfig:
             raise InputError(f"unknown STE {self.ste!r}; registered: {', '.join(ste_registry.available())}")
         if not (math.isfinite(self.lam) and self.lam >= 0):
             raise InputError(f"λ must be a finite number >= 0, got {self.lam}")
+        if self.loss not in LOSSES:
+            raise InputError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.lam_per not in ("epoch", "step"):
             raise InputError(f"lam_per must be 'epoch' or 'step', got {self.lam_per!r}")
         if self.target_sparsity is not None and not 0 < self.target_sparsity < 100:

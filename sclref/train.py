@@ -98,23 +98,44 @@ def _param_groups(model):
     return weights, [layer.score for _, layer in masked_layers(model)]
 
 
-def evaluate(model, x: np.ndarray, y: np.ndarray, batch_size: int = 1000) -> float:
-    """Classification error (fraction) of `model` on (x, y), in eval mode."""
+def _mse(out: Tensor, targets: np.ndarray) -> Tensor:
+    err = out - Tensor(targets)
+    return (err * err).mean()
+
+
+# `TrainConfig.loss` by name: the loss of a batch, and the sum of its samples' errors (a
+# sample misclassified counts 1; a regression sample counts its mean squared error).
+LOSSES = {
+    "cross_entropy": (ops.cross_entropy, lambda out, y: int(np.count_nonzero(out.argmax(axis=1) != y))),
+    "mse": (_mse, lambda out, y: float(np.square(out - y).mean(axis=1).sum())),
+}
+
+
+def evaluate(model, x: np.ndarray, y: np.ndarray, batch_size: int = 1000, loss: str = "cross_entropy") -> float:
+    """The error of `model` on (x, y) in eval mode: the misclassified fraction, or the MSE for `loss` "mse"."""
+    errors = LOSSES[loss][1]
     model.eval()
-    wrong = 0
+    total = 0
     with no_grad():
         for start in range(0, len(x), batch_size):
-            logits = model(Tensor(x[start:start + batch_size])).data
-            wrong += int(np.count_nonzero(logits.argmax(axis=1) != y[start:start + batch_size]))
+            total += errors(model(Tensor(x[start:start + batch_size])).data, y[start:start + batch_size])
     model.train()
-    return wrong / max(len(x), 1)
+    return total / max(len(x), 1)
 
 
 class Trainer:
-    """One run: the model, its two optimizers, the objective and the data-order RNG."""
+    """One run: the model, its two optimizers, the objective and the data-order RNG.
+
+    `dataset` is a `sclref.data.Dataset`, or for the mse loss any object with its fields
+    (``x_train``, ``y_train``, ``x_test``, ``y_test``, ``in_shape``, ``num_classes`` as
+    the number of outputs, ``name``, ``fingerprint()``).
+    """
 
     def __init__(self, config: TrainConfig, dataset, log=print):
         self.config, self.data = config, dataset
+        if config.loss == "mse" and np.ndim(dataset.y_train) != 2:
+            raise InputError(f"loss mse needs real-valued targets of shape (samples, outputs); {dataset.name} has "
+                             "class labels (train those with loss cross_entropy)")
         self.model = build_model(config, dataset.in_shape, dataset.num_classes)
         weights, scores = _param_groups(self.model)
         self.opt_w = optim.SGD(weights, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
@@ -218,7 +239,7 @@ class Trainer:
         if not np.isfinite(logits.data).all():
             raise DivergedError(f"the logits became NaN or infinite in epoch {self.epoch + 1}: training diverged "
                                 "(lower --lr or --mask-lr); the last checkpoint holds the epoch before")
-        loss = ops.cross_entropy(logits, yb)
+        loss = LOSSES[self.config.loss][0](logits, yb)
         loss.backward()
         if learn_masks:
             self.objective.apply(self.model)
@@ -226,10 +247,14 @@ class Trainer:
         self.opt_w.step()
         return loss.item(), logits.data
 
-    def run_epoch(self, progress=None) -> dict:
-        """Train one epoch and evaluate; BLAS is pinned to one thread meanwhile, so the bits do not depend on it."""
+    def run_epoch(self, after_step: Callable[[], None] | None = None) -> dict:
+        """Train one epoch and evaluate; BLAS is pinned to one thread meanwhile, so the bits do not depend on it.
+
+        `after_step` is called after every optimizer step (a progress bar, or an
+        experiment that watches the masks step by step).
+        """
         with threads.pinned():
-            return self._run_epoch(progress)
+            return self._run_epoch(after_step)
 
     def phase(self) -> tuple[Phase, int]:
         """The phase the next epoch belongs to, and how many of its epochs are done."""
@@ -240,7 +265,7 @@ class Trainer:
             done -= phase.epochs
         raise ValueError(f"the run is finished: all {self.config.total_epochs} epochs are done")
 
-    def _run_epoch(self, progress) -> dict:
+    def _run_epoch(self, after_step) -> dict:
         cfg, model = self.config, self.model
         phase, done = self.phase()
         if done == 0 and phase.start is not None:
@@ -254,6 +279,7 @@ class Trainer:
         flips = [0] * len(layers)
         t0 = time.perf_counter()
         total_loss = wrong = seen = 0
+        errors = LOSSES[cfg.loss][1]
         mask_steps = cfg.epochs * self.steps_per_epoch
         step = self.epoch * self.steps_per_epoch
         for xb, yb in datasets.batches(self.data.x_train, self.data.y_train, cfg.batch_size, True, self.order_rng):
@@ -270,17 +296,18 @@ class Trainer:
                 if self.controller is not None:
                     self.objective.lam = self.controller.update(sparsity(model), step / mask_steps)
             total_loss += loss * len(yb)
-            wrong += int(np.count_nonzero(logits.argmax(axis=1) != yb))
+            wrong += errors(logits, yb)
             seen += len(yb)
-            if progress is not None:
-                progress.update(1)
+            if after_step is not None:
+                after_step()
         seconds = time.perf_counter() - t0
         self.epoch += 1
         record = {
             "epoch": self.epoch, "phase": phase.name, "loss": total_loss / seen,
             "penalty": self.objective.penalty(model) if cfg.prune_scope is None and layers else 0.0,
             "lam": self.objective.lam if cfg.prune_scope is None and layers else None,
-            "train_error": wrong / seen, "test_error": evaluate(model, self.data.x_test, self.data.y_test),
+            "train_error": wrong / seen,
+            "test_error": evaluate(model, self.data.x_test, self.data.y_test, loss=cfg.loss),
             "sparsity": sparsity(model) if layers else 0.0,
             "layers": {
                 name: {"sparsity": layer.sparsity(), "flips": flips[i],
@@ -366,7 +393,7 @@ def _run(trainer: Trainer, dataset, out: Path | None, log, progress: bool, stop_
     bar = _progress_bar(trainer, dataset, config, last) if progress else None
     try:
         while trainer.epoch < last:
-            record = trainer.run_epoch(bar)
+            record = trainer.run_epoch(None if bar is None else lambda: bar.update(1))
             _write(bar, log, format_epoch(record, total))
             if out is not None:
                 storage.save_state(out / CHECKPOINT, trainer.state_dict())

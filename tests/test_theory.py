@@ -13,7 +13,7 @@ from sclref import ste as ste_registry
 from sclref.autograd import Tensor
 from sclref.nn.masked import MaskedLinear
 from sclref.nn.module import Parameter
-from sclref.theory import CLASSES, SETTINGS, classify, dynamics, report, run, surrogates
+from sclref.theory import CLASSES, SETTINGS, classify, dynamics, report, run, surrogates, teacher
 
 from .strategies import SEEDS
 
@@ -272,6 +272,40 @@ def test_user_estimators_are_run_and_judged(user_stes):
     assert floor["zero_set"] == "s < -3" and floor["single_frozen"] == 1  # the start at -6, loss preferring on
     assert floor["verdict"] == "dead masks" and not floor["agrees"]
     assert "dead masks (!)" in report.table(result)
+
+
+def test_the_teacher_is_a_run_of_the_training_loop(monkeypatch):
+    from sclref.train import Trainer
+
+    losses, real = [], Trainer.run_epoch
+
+    def run_epoch(self, after_step=None):
+        losses.append(self.config.loss)
+        return real(self, after_step)
+
+    monkeypatch.setattr(Trainer, "run_epoch", run_epoch)
+    result = teacher.planted_teacher("identity", config=teacher.TeacherConfig(epochs=3))
+    assert losses == ["mse"] * 3 and len(result["history"]) == 3
+
+
+def test_the_teacher_takes_an_estimator_instance_that_a_run_can_name(monkeypatch):
+    config = teacher.TeacherConfig(epochs=2)
+    by_name = teacher.planted_teacher("leaky_relu", config=config)
+    assert teacher.planted_teacher(ste_registry.get("leaky_relu"), config=config) == by_name
+    assert teacher.planted_teacher(ste_registry.get("leaky_relu", alpha=0.3), config=config) != by_name
+    monkeypatch.setattr(ste_registry, "_REGISTRY", dict(ste_registry._REGISTRY))
+
+    @ste_registry.register("user_scaled")
+    class UserScaled(ste_registry.STE):
+        def __init__(self, scale=1.0):
+            self.scale = scale
+
+        def surrogate(self, s):
+            return self.scale * np.ones_like(s)
+
+    teacher.planted_teacher(UserScaled(), config=config)  # its options are the defaults a run's settings rebuild
+    with pytest.raises(ValueError, match="registered name and alpha"):
+        teacher.planted_teacher(UserScaled(scale=2.0), config=config)
 
 
 # --- reproducibility, errors and the command ----------------------------------------------------------------------

@@ -459,12 +459,14 @@ BAD_SETTINGS = [
     (dict(seed=-1), "seed must be >= 0"),
     (dict(train_limit=0), "train_limit must be >= 1"),
     (dict(test_limit=0), "test_limit must be >= 1"),
+    (dict(loss="hinge"), "loss must be one of cross_entropy, mse, got 'hinge'"),
 ]
 # Found only once the data is at hand, still before anything is written.
 BAD_FOR_THE_DATA = [
     (dict(train_limit=10**6), "n_train must be an integer from 1 to 1438"),
     (dict(data="/nonexistent"), "unknown dataset '/nonexistent'"),
     (dict(model="lenet5"), "too small"),  # 8x8 digits cannot feed two 5x5 convolutions
+    (dict(loss="mse"), "loss mse needs real-valued targets"),  # digits has class labels
 ]
 
 

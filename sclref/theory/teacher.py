@@ -1,16 +1,16 @@
 """Experiment 3: recover a planted sparse teacher's connectivity with SCL, per estimator.
 
 A random sparse linear layer (the teacher) labels random Gaussian inputs with real-valued
-targets. A dense student of the same shape, sclref's own `MaskedLinear`, learns from
-those targets with the real SCL step: the task loss's backward, `SCLObjective.apply`
-(per-feature normalization of the mask gradient plus the connection-count regularizer)
-and `optim.SGD` for the weights and for the mask variables. One layer keeps the answer
-identifiable: a hidden layer's units could come out permuted, a single layer's
-connections cannot. The recovered connectivity is scored against the teacher's by
-precision and recall, and every wrongly set connection whose surrogate is 0 is counted
-as frozen there. Masks can keep flipping under mini-batch noise, so the final mask is a
-snapshot: the last epoch's fraction of steps each teacher connection was on is
-reported beside it.
+targets. A dense student of the same shape, the masked `linear` model, learns from those
+targets through `sclref.train.Trainer`, the loop every sclref run goes through, with the
+mse loss: the task loss's backward, `SCLObjective.apply` (per-feature normalization of
+the mask gradient plus the connection-count regularizer) and SGD for the weights and
+for the mask variables. One layer keeps the answer identifiable: a hidden layer's units
+could come out permuted, a single layer's connections cannot. The recovered
+connectivity is scored against the teacher's by precision and recall, and every wrongly
+set connection whose surrogate is 0 is counted as frozen there. Masks can keep flipping
+under mini-batch noise, so the final mask is a snapshot: the last epoch's fraction of
+steps each teacher connection was on is reported beside it.
 """
 
 from __future__ import annotations
@@ -20,11 +20,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from sclref import optim
 from sclref import ste as ste_registry
-from sclref.autograd import Tensor
-from sclref.nn.masked import MaskedLinear
-from sclref.scl import SCLObjective
+from sclref.scl import masked_layers
+from sclref.train import TrainConfig, Trainer
 
 __all__ = ["TeacherConfig", "planted_teacher"]
 
@@ -93,6 +91,36 @@ def _scores(support: np.ndarray, kept: np.ndarray) -> dict:
             "recall": hits / int(support.sum())}
 
 
+@dataclass(frozen=True)
+class _Planted:
+    """The teacher's labelled inputs in the shape `Trainer` takes data; the test split is the training set."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    identity: str  # what the data is made from: it is regenerated from these settings, not loaded
+
+    name = "planted teacher"
+
+    @property
+    def x_test(self):
+        return self.x_train
+
+    @property
+    def y_test(self):
+        return self.y_train
+
+    @property
+    def in_shape(self) -> tuple:
+        return self.x_train.shape[1:]
+
+    @property
+    def num_classes(self) -> int:
+        return self.y_train.shape[1]
+
+    def fingerprint(self) -> str:
+        return self.identity
+
+
 def planted_teacher(ste, seed: int = 0, config: TeacherConfig | None = None, replicate: int = 0) -> dict:
     """Train a dense masked student against a sparse teacher with SCL; score its connectivity.
 
@@ -126,41 +154,43 @@ def planted_teacher(ste, seed: int = 0, config: TeacherConfig | None = None, rep
     for name, value in (("seed", seed), ("replicate", replicate)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
             raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-    gen = np.random.default_rng([seed, replicate, 3])
-    support, _, x, y = _teacher(config, gen)
-    student = MaskedLinear(config.in_features, config.out_features, ste=est, score_init=config.score_init,
-                           generator=np.random.default_rng([seed, replicate, 4]))
-    opt_w = optim.SGD([student.weight, student.bias], lr=config.lr, momentum=config.momentum)
-    opt_s = optim.SGD([student.score], lr=config.mask_lr)
-    objective = SCLObjective(lam=config.lam, normalization=config.normalization)
-    order = np.random.default_rng([seed, replicate, 5])
-    history = []
+    alpha = getattr(est, "alpha", TrainConfig.ste_alpha)
+    named = ste_registry.from_spec(est.name, alpha=alpha)
+    if type(named) is not type(est) or vars(named) != vars(est):
+        raise ValueError(f"planted_teacher trains through sclref.train, whose settings name an estimator by its "
+                         f"registered name and alpha; {est!r} is not one of those")
+    support, _, x, y = _teacher(config, np.random.default_rng([seed, replicate, 3]))
+    run = TrainConfig(
+        model="linear", data="planted teacher", loss="mse", dtype="float64", ste=est.name, ste_alpha=alpha,
+        lam=config.lam, lam_per="step", normalization=config.normalization, score_init=config.score_init,
+        epochs=config.epochs, finetune_epochs=0, batch_size=config.batch_size, lr=config.lr,
+        momentum=config.momentum, mask_lr=config.mask_lr,
+        # One seed per (seed, replicate) pair: the student's initial weights and its batch order.
+        seed=int(np.random.SeedSequence([seed, replicate]).generate_state(1)[0]))
+    trainer = Trainer(run, _Planted(x, y, f"planted teacher {seed}/{replicate} {config}"), log=lambda line: None)
+    (_, student), = masked_layers(trainer.model)
     on_steps = np.zeros(support.shape)  # last epoch: steps each connection was on, and its mask changes
     changes = np.zeros(support.shape, dtype=np.int64)
+    previous = [student.mask()]
+
+    def watch():
+        mask = student.mask()
+        on_steps[...] += mask
+        changes[...] += mask != previous[0]
+        previous[0] = mask
+
+    history = []
     for epoch in range(config.epochs):
-        perm = order.permutation(config.samples)
-        for start in range(0, config.samples, config.batch_size):
-            idx = perm[start:start + config.batch_size]
-            opt_w.zero_grad()
-            opt_s.zero_grad()
-            err = student(Tensor(x[idx])) - Tensor(y[idx])
-            (err * err).mean().backward()
-            objective.apply(student)  # normalize the mask gradient, add λ·g'(s)
-            before = student.mask()
-            opt_s.step()
-            opt_w.step()
-            if epoch == config.epochs - 1:
-                on_steps += student.mask()
-                changes += student.mask() != before
-        mse = float(np.mean((student(Tensor(x)).data - y) ** 2))
-        history.append({**_scores(support, student.mask()), "loss": mse})
+        record = trainer.run_epoch(watch if epoch == config.epochs - 1 else None)
+        previous[0] = student.mask()
+        history.append({**_scores(support, student.mask()), "loss": record["test_error"]})
     kept = student.mask()
     frozen = np.asarray(est.surrogate(student.score.data)) == 0
     return {
         "ste": est.name, "seed": seed, "replicate": replicate, **_scores(support, kept),
         "dead": int(np.count_nonzero(support & ~kept & frozen)),
         "stuck_on": int(np.count_nonzero(~support & kept & frozen)),
-        "on_time": float(on_steps[support].mean() / -(-config.samples // config.batch_size)),
+        "on_time": float(on_steps[support].mean() / trainer.steps_per_epoch),
         "flipping": int(np.count_nonzero(changes[support])),
         "final_loss": history[-1]["loss"], "history": history,
     }
