@@ -90,6 +90,8 @@ def _add_train(subparsers) -> None:
     p.add_argument("--dense-first", action="store_false", dest="mask_first",
                    help="keep the first weight layer dense (unmasked); by default every weight layer is masked")
     p.add_argument("--dense-last", action="store_false", dest="mask_last", help="keep the classifier dense (unmasked)")
+    p.add_argument("--augment", action="store_true",
+                   help="random crops (padding H // 8 pixels) and horizontal flips of the training images")
     p.add_argument("--dtype", default=d.dtype, metavar="{float32,float64}", help="floating-point type of the run")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the weights and of the data order")
     p.add_argument("--out", default=None, help="output directory (default: runs/MODEL-DATA-STE-seedN)")

@@ -62,6 +62,9 @@ class TrainConfig:
     # layer name; "global": one fraction over all layers) and stay frozen for `finetune_epochs`.
     prune_scope: str | None = None
     prune_sparsity: float | dict | None = None
+    # Random crops (padding of H // 8 pixels, 4 on 32x32 images) and horizontal flips of every training batch,
+    # drawn from the data-order generator: `sclref.data.augment`.
+    augment: bool = False
     dtype: str = "float32"
     seed: int = 0
     train_limit: int | None = None  # use only the first N training samples

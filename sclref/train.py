@@ -160,6 +160,11 @@ class Trainer:
             pruning.check_sparsity(config.prune_sparsity, config.prune_scope,
                                    [name for name, _ in masked_layers(self.model)])
         self.data_fingerprint = dataset.fingerprint()
+        # Augmentation pads with black, a raw pixel 0, wherever the data says how it was standardized.
+        prep = getattr(dataset, "preprocessing", None)
+        self._black = 0.0 if prep is None else -prep["mean"] / prep["std"]
+        if config.augment and np.ndim(dataset.x_train) != 4:
+            raise InputError(f"augment crops and flips images; {dataset.name} holds no (N, C, H, W) images")
 
     # -- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -283,6 +288,8 @@ class Trainer:
         mask_steps = cfg.epochs * self.steps_per_epoch
         step = self.epoch * self.steps_per_epoch
         for xb, yb in datasets.batches(self.data.x_train, self.data.y_train, cfg.batch_size, True, self.order_rng):
+            if cfg.augment:
+                xb = datasets.augment(xb, self.order_rng, self.data.in_shape[1] // 8, self._black)
             loss, logits = self.step(xb, yb, learn_masks=learn)
             if not math.isfinite(loss):
                 raise DivergedError(f"the loss became {loss} in epoch {self.epoch + 1}: training diverged "

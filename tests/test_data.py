@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from sclref import rng
+from sclref import data, rng
 from sclref.data import (
     MAX_CLASSES,
     MNIST_FILES,
@@ -1035,3 +1035,49 @@ def test_lengths_and_generator_are_checked():
         batches(x, y[:4], 2)
     with pytest.raises(TypeError, match="numpy.random.Generator"):
         batches(x, y, 2, generator=np.random.RandomState(0))
+
+
+# --- augmentation -------------------------------------------------------------------------------------------------
+
+
+def _augmented_by_hand(x, pad, fill, offsets, flips):
+    """`augment`'s result pixel by pixel: the source pixel of each output pixel, or `fill` in the padding."""
+    n, c, h, w = x.shape
+    out = np.empty_like(x)
+    for i in range(n):
+        for yy in range(h):
+            for xx in range(w):
+                sy = yy + offsets[i, 0] - pad
+                sx = (w - 1 - xx if flips[i] else xx) + offsets[i, 1] - pad
+                inside = 0 <= sy < h and 0 <= sx < w
+                out[i, :, yy, xx] = x[i, :, sy, sx] if inside else fill
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 5), c=st.integers(1, 3), h=st.integers(1, 9), w=st.integers(1, 9), pad=st.integers(0, 4),
+       fill=st.floats(-3, 3), seed=st.integers(0, 2**32 - 1), dtype=st.sampled_from([np.float32, np.float64]))
+def test_augment_crops_the_padded_image_and_flips_it(n, c, h, w, pad, fill, seed, dtype):
+    x = np.random.default_rng(seed).standard_normal((n, c, h, w)).astype(dtype)
+    out = data.augment(x, np.random.default_rng(seed), pad, fill)
+    gen = np.random.default_rng(seed)  # the same draws, in augment's order: offsets, then flips
+    offsets, flips = gen.integers(0, 2 * pad + 1, size=(n, 2)), gen.random(n) < 0.5
+    assert out.dtype == x.dtype
+    np.testing.assert_array_equal(out, _augmented_by_hand(x, pad, dtype(fill), offsets, flips))
+
+
+def test_augment_draws_from_the_generator_it_is_given():
+    x = np.arange(2 * 1 * 6 * 6, dtype=np.float64).reshape(2, 1, 6, 6)
+    a, b = (data.augment(x, np.random.default_rng(7), 2) for _ in range(2))
+    assert a.tobytes() == b.tobytes() and not np.shares_memory(a, x)
+    gen = np.random.default_rng(7)
+    assert {data.augment(x, gen, 2).tobytes() for _ in range(8)} != {a.tobytes()}  # later draws, other crops
+    np.testing.assert_array_equal(data.augment(x[:, :, :, :1], gen, 0), x[:, :, :, :1])  # pad 0, width 1: unchanged
+
+
+@pytest.mark.parametrize("x, pad, message", [(np.zeros((2, 3, 4)), 1, "must be .N, C, H, W."),
+                                             (np.zeros((1, 1, 4, 4)), -1, "pad must be an integer >= 0"),
+                                             (np.zeros((1, 1, 4, 4)), 1.5, "pad must be an integer >= 0")])
+def test_augment_refuses_what_is_not_a_batch_of_images(x, pad, message):
+    with pytest.raises(ValueError, match=message):
+        data.augment(x, np.random.default_rng(0), pad)

@@ -750,3 +750,26 @@ def test_a_resnet20_scl_run_learns_and_resumes_bit_for_bit(tmp_path):
     resumed = train(config, tmp_path / "cut", resume=True, log=quiet)
     assert param_bytes(resumed.model) == param_bytes(whole.model)
     assert (tmp_path / "cut" / MODEL).read_bytes() == (tmp_path / "whole" / MODEL).read_bytes()
+
+
+def test_augmented_runs_differ_from_plain_ones_and_resume_bit_for_bit(tmp_path):
+    settings = {**SMALL, "epochs": 2, "finetune_epochs": 1, "augment": True}
+    whole = run(**settings)
+    assert param_bytes(whole.model) != param_bytes(run(**{**settings, "augment": False}).model)
+    train(TrainConfig(**settings), tmp_path, log=quiet, stop_after=1)
+    _assert_resumed_equals(whole, train(TrainConfig(**settings), tmp_path, resume=True, log=quiet))
+
+
+def test_augmentation_pads_with_black_in_the_datas_own_scale(monkeypatch):
+    dataset = train_module.load_data(TrainConfig(**SMALL))
+    fills = []
+    real = train_module.datasets.augment
+
+    def augment(x, generator, pad, fill=0.0):
+        fills.append((pad, fill))
+        return real(x, generator, pad, fill)
+
+    monkeypatch.setattr(train_module.datasets, "augment", augment)
+    Trainer(TrainConfig(**{**SMALL, "augment": True}), dataset).run_epoch()
+    prep = dataset.preprocessing
+    assert set(fills) == {(1, -prep["mean"] / prep["std"])}  # 8x8 digits: pad 8 // 8 = 1
