@@ -20,6 +20,11 @@ def _info(args: argparse.Namespace) -> int:
     print(f"python {platform.python_version()} ({platform.machine()})")
     print(", ".join(f"{pkg} {version(pkg)}" for pkg in ("numpy", "scipy", "numba")))
     print(f"jit {'disabled' if kernels.JIT_DISABLED else 'enabled'}, {kernels.numba_threads()} numba threads")
+    from sclref import provenance, threads
+
+    for lib in provenance.numpy_blas():
+        print(f"BLAS {lib.get('internal_api')} {lib.get('version')} ({lib.get('architecture')}), "
+              f"{lib.get('num_threads')} threads; {threads.PINNED_THREADS} while sclref trains (sclref.threads)")
     # Training kernels are serial unless asked (sclref/kernels/_jit.py says why); sparse inference is the opposite.
     print(f"training kernels: {'parallel' if kernels.num_threads() > 1 else 'serial'} (SCLREF_NUMBA_PARALLEL=1 "
           f"for parallel); sparse inference kernels: {'parallel' if kernels.sparse.SPARSE_PARALLEL else 'serial'} "

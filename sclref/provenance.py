@@ -23,18 +23,18 @@ import threadpoolctl
 from sclref import kernels, threads
 from sclref._version import __version__
 
-__all__ = ["machine", "reproducibility", "resume_differences"]
+__all__ = ["machine", "numpy_blas", "reproducibility", "resume_differences"]
 
 
-def _numpy_blas(info: list[dict]) -> list[dict]:
-    """The BLAS entries of threadpoolctl's `info` that NumPy computes with.
+def numpy_blas() -> list[dict]:
+    """threadpoolctl's entries (``internal_api``, ``version``, ``num_threads``, ...) of the BLAS NumPy computes with.
 
     A NumPy wheel carries its own BLAS inside its install (``numpy.libs/`` or
     ``numpy/.dylibs/``); other loaded BLAS libraries (scipy's own copy) are then not
     NumPy's. Without such a library (a conda or distribution NumPy linked to a system
     BLAS) every loaded BLAS is taken.
     """
-    blas = [lib for lib in info if lib.get("user_api") == "blas"]
+    blas = [lib for lib in threadpoolctl.threadpool_info() if lib.get("user_api") == "blas"]
     package = os.path.dirname(os.path.abspath(np.__file__))
     own = (os.path.join(os.path.dirname(package), "numpy.libs") + os.sep, package + os.sep)
     inside = [lib for lib in blas if os.path.abspath(lib.get("filepath") or "").startswith(own)]
@@ -77,7 +77,7 @@ def reproducibility() -> dict:
     """
     blas = [{"internal_api": lib.get("internal_api"), "version": lib.get("version"),
              "architecture": lib.get("architecture")}
-            for lib in _numpy_blas(threadpoolctl.threadpool_info())]
+            for lib in numpy_blas()]
     return {
         "blas": sorted(blas, key=lambda lib: tuple(str(v) for v in lib.values())),
         "blas_threads": threads.PINNED_THREADS,

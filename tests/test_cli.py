@@ -49,6 +49,15 @@ def test_info_states_which_kernels_run_in_parallel(env, training, sparse):
     assert f"training kernels: {training}" in out and f"sparse inference kernels: {sparse}" in out
 
 
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_info_states_blas_threads_outside_and_inside_training(threads):
+    environ = {**os.environ, "OPENBLAS_NUM_THREADS": threads, "OMP_NUM_THREADS": threads}
+    out = subprocess.run([sys.executable, "-m", "sclref", "info"], capture_output=True, text=True, check=True,
+                         env=environ).stdout
+    (line,) = [line for line in out.splitlines() if line.startswith("BLAS ")]
+    assert line.endswith(f", {threads} threads; 1 while sclref trains (sclref.threads)")
+
+
 # -- sclref train -----------------------------------------------------------------------------
 
 SMALL_RUN = ["--epochs", "2", "--finetune-epochs", "1", "--train-limit", "300", "--test-limit", "100", "--no-progress"]
