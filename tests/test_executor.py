@@ -7,6 +7,7 @@ it, on 127.0.0.1, and stopped by it; the Dask tests are skipped without Dask.
 
 import _thread
 import contextlib
+import io
 import json
 import os
 import re
@@ -275,6 +276,22 @@ def test_damaged_metrics_give_a_summary_or_an_input_error_naming_the_file(serial
                 assert isinstance(summary, RunSummary)
 
     check()
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_the_progress_bar_counts_the_epochs_of_every_run_and_the_runs_finished(tmp_path, monkeypatch):
+    runs = runs_in(tmp_path, {FIRST: SWEEP[FIRST], "long": LONG})
+    total = sum(TrainConfig.from_dict(run.config).total_epochs for run in runs)
+    execute(runs[:1], scheduler="serial", progress=False, log=quiet)  # one run done already: skipped, still counted
+    monkeypatch.delenv("SCLREF_NO_PROGRESS", raising=False)
+    monkeypatch.setattr(sys, "stderr", _Terminal())
+    execute(runs, scheduler="serial", log=quiet)
+    shown = sys.stderr.getvalue()
+    assert f"{total}/{total}" in shown and "epoch" in shown and "runs 2/2" in shown
 
 
 def test_a_directory_without_metrics_has_no_summary(tmp_path):

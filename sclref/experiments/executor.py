@@ -32,6 +32,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -52,6 +53,7 @@ CONNECT_TIMEOUT = 5  # seconds to reach a scheduler given by its address
 WORKER_WAIT = 60  # seconds for a first worker to join a scheduler that has none
 LOCK_WAIT = 60.0  # seconds a run waits for another writer of its directory to let go
 LOCK_POLL = 0.5
+WATCH_EVERY = 1.0  # seconds between two looks at the running runs' metrics, for the progress bar
 RETRIES = 2  # resubmissions of a run whose task raised something unexpected (an I/O error, say)
 INSTALL_HINT = 'pip install -e ".[cluster]"'
 SCHEDULERS = ("serial", "local")
@@ -554,8 +556,22 @@ def _mode(scheduler, workers, threads_per_worker, to_train: int) -> str:
     return "local" if wanted >= 2 and to_train >= 2 else "serial"
 
 
+def _epochs(config: dict) -> int:
+    """A run's epochs for the progress bar; 0 for settings too broken to say (`_plan` refuses them by name)."""
+    try:
+        return max(0, int(config.get("epochs", TrainConfig.epochs)) + int(config.get("finetune_epochs",
+                                                                                    TrainConfig.finetune_epochs)))
+    except (TypeError, ValueError, OverflowError):
+        return 0
+
+
 class _Sweep:
-    """The bookkeeping of one `execute` call: results so far, runs still to start, the log and the progress bar."""
+    """The bookkeeping of one `execute` call: results so far, runs still to start, the log and the progress bar.
+
+    The bar counts epochs over all runs, read from the metrics file each running run
+    rewrites after every epoch: the store is the one place that knows, wherever a run
+    trains (a cluster's workers send their news only when a run ends).
+    """
 
     def __init__(self, runs: list[Run], lock_wait: float, log, progress: bool):
         from tqdm import tqdm
@@ -565,9 +581,38 @@ class _Sweep:
         self.tasks: dict[str, _Task] = {}  # planned ahead, for runs whose settings do not wait for others
         self.results: dict[str, RunSummary] = {}
         self.lock_wait = lock_wait
+        self.running: dict[str, Path] = {}  # started and not finished: their directories
+        self.epochs: dict[str, int] = {}  # epochs the bar has counted, per run
+        self._lock = threading.Lock()  # the bar is moved by the watcher thread too
         quiet = not progress or not sys.stderr.isatty() or os.environ.get("SCLREF_NO_PROGRESS") == "1"
-        self.bar = tqdm(total=len(runs), unit="run", dynamic_ncols=True, disable=quiet)
+        total = sum(_epochs(run.config) for run in runs)
+        self.bar = tqdm(total=total, unit="epoch", dynamic_ncols=True, disable=quiet)
         self._log = log
+        self._show_runs()
+
+    def _show_runs(self) -> None:
+        self.bar.set_postfix_str(f"runs {len(self.results)}/{len(self.runs)}")
+
+    def count(self, name: str, epochs: int) -> None:
+        """Move the bar to `epochs` done by run `name` (never back)."""
+        with self._lock:
+            new = epochs - self.epochs.get(name, 0)
+            if new > 0:
+                self.epochs[name] = epochs
+                self.bar.update(new)
+
+    def poll(self) -> None:
+        """Count the epochs the running runs' metrics files show."""
+        for name, directory in list(self.running.items()):
+            try:
+                done = json.loads((directory / METRICS).read_text())["epochs_done"]
+            except (OSError, ValueError, KeyError, TypeError):  # not written yet, or being replaced
+                continue
+            if isinstance(done, int) and not isinstance(done, bool):
+                self.count(name, done)
+
+    def start(self, task: _Task) -> None:
+        self.running[task.name] = Path(task.directory)
 
     def log(self, line: str) -> None:
         if self.bar.disable:
@@ -612,19 +657,27 @@ class _Sweep:
                 return tasks
 
     def finish(self, name: str, summary: RunSummary, trained: bool = True) -> None:
+        self.running.pop(name, None)
         self.results[name] = summary
         if trained:
             self.log(f"{name}: finished, test error {100 * summary.test_error:.2f} %, "
                      f"sparsity {100 * summary.sparsity:.2f} % ({summary.epochs_done} epochs)")
-        self.bar.update(1)
+        self.count(name, summary.epochs_done)
+        self._show_runs()
 
 
 def _run_serially(sweep: _Sweep) -> None:
     tasks = sweep.ready()
     while tasks:
         for task in tasks:
+            sweep.start(task)
+
+            def log(line, name=task.name):
+                sweep.log(f"{name}: {line}")
+                sweep.poll()  # a line per epoch: the metrics file has just been written
+
             try:
-                summary = _train_run(task, lambda line, name=task.name: sweep.log(f"{name}: {line}"))
+                summary = _train_run(task, log)
             except Exception as err:
                 _fail(task.name, err)
             sweep.finish(task.name, summary)
@@ -640,12 +693,16 @@ def _run_on(client, sweep: _Sweep) -> None:
 
     def submit(tasks):
         for task in tasks:
+            sweep.start(task)
             future = client.submit(_train_remote, task, key=f"sclref-run-{task.name}-{token}", pure=False,
                                    retries=RETRIES)
             names[future.key] = task.name
             outstanding.add(future)
             finished.add(future)
 
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch, args=(sweep, stop), daemon=True)
+    watcher.start()
     try:
         submit(sweep.ready())
         for future in finished:
@@ -664,6 +721,15 @@ def _run_on(client, sweep: _Sweep) -> None:
     except BaseException:
         client.cancel(list(outstanding))
         raise
+    finally:
+        stop.set()
+        watcher.join()
+
+
+def _watch(sweep: _Sweep, stop: threading.Event) -> None:
+    """Move the bar every `WATCH_EVERY` seconds while a cluster trains."""
+    while not stop.wait(WATCH_EVERY):
+        sweep.poll()
 
 
 def execute(runs, scheduler: str | None = None, workers: int | None = None, threads_per_worker: int | None = None,
@@ -690,8 +756,9 @@ def execute(runs, scheduler: str | None = None, workers: int | None = None, thre
         The size of the local cluster (see `local_cluster`); only with "local" or None.
         By default as many workers as there are cores (and no more than runs to train).
     progress : bool
-        Show a progress bar over runs on standard error (never when it is not a
-        terminal or ``SCLREF_NO_PROGRESS=1``).
+        Show a progress bar over the epochs of all runs, with the count of finished
+        runs, on standard error (never when it is not a terminal or
+        ``SCLREF_NO_PROGRESS=1``).
     log : callable
         Receives each line of news, prefixed with the run's name: the runs' epoch lines
         (from a cluster, when the run has finished), skips, waits and results.

@@ -375,7 +375,7 @@ def _reproduce(parts: list, log, dataset, scheduler) -> list[dict]:
                                        prepare))
     if not planned:
         return stores
-    summaries = execute(planned, scheduler=scheduler, progress=False, log=log)
+    summaries = execute(planned, scheduler=scheduler, log=log)
     load = os.getloadavg()[0]
     for run in planned:
         part, key, run_settings, done = keys[run.name]
