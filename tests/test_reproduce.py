@@ -378,3 +378,12 @@ def test_fuzz_the_results_file_reader(quick_run, tmp_path_factory):
 
     check()
     assert seen[0] >= 300
+
+
+def test_a_dense_convolutional_run_reports_the_multiply_adds_of_its_input_size(tmp_path):
+    settings = Settings.quick(models=("resnet20",), methods=("dense",), epochs=1, finetune_epochs=0, train_limit=64,
+                              test_limit=32)
+    (record,) = reproduce(settings, tmp_path / "results.json", log=quiet)["runs"]
+    conv1 = next(row for row in record["layers"] if row["layer"] == "conv1")
+    assert conv1["dense_flops"] == 2 * conv1["weights"] * 8 * 8  # a 3x3 'same' conv on 8x8 digits: 64 outputs
+    assert record["sparsity"] == 0 and record["effective_flops"] == record["dense_flops"]

@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from sclref import data, models, nn, provenance, storage
+from sclref.autograd import Tensor, no_grad
 from sclref.errors import InputError
 from sclref.runs import METRICS, load_model
 from sclref.train import TrainConfig, build_model, load_data
@@ -263,8 +264,11 @@ def _find(store: dict, key: dict) -> dict | None:
     return None
 
 
-def _plain_layer_report(model) -> list[dict]:
-    """`layer_report` rows for a network without masks: every connection kept."""
+def _plain_layer_report(directory: Path) -> list[dict]:
+    """`layer_report` rows for the network without masks of a run directory: every connection kept."""
+    model, saved = load_model(directory)
+    with no_grad():  # a conv's multiply-adds per sample depend on the input size, known after a forward pass
+        model(Tensor(np.zeros((1, *saved["in_shape"]), saved["config"]["dtype"])))
     rows = []
     for name, module in model.named_modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)):
@@ -278,7 +282,7 @@ def _record(key: dict, run_settings: dict, directory: Path, load: float) -> dict
     """The results-file record of one finished run, read from its directory."""
     metrics = json.loads((directory / METRICS).read_text())
     history, seconds = metrics["history"], metrics["timing"]["epoch_seconds"]
-    layers = metrics["final"]["layers"] or _plain_layer_report(load_model(directory)[0])
+    layers = metrics["final"]["layers"] or _plain_layer_report(directory)
     weights, kept = sum(r["weights"] for r in layers), sum(r["kept"] for r in layers)
     final = history[-1]
     train_seconds = sum(t for t in seconds if t is not None)
