@@ -405,13 +405,6 @@ def _prepare_magnitude(config: dict, done: dict, scope: str, scl: str, reference
     return {**config, "prune_scope": scope, "prune_sparsity": target}
 
 
-def _prune_target(run_settings: dict, reference: dict):
-    """The sparsity to prune to: each layer's as SCL-identity left it, or its overall one for a global threshold."""
-    if run_settings["scope"] == "global":
-        return reference["sparsity"]
-    return {r["layer"]: 1 - r["kept"] / r["weights"] for r in reference["layers"]}
-
-
 def _stats(values) -> dict:
     """Mean and sample standard deviation (ddof 1; None for a single value) of `values`."""
     values = [float(v) for v in values]

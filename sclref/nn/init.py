@@ -18,11 +18,3 @@ def uniform_fan_in(shape, fan_in: int, dtype=np.float64, generator: np.random.Ge
     check_allocation(np.atleast_1d(shape), 8, f"a weight of shape {tuple(np.atleast_1d(shape))}")
     bound = 1.0 / np.sqrt(fan_in) if fan_in > 0 else 0.0
     return gen.uniform(-bound, bound, size=shape).astype(dtype)
-
-
-def kaiming_uniform(shape, fan_in: int, dtype=np.float64, generator: np.random.Generator | None = None) -> np.ndarray:
-    """U(-b, b) with b = sqrt(6 / fan_in): He initialization for ReLU networks."""
-    gen = rng.default_generator() if generator is None else generator
-    check_allocation(np.atleast_1d(shape), 8, f"a weight of shape {tuple(np.atleast_1d(shape))}")
-    bound = np.sqrt(6.0 / fan_in) if fan_in > 0 else 0.0
-    return gen.uniform(-bound, bound, size=shape).astype(dtype)
