@@ -176,3 +176,77 @@ def threads_from_argv(default: int = 2) -> int:
     if "--threads" in argv:
         return int(argv[argv.index("--threads") + 1])
     return default
+
+
+@contextlib.contextmanager
+def competing_load(n: int = 2):
+    """Run the body beside `n` busy Python processes (each an endless loop), killed on exit.
+
+    The load of a shared machine (CI, notebooks, servers), started by the benchmark
+    itself so that "under load" means the same thing on every run.
+    """
+    import subprocess
+
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        time.sleep(0.5)  # until they run
+        yield procs
+    finally:
+        for proc in procs:
+            proc.kill()
+        for proc in procs:
+            proc.wait()
+
+
+def quantiles(samples) -> dict:
+    """Median and 90th percentile (seconds) of a list of timings."""
+    import numpy as np
+
+    return {"median": float(np.median(samples)), "p90": float(np.quantile(samples, 0.9))}
+
+
+def samples_in_workers(builders: dict, reps: int, block: int = 5, pause: float = 0.05, phases=None):
+    """Every timed call of each workload, each in its own process, taken in turn, in one or more phases.
+
+    As `time_in_workers`, but keeps every sample so callers can report any quantile.
+    `phases` maps a phase name to a zero-argument factory of the context manager the
+    phase runs in (e.g. ``{"quiet": contextlib.nullcontext, "load": competing_load}``;
+    default: one phase "quiet"); the workers are built once and timed in every phase,
+    each phase starting with a warm-up block. Returns ``({phase: {name: [seconds, ...]}},
+    {name: first result})``.
+    """
+    import multiprocessing as mp
+
+    phases = phases or {"quiet": contextlib.nullcontext}
+    ctx = mp.get_context("spawn")
+    workers, first = {}, {}
+    samples = {phase: {name: [] for name in builders} for phase in phases}
+    try:
+        for name, (build, args) in builders.items():
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_worker, args=(child, build, args), daemon=True)
+            proc.start()
+            workers[name] = (proc, parent)
+        for name, (proc, conn) in workers.items():
+            first[name] = _recv(name, proc, conn)
+        for phase, during in phases.items():
+            with during():
+                for turn in range(1 + -(-reps // block)):
+                    for name, (proc, conn) in workers.items():
+                        time.sleep(pause)
+                        conn.send(block)
+                        times = _recv(name, proc, conn)
+                        if turn:
+                            samples[phase][name] += times
+        for name, (proc, conn) in workers.items():
+            conn.send(0)
+            _recv(name, proc, conn)
+    finally:
+        for proc, conn in workers.values():
+            if proc.is_alive():
+                with contextlib.suppress(OSError):
+                    conn.send(0)
+                proc.join(timeout=10)
+                if proc.is_alive():
+                    proc.kill()
+    return samples, first

@@ -25,10 +25,10 @@ def _info(args: argparse.Namespace) -> int:
     for lib in provenance.numpy_blas():
         print(f"BLAS {lib.get('internal_api')} {lib.get('version')} ({lib.get('architecture')}), "
               f"{lib.get('num_threads')} threads; {threads.PINNED_THREADS} while sclref trains (sclref.threads)")
-    # Training kernels are serial unless asked (sclref/kernels/_jit.py says why); sparse inference is the opposite.
+    # Both kinds of kernels are serial unless asked: a parallel call stalls when another process holds a core.
     print(f"training kernels: {'parallel' if kernels.num_threads() > 1 else 'serial'} (SCLREF_NUMBA_PARALLEL=1 "
           f"for parallel); sparse inference kernels: {'parallel' if kernels.sparse.SPARSE_PARALLEL else 'serial'} "
-          f"(SCLREF_SPARSE_PARALLEL=0 for serial)")
+          f"(SCLREF_SPARSE_PARALLEL=1 for parallel from {kernels.sparse.PARALLEL_MIN_WORK:,} multiply-adds a call)")
     return 0
 
 

@@ -37,9 +37,9 @@ def test_info_runs_as_a_module():
     assert out.startswith(f"sclref {__version__}") and "numba" in out
 
 
-@pytest.mark.parametrize("env, training, sparse", [({}, "serial", "parallel"),
-                                                   ({"SCLREF_NUMBA_PARALLEL": "1", "SCLREF_SPARSE_PARALLEL": "0"},
-                                                    "parallel", "serial")])
+@pytest.mark.parametrize("env, training, sparse", [({}, "serial", "serial"),
+                                                   ({"SCLREF_NUMBA_PARALLEL": "1", "SCLREF_SPARSE_PARALLEL": "1"},
+                                                    "parallel", "parallel")])
 def test_info_states_which_kernels_run_in_parallel(env, training, sparse):
     environ = {k: v for k, v in os.environ.items() if k not in ("SCLREF_NUMBA_PARALLEL", "SCLREF_SPARSE_PARALLEL",
                                                                  "NUMBA_DISABLE_JIT")}

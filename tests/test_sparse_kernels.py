@@ -1,16 +1,26 @@
-"""The sparse kernels (and their NumPy twins) against scipy.sparse on random CSR matrices."""
+"""The sparse kernels against their NumPy twins and scipy.sparse on hypothesis geometries, and the same bits
+at any thread count and whichever thread rule applies."""
 
+import contextlib
+import os
+import subprocess
+import sys
+
+import numba
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from hypothesis import given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from sclref import kernels
 from sclref.kernels import reference as ref
-from tests.strategies import SEEDS
+from sclref.kernels import sparse as sparse_module
+from tests.strategies import SEEDS, conv_geometry
 
 MAX = 12 if kernels.JIT_DISABLED else 40
+MAX_BATCH = 24 if kernels.JIT_DISABLED else 300
+DENSITIES = st.one_of(st.sampled_from([0.0, 1.0]), st.floats(0.0, 1.0))
 TOL = {np.float32: 1e-5, np.float64: 1e-12}
 
 
@@ -29,7 +39,7 @@ def chain_cases(draw):
     sizes = [draw(st.integers(1, MAX))] + draw(st.lists(st.integers(0, MAX), min_size=1, max_size=3))
     weights, biases = [], []
     for k, f in zip(sizes[:-1], sizes[1:]):
-        w = _csr(gen, f, k, draw(st.sampled_from([0.0, 0.05, 0.3, 1.0])), dtype)
+        w = _csr(gen, f, k, draw(DENSITIES), dtype)
         if f and draw(st.booleans()):  # empty rows inside a non-empty layer
             dense = w.toarray()
             dense[gen.random(f) < 0.3] = 0
@@ -39,7 +49,7 @@ def chain_cases(draw):
         biases.append(gen.standard_normal(f).astype(dtype))
     acts = [draw(st.sampled_from([None, "relu", "leaky_relu"])) for _ in weights]
     alphas = [0.1 if a == "leaky_relu" else None for a in acts]
-    n = draw(st.integers(1, 9 if kernels.JIT_DISABLED else 2 * MAX))
+    n = draw(st.integers(1, MAX_BATCH))
     return weights, biases, acts, alphas, gen.standard_normal((n, sizes[0])).astype(dtype), dtype
 
 
@@ -87,21 +97,109 @@ def test_pack_chain_rejects_mismatched_layers_and_unknown_activations():
         kernels.pack_chain([w1], [np.zeros(3)], ["tanh"], [None], np.float64)
 
 
-@pytest.mark.parametrize("impl", [kernels, ref], ids=["kernel", "twin"])
-@given(seed=SEEDS, dtype=st.sampled_from([np.float32, np.float64]), stride=st.integers(1, 2),
-       density=st.sampled_from([0.0, 0.2, 1.0]))
-def test_csr_conv2d_matches_scipy_im2col(impl, seed, dtype, stride, density):
-    gen = np.random.default_rng(seed)
-    n, c, f, kh, kw, h, wd = 2, 2, 3, 3, 2, 7, 6
-    w = sp.random_array((f, c * kh * kw), density=density, format="csr", rng=gen)
-    w = sp.csr_array((w.data.astype(dtype), w.indices.astype(np.int32), w.indptr.astype(np.int32)), shape=w.shape)
-    w.sort_indices()
-    b = gen.standard_normal(f).astype(dtype)
-    xp = gen.standard_normal((n, c, h, wd)).astype(dtype)
-    oh, ow = (h - kh) // stride + 1, (wd - kw) // stride + 1
-    win = np.lib.stride_tricks.sliding_window_view(xp, (kh, kw), axis=(2, 3))[:, :, ::stride, ::stride]
-    cols = win.transpose(1, 4, 5, 0, 2, 3).reshape(c * kh * kw, -1)
-    expect = (w @ cols + b[:, None]).reshape(f, n, oh, ow).transpose(1, 0, 2, 3)
-    out = np.empty((n, f, oh, ow), dtype)
-    impl.csr_conv2d(kh, kw, stride, stride, w.indptr, w.indices, w.data, b, xp, out)
-    np.testing.assert_allclose(out, expect, rtol=TOL[dtype], atol=TOL[dtype])
+@st.composite
+def conv_cases(draw):
+    """CSR filters of any density, a batch of 1 to MAX_BATCH images, strides and padding; the flat stride-1
+    path drawn as often as the strided one."""
+    n, c, f, h, wd, kh, kw, stride, padding = draw(conv_geometry(max_n=MAX_BATCH, max_hw=9, max_k=5))
+    if draw(st.booleans()):
+        stride = (1, 1)
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    gen = np.random.default_rng(draw(SEEDS))
+    w = _csr(gen, f, c * kh * kw, draw(DENSITIES), dtype)
+    x = gen.standard_normal((n, c, h, wd)).astype(dtype)
+    return w, gen.standard_normal(f).astype(dtype), x, (kh, kw), stride, padding
+
+
+def _padded(x, padding):
+    (ph, pw) = padding
+    return np.ascontiguousarray(np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw))))
+
+
+def _conv_shape(x, filters, kernel, stride, padding):
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    return x.shape[0], filters, (x.shape[2] + 2 * ph - kh) // sh + 1, (x.shape[3] + 2 * pw - kw) // sw + 1
+
+
+@settings(deadline=None, max_examples=30)
+@given(case=conv_cases())
+@example(case=(sp.csr_array(np.ones((2, 9))), np.zeros(2), np.ones((1, 1, 3, 3)), (3, 3), (1, 1), (0, 0)))
+def test_csr_conv2d_matches_its_twin_and_the_dense_convolution(case):
+    w, bias, x, kernel, stride, padding = case
+    (kh, kw), (sh, sw) = kernel, stride
+    w = sp.csr_array((w.data.astype(x.dtype), w.indices.astype(np.int32), w.indptr.astype(np.int32)), shape=w.shape)
+    shape = _conv_shape(x, w.shape[0], kernel, stride, padding)
+    xp = _padded(x, padding)
+    got, twin = np.full(shape, np.nan, x.dtype), np.full(shape, np.nan, x.dtype)
+    kernels.csr_conv2d(kh, kw, sh, sw, w.indptr, w.indices, w.data, bias.astype(x.dtype), xp, got)
+    ref.csr_conv2d(kh, kw, sh, sw, w.indptr, w.indices, w.data, bias.astype(x.dtype), xp, twin)
+    dense = np.empty(shape, x.dtype)
+    ref.conv2d_fwd(x, w.toarray().reshape(w.shape[0], x.shape[1], kh, kw), sh, sw, *padding, dense)
+    tol = TOL[x.dtype.type] * max(1.0, float(np.abs(twin).max(initial=0.0)))
+    np.testing.assert_allclose(got, twin, rtol=0, atol=tol)
+    np.testing.assert_allclose(got, dense + bias.astype(x.dtype)[:, None, None], rtol=0, atol=tol)
+
+
+@contextlib.contextmanager
+def numba_threads(n):
+    old = numba.get_num_threads()
+    numba.set_num_threads(n)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(old)
+
+
+needs_two_threads = pytest.mark.skipif(kernels.JIT_DISABLED or numba.config.NUMBA_NUM_THREADS < 2,
+                                       reason="needs the JIT and two numba threads")
+
+
+@needs_two_threads
+@settings(deadline=None, max_examples=15)
+@given(chain=chain_cases(), conv=conv_cases())
+def test_parallel_kernels_give_the_serial_bits_on_one_and_two_threads(chain, conv):
+    weights, biases, acts, alphas, x, dtype = chain
+    packed = kernels.pack_chain(weights, biases, acts, alphas, dtype)
+    w, bias, xc, (kh, kw), (sh, sw), padding = conv
+    xp = _padded(xc, padding)
+    conv_shape = _conv_shape(xc, w.shape[0], (kh, kw), (sh, sw), padding)
+    w = sp.csr_array((w.data.astype(xc.dtype), w.indices.astype(np.int32), w.indptr.astype(np.int32)), shape=w.shape)
+
+    def run(threads, parallel):
+        out, conv_out = np.empty((x.shape[0], weights[-1].shape[0]), dtype), np.empty(conv_shape, xc.dtype)
+        with numba_threads(threads):
+            scratch = kernels.chain_scratch(packed[0], x.shape[0], dtype, threads=2 if parallel else 1)
+            kernels.csr_chain(*packed, x, out, scratch)
+            kernels.csr_conv2d(kh, kw, sh, sw, w.indptr, w.indices, w.data, bias, xp, conv_out, parallel=parallel)
+        return out.tobytes(), conv_out.tobytes()
+
+    serial = run(1, False)
+    assert run(1, True) == serial and run(2, True) == serial and run(2, False) == serial
+
+
+@needs_two_threads
+def test_the_thread_rule_goes_parallel_only_from_the_work_threshold(monkeypatch):
+    monkeypatch.setattr(sparse_module, "PARALLEL_MIN_WORK", 1000)
+    monkeypatch.setattr(sparse_module, "SPARSE_PARALLEL", True)
+    with numba_threads(2):
+        assert not sparse_module.parallel_pays(999) and sparse_module.parallel_pays(1000)
+        gen = np.random.default_rng(0)
+        packed = kernels.pack_chain([_csr(gen, 10, 20, 1.0, np.float64)], [np.zeros(10)], [None], [None], np.float64)
+        assert kernels.chain_scratch(packed[0], 40, np.float64).shape[0] == 2  # 40 rows x 200 nnz
+        assert kernels.chain_scratch(packed[0], 4, np.float64).shape[0] == 1  # 800 multiply-adds
+    with numba_threads(1):
+        assert not sparse_module.parallel_pays(10**9)  # one thread: never the pool
+    monkeypatch.setattr(sparse_module, "SPARSE_PARALLEL", False)
+    with numba_threads(2):
+        assert not sparse_module.parallel_pays(10**9)  # the default: serial whatever the work
+
+
+@pytest.mark.skipif(kernels.JIT_DISABLED, reason="with the JIT off every kernel is serial")
+@pytest.mark.parametrize("value, parallel", [(None, False), ("0", False), ("1", True)])
+def test_kernels_are_serial_unless_sclref_sparse_parallel_is_1(value, parallel):
+    env = {k: v for k, v in os.environ.items() if k != "SCLREF_SPARSE_PARALLEL"}
+    if value is not None:
+        env["SCLREF_SPARSE_PARALLEL"] = value
+    out = subprocess.run([sys.executable, "-c", "from sclref.kernels import sparse; print(sparse.SPARSE_PARALLEL)"],
+                         env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(parallel)

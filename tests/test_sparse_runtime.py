@@ -5,6 +5,7 @@ import itertools
 import re
 from concurrent.futures import ThreadPoolExecutor
 
+import numba
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -17,6 +18,7 @@ from sclref.sparse import (
     Flatten,
     GlobalAvgPool2d,
     Linear,
+    MaxPool2d,
     Residual,
     Runtime,
     SparseNetwork,
@@ -91,24 +93,78 @@ def _csr_with_density(rows, cols, nnz_per_row, gen):
                         shape=(rows, cols))
 
 
-def test_auto_takes_dense_for_convolutions_sooner_than_for_linear_layers():
-    # 8 % density: dense for a convolution at batch 1 (break-even 7 %), sparse for a
-    # linear layer (30 %); big batches follow the table of the parallel or serial kernel.
+def _lenet_like(gen, conv_density=0.5, fc_density=0.1):
+    """conv (stride 1, padding 1) - pool - relu - conv (stride 2) - relu - flatten - linear - relu - linear."""
+    def conv(name, f, c, k, density, **geometry):
+        nnz = max(1, round(density * c * k * k))
+        return Conv2d(name, _csr_with_density(f, c * k * k, nnz, gen), gen.standard_normal(f), in_channels=c,
+                      kernel_size=(k, k), **geometry)
+
+    layers = [conv("conv1", 4, 2, 3, conv_density, padding=(1, 1)), MaxPool2d("pool1", (2, 2), (2, 2)),
+              Activation("relu1", "relu"), conv("conv2", 6, 4, 3, conv_density, stride=(2, 2)),
+              Activation("relu2", "relu"), Flatten("flatten"),
+              Linear("fc1", _csr_with_density(12, 24, max(1, round(fc_density * 24)), gen), gen.standard_normal(12)),
+              Activation("relu3", "relu"), Linear("fc2", _csr_with_density(5, 12, 6, gen), gen.standard_normal(5))]
+    return SparseNetwork(layers, np.dtype(np.float64), input_shape=(2, 10, 10))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_every_backend_gives_the_same_output_for_a_convolutional_network(dtype):
+    gen = np.random.default_rng(13)
+    network = _lenet_like(gen)
+    names = [layer.name for layer in network.weighted()]
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    for batch in (1, 7, 64):
+        x = gen.standard_normal((batch, 2, 10, 10))
+        want = Runtime(network, dtype, "dense")(x)
+        mixes = ["auto", "sclref", "scipy"] + [dict(zip(names, gen.choice(["dense", "scipy", "sclref"], 4)))
+                                               for _ in range(3)]
+        for backend in mixes:
+            got = Runtime(network, dtype, backend)(x)
+            assert got.dtype == dtype and got.shape == (batch, 5)
+            np.testing.assert_allclose(got, want, rtol=tol, atol=tol * float(np.abs(want).max()))
+
+
+@pytest.mark.skipif(kernels.JIT_DISABLED or numba.config.NUMBA_NUM_THREADS < 2,
+                    reason="needs the JIT and two numba threads")
+@pytest.mark.parametrize("batch", [1, 5, 64, 300])
+def test_the_thread_rule_does_not_change_a_bit(monkeypatch, batch):
+    gen = np.random.default_rng(14)
+    network = _lenet_like(gen)
+    x = gen.standard_normal((batch, 2, 10, 10)).astype(np.float32)
+    outputs = []
+    for min_work, threads in ((0, 2), (1 << 62, 2), (0, 1)):  # always parallel, never, parallel on one thread
+        monkeypatch.setattr(kernels.sparse, "SPARSE_PARALLEL", True)
+        monkeypatch.setattr(kernels.sparse, "PARALLEL_MIN_WORK", min_work)
+        old = numba.get_num_threads()
+        numba.set_num_threads(threads)
+        try:
+            outputs.append(Runtime(network, np.float32, "sclref")(x).tobytes())
+        finally:
+            numba.set_num_threads(old)
+    assert outputs[0] == outputs[1] == outputs[2]
+
+
+def test_auto_runs_a_layer_dense_from_its_table_density_on():
     from sclref.sparse.runtime import CONV_DENSE_FROM, DENSE_FROM
 
-    gen = np.random.default_rng(0)
-    conv = Conv2d("conv", _csr_with_density(4, 100, 8, gen), np.zeros(4), in_channels=4, kernel_size=(5, 5))
-    fc = Linear("fc", _csr_with_density(3, 64, 5, gen), np.zeros(3))
-    network = SparseNetwork([conv, Flatten("flatten"), fc], np.dtype(np.float64), input_shape=(4, 8, 8))
-    run = Runtime(network)
     sparse = "scipy" if kernels.JIT_DISABLED else "sclref"
-    assert CONV_DENSE_FROM[1] <= 0.08 < DENSE_FROM[1]
-    assert run.choose("conv", 1) == "dense" and run.choose("fc", 1) == sparse
-    big = "dense" if 0.08 >= CONV_DENSE_FROM[16] else sparse
-    assert [run.choose("conv", b) for b in (64, 256)] == [big, big]
-    assert [run.choose("fc", b) for b in (64, 256)] == [sparse, sparse]
-    x = gen.standard_normal((2, 4, 8, 8))
-    np.testing.assert_allclose(run(x), Runtime(network, backend="scipy")(x), rtol=1e-12, atol=1e-12)
+    for table, kind in ((DENSE_FROM, "linear"), (CONV_DENSE_FROM, "conv")):
+        for batch in (1, 2, 16, 64, 256, 1000):
+            threshold = table[max(b for b in table if b <= batch)]
+            first = int(np.ceil(threshold * 100 - 1e-9)) if threshold <= 1 else 101  # fewest of 100 run dense
+            for nnz, expect in ((first, "dense"), (first - 1, sparse)):
+                if not 1 <= nnz <= 100:
+                    continue
+                gen = np.random.default_rng(nnz)
+                if kind == "conv":
+                    w = _csr_with_density(1, 100, nnz, gen)
+                    layer = Conv2d("w", w, np.zeros(1), in_channels=4, kernel_size=(5, 5))
+                    network = SparseNetwork([layer], np.dtype(np.float64), input_shape=(4, 5, 5))
+                else:
+                    network = SparseNetwork([Linear("w", _csr_with_density(1, 100, nnz, gen), np.zeros(1))],
+                                            np.dtype(np.float64))
+                assert Runtime(network).choose("w", batch) == expect, (kind, batch, nnz)
 
 
 def _padded_conv_network(padding):

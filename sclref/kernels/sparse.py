@@ -11,13 +11,24 @@ by one `csr_chain` call: a Python call and its argument checks cost about as muc
 whole sparse layer at batch 1, so the layers travel packed (`pack_chain`) and are
 validated once.
 
-Parallel loops split the outputs (batch tiles, or (image, filter) planes), never a
-sum, so threads write disjoint slices. They run in parallel above `PARALLEL_MIN_WORK`
-unless ``SCLREF_SPARSE_PARALLEL=0``: on 2 idle cores a 98.5 %-sparse LeNet-300-100 at
-batch 256 took 48 µs in parallel against 98 µs serial. A parallel region waits for its
-slowest thread, though, and on a machine whose cores are busy with other work that
-thread may not be scheduled: at load ~2.5 on 2 cores numba's OpenMP layer took 6.7 ms
-per call against 0.09 ms serial. Set ``SCLREF_SPARSE_PARALLEL=0`` on such machines.
+The kernels run serially unless ``SCLREF_SPARSE_PARALLEL=1``. A numba parallel region
+waits for its slowest thread, and on a machine whose cores are busy with other work
+(CI, notebooks, servers) that thread may not run until the scheduler's next tick or
+two. `benchmarks/sparse_inference.py` timed each kernel serial and parallel on the
+same work, quiet and beside two busy processes it starts (2 cores, load 5-7 from other
+users during the run): at the 90th percentile the parallel kernel was no faster at any
+work size from 0.3 to 82 M multiply-adds, and 10-200x slower below 7 M (a stall of
+8-40 ms where a serial call takes 0.1-3 ms); it came out ahead only for convolutions of
+37 M and 123 M multiply-adds under load (1.05x and 1.3x), while losing on the same
+work quiet (0.64x, 0.87x). Serial calls cannot stall on a
+late worker, so they are the default. With ``SCLREF_SPARSE_PARALLEL=1`` (for idle
+machines with cores to spare) a call goes to numba's thread pool when its work is at
+least `PARALLEL_MIN_WORK` (`parallel_pays`): on 2 idle cores a 98.5 %-sparse
+LeNet-300-100 at batch 256 took 48 µs in parallel against 98 µs serial.
+
+Parallel loops split the outputs (batch tiles, or chunks of (image, filter) planes),
+never a sum, so threads write disjoint slices and every output has the same bits at
+any thread count, serial or parallel.
 """
 
 import os
@@ -31,9 +42,9 @@ from numba.extending import intrinsic
 from sclref.kernels._jit import JIT_DISABLED, _decorate, jit, prange
 
 __all__ = ["ACTIVATIONS", "CHAIN_COLUMNS", "PARALLEL_MIN_WORK", "SPARSE_PARALLEL", "TILE", "TILE_MIN",
-           "chain_kernel", "chain_scratch", "csr_chain", "csr_conv2d", "pack_chain"]
+           "chain_kernel", "chain_scratch", "csr_chain", "csr_conv2d", "pack_chain", "parallel_pays"]
 
-SPARSE_PARALLEL = os.environ.get("SCLREF_SPARSE_PARALLEL", "1") != "0" and not JIT_DISABLED
+SPARSE_PARALLEL = os.environ.get("SCLREF_SPARSE_PARALLEL") == "1" and not JIT_DISABLED
 
 # The widest batch tile of `csr_chain`. A tile runs feature-major, (features, lanes):
 # each kept connection is a vector multiply-add over the tile's lanes, so wide tiles
@@ -46,9 +57,9 @@ TILE = 256
 # transposes, and the scratch is two feature vectors.
 TILE_MIN = 4
 
-# Below this many multiply-adds (batch rows x nnz, or output pixels x nnz) a call
-# runs serially: waking the worker threads costs several microseconds, and a worker
-# the scheduler has not run yet stalls the call.
+# With SCLREF_SPARSE_PARALLEL=1, below this many multiply-adds (batch rows x nnz, or
+# output pixels x nnz) a call still runs serially: waking the worker threads costs
+# several microseconds, more than a small call takes.
 PARALLEL_MIN_WORK = 1 << 19
 
 # Activation codes in the "act" column of a chain's layer table.
@@ -120,24 +131,24 @@ def pack_chain(weights, biases, activations, alphas, dtype):
     return layers, np.concatenate(ints or [np.zeros(0, itype)]).astype(itype), np.concatenate(vals)
 
 
-def _use_threads(work):
-    """Whether a call of `work` multiply-adds runs on the thread pool (see the module doc)."""
+def parallel_pays(work: int) -> bool:
+    """Whether a call of `work` multiply-adds runs on numba's thread pool (see the module doc)."""
     return SPARSE_PARALLEL and work >= PARALLEL_MIN_WORK and numba.get_num_threads() > 1
 
 
-def chain_scratch(layers, n, dtype):
+def chain_scratch(layers, n, dtype, threads=None):
     """A scratch buffer for `csr_chain` on a batch of `n` rows (reusable for every call with `n` rows).
 
     (2, W) below TILE_MIN rows, else (threads, 2, W, tile); W is the widest vector the
-    chain holds (its input or any layer's outputs). The kernel's choices: numba's thread
-    count above PARALLEL_MIN_WORK unless SCLREF_SPARSE_PARALLEL=0 (else 1 thread), and the
-    fewest tiles of at most TILE lanes (a multiple of 8) that give every thread one.
+    chain holds (its input or any layer's outputs). `threads` defaults to numba's thread
+    count when `parallel_pays` for the call's n * nnz multiply-adds, else 1; the tiles are
+    the fewest of at most TILE lanes (a multiple of 8) that give every thread one.
     """
     width = int(max(layers[0, _K], layers[:, _F].max())) if layers.shape[0] else 0
     if n < TILE_MIN:
         return np.empty((2, width), dtype)
-    work = n * int(layers[:, _NNZ].sum())
-    threads = numba.get_num_threads() if _use_threads(work) else 1
+    if threads is None:
+        threads = numba.get_num_threads() if parallel_pays(n * int(layers[:, _NNZ].sum())) else 1
     tiles = max(min(threads, -(-n // 8)), -(-n // TILE))
     tile = -(-n // tiles)
     tile += -tile % 8  # whole vectors of lanes
@@ -345,54 +356,81 @@ def csr_chain(layers, ints, vals, x, out, scratch):
 
 
 def _conv(kh, kw, sh, sw, indptr, indices, data, bias, xp, out):
-    # Direct sparse convolution: each kept weight w[j, c, i, k] adds w times a strided
-    # window of input plane c to output plane j, a vectorizable row update; parallel
-    # over (image, filter) planes.
+    # Direct sparse convolution: each kept weight w[j, c, i, k] adds w times a window of
+    # input plane c to output plane j. At stride 1 the planes are taken flat: output
+    # pixel (a, b) sits at a * Wp + b of a row-wide accumulator, and every kept weight is
+    # one contiguous multiply-add of (OH - 1) * Wp + OW lanes, input shifted by
+    # i * Wp + k (the Wp - OW wrapped lanes of each row are computed and dropped). One
+    # long loop instead of OH loops of OW lanes: LeNet-5's conv2 has OW = 8, a single
+    # float32 vector. Strided convolutions update row by row. Parallel over fixed
+    # chunks of (image, filter) planes; each plane's sum runs over the kept weights in
+    # index order, then the bias, whatever the chunking.
     nimg, nch, hp, wp = xp.shape
     f, oh, ow = out.shape[1], out.shape[2], out.shape[3]
     khw = kh * kw
     zero = out.dtype.type(0)
-    for q in prange(nimg * f):
-        n = q // f
-        j = q - n * f
-        o = out[n, j]
-        for a in range(oh):
-            for b in range(ow):
-                o[a, b] = zero
-        for p in range(indptr[j], indptr[j + 1]):
-            col = indices[p]
-            c = col // khw
-            i = (col - c * khw) // kw
-            k = col - c * khw - i * kw
-            w = data[p]
-            plane = xp[n, c]
-            for a in range(oh):
-                src = plane[a * sh + i]
-                dst = o[a]
-                if sw == 1:
+    planes = nimg * f
+    chunks = min(planes, 64)
+    flat = sh == 1 and sw == 1
+    span = (oh - 1) * wp + ow
+    xf = xp.reshape((nimg, nch, hp * wp))
+    for t in prange(chunks):
+        acc = np.empty(span if flat else 1, out.dtype)
+        for q in range(t * planes // chunks, (t + 1) * planes // chunks):
+            n = q // f
+            j = q - n * f
+            o = out[n, j]
+            bj = bias[j]
+            if flat:
+                for r in range(span):
+                    acc[r] = zero
+                for p in range(indptr[j], indptr[j + 1]):
+                    col = indices[p]
+                    c = col // khw
+                    i = (col - c * khw) // kw
+                    src = xf[n, c, i * wp + col - c * khw - i * kw:]
+                    w = data[p]
+                    for r in range(span):
+                        acc[r] += w * src[r]
+                for a in range(oh):
+                    dst = o[a]
                     for b in range(ow):
-                        dst[b] += w * src[b + k]
-                else:
+                        dst[b] = acc[a * wp + b] + bj
+                continue
+            for a in range(oh):
+                for b in range(ow):
+                    o[a, b] = zero
+            for p in range(indptr[j], indptr[j + 1]):
+                col = indices[p]
+                c = col // khw
+                i = (col - c * khw) // kw
+                k = col - c * khw - i * kw
+                w = data[p]
+                plane = xp[n, c]
+                for a in range(oh):
+                    src = plane[a * sh + i]
+                    dst = o[a]
                     for b in range(ow):
                         dst[b] += w * src[b * sw + k]
-        bj = bias[j]
-        for a in range(oh):
-            for b in range(ow):
-                o[a, b] += bj
+            for a in range(oh):
+                for b in range(ow):
+                    o[a, b] += bj
 
 
 _CONV = {False: jit(_conv), True: _parallel(_conv)}
 
 
-def csr_conv2d(kh, kw, sh, sw, indptr, indices, data, bias, xp, out):
+def csr_conv2d(kh, kw, sh, sw, indptr, indices, data, bias, xp, out, parallel=None):
     """Cross-correlate a zero-padded input with CSR filters, then add the bias.
 
     The filters W (F, C, KH, KW) are a CSR matrix of shape (F, C*KH*KW) whose column
     ``c*KH*KW + i*KW + k`` is w[:, c, i, k] (the im2col order). xp (N, C, Hp, Wp) is
     the already padded input, out (N, F, OH, OW) with OH = (Hp - KH) // sh + 1.
     out[n, j, a, b] = sum_{c,i,k} w[j, c, i, k] * xp[n, c, a*sh + i, b*sw + k] + bias[j].
-    O(N*nnz*OH*OW + N*F*OH*OW) time, no scratch memory.
+    O(N*nnz*OH*Wp + N*F*OH*OW) time, scratch of OH*Wp values per chunk of planes. `parallel`
+    defaults to `parallel_pays` for the N * OH * OW * max(nnz, F) multiply-adds.
     """
     n, f, oh, ow = out.shape
-    par = _use_threads(n * oh * ow * max(data.shape[0], f))
-    _CONV[par](kh, kw, sh, sw, indptr, indices, data, bias, xp, out)
+    if parallel is None:
+        parallel = parallel_pays(n * oh * ow * max(data.shape[0], f))
+    _CONV[bool(parallel)](kh, kw, sh, sw, indptr, indices, data, bias, xp, out)

@@ -1,6 +1,8 @@
 """Run an exported `SparseNetwork` on a CPU with one of three backends per weight layer.
 
-* ``sclref``: the numba kernels of `sclref.kernels.sparse`.
+* ``sclref``: the numba kernels of `sclref.kernels.sparse`, on one thread unless
+  ``SCLREF_SPARSE_PARALLEL=1`` (a parallel call stalls when another process holds a
+  core; that module's doc gives the measurements).
 * ``scipy``: scipy.sparse products (the reference sparse implementation).
 * ``dense``: NumPy/BLAS on the dense form of the same weights (a reference, and the
   fastest choice for dense-enough layers).
@@ -25,6 +27,7 @@ own layers) on the same input and adds their outputs.
 
 from __future__ import annotations
 
+import math
 import threading
 
 import numpy as np
@@ -40,20 +43,25 @@ __all__ = ["BACKENDS", "CONV_DENSE_FROM", "DENSE_FROM", "Runtime"]
 BACKENDS = ("auto", "sclref", "scipy", "dense")
 
 # Density (kept / all weights) from which a layer runs on dense BLAS instead of the
-# sclref kernels, by batch size (the largest key <= batch applies). `sclref bench` on
-# the LeNet layers (2 cores, float32) measured the break-even of one layer alone at
-# 10-31 % for batch 1 (lowest for the widest layers, where BLAS's matrix-vector product
-# is fastest; highest for small ones, where the call overhead that a chain of sclref
-# layers shares dominates) and 11-49 % for batches of 64 and 256 (94 % for 10x78).
-# A dense layer also ends the chain it sits in, so the threshold errs high.
-DENSE_FROM = {1: 0.3}
-# The same for convolutions against im2col + BLAS: LeNet-5's conv2 broke even at 7 %
-# density for batch 1. For 64 and 256 the serial direct convolution (SCLREF_SPARSE_PARALLEL=0)
-# broke even at 4-4.5 %; the parallel one at 9-10 % for conv2 and 35-37 % for conv1 alone,
-# but a forward pass that alternates BLAS's and numba's thread pools loses more than a
-# dense layer saves (LeNet-5, batch 256: 29.5 ms with conv1 dense, 15.9 ms all sparse), so
-# with parallel kernels convolutions go dense only when half their connections are kept.
-CONV_DENSE_FROM = {1: 0.07, 16: 0.5} if kernels.sparse.SPARSE_PARALLEL else {1: 0.07, 16: 0.04}
+# sclref kernels, by batch size (the largest key <= batch applies; inf: never). Measured
+# by `benchmarks/sparse_inference.py --parts break-even` on every LeNet-300-100 and
+# LeNet-5 layer with random weights (float32, 2 cores, BLAS on 2 threads, serial sparse
+# kernels, load 5-7 from other users, and beside two more busy processes): dense runs
+# only from the density where it was faster at the median and the 90th percentile in
+# both conditions. Linear layers at batch 1 broke even at 14-44 % (300x784), 12-75 %
+# (100x300) and 28-72 % (500x800); at batch 64 and 256 the 300x784 and 500x800 layers
+# stayed faster sparse at every density up to 100 % at the 90th percentile or under load,
+# since BLAS's threads stall on a busy machine as numba's do (a 2-thread product waits
+# for its second thread up to 8-30 ms).
+DENSE_FROM = {1: 0.75, 32: math.inf}
+# The same for convolutions against im2col + BLAS: never. LeNet-5's conv1 (1 input
+# channel, 25 weights per filter, 24x24 outputs) stayed faster on the direct sparse
+# convolution at every density up to 100 % and every batch; conv2 (20 channels, 8x8
+# outputs) never broke even at batch 1, and at batch 64 and 256 went faster dense from
+# 62-73 % and 27-42 % density. One threshold per batch cannot send conv2 dense without
+# sending conv1 too, and a LeNet-5 pruned by global magnitude keeps conv1 (nearly) dense:
+# with conv1 dense, auto took 1.4-2.7x the all-sclref time at batch 64 and 256.
+CONV_DENSE_FROM = {1: math.inf}
 
 
 class _Weights:
@@ -135,9 +143,9 @@ class Runtime:
 
         Every array a forward pass allocates is checked with
         `sclref.errors.check_allocation` (a `LimitError` names the layer and the array):
-        each layer's output, a convolution's zero-padded input and im2col columns, a
-        pooling layer's argmax, and the dense weights of layers that run dense. A shape
-        the network does not take is a ValueError naming the layer.
+        each layer's output, a convolution's zero-padded input and im2col columns, and
+        the dense weights of layers that run dense. A shape the network does not take
+        is a ValueError naming the layer.
         """
         n = int(shape[0])
         shapes = self.network.shapes(tuple(shape[1:]))
@@ -167,8 +175,6 @@ class Runtime:
                 if backend != "sclref":
                     check_allocation((c * kh * kw, n * after[1] * after[2]), size,
                                      f"{where}: the im2col columns (kernel {list(layer.kernel_size)})")
-            if isinstance(layer, net.MaxPool2d):
-                check_allocation((n, *after), np.dtype(np.int64).itemsize, f"{where}: the pooling argmax")
             check_allocation((n, *after), size, f"{where}: the output {list(after)} per sample")
             before = after
         return before
@@ -265,9 +271,15 @@ class Runtime:
             if x.shape[2] < kh or x.shape[3] < kw:
                 raise ValueError(f"{layer.name}: pooling window {layer.kernel_size} is larger than the input "
                                  f"{x.shape[2:]}")
-            shape = (*x.shape[:2], (x.shape[2] - kh) // sh + 1, (x.shape[3] - kw) // sw + 1)
-            out, argmax = np.empty(shape, x.dtype), np.empty(shape, np.int64)
-            kernels.maxpool2d_fwd(x, kh, kw, sh, sw, out, argmax)
+            # The max of KH*KW strided views, each a whole-array NumPy maximum: inference
+            # needs no argmax, and at LeNet-5's pool1 (batch 64) this took 0.83 ms against
+            # 4.2 ms for the training kernel, which also finds each window's argmax.
+            oh, ow = (x.shape[2] - kh) // sh + 1, (x.shape[3] - kw) // sw + 1
+            out = None
+            for i in range(kh):
+                for k in range(kw):
+                    view = x[:, :, i:i + sh * (oh - 1) + 1:sh, k:k + sw * (ow - 1) + 1:sw]
+                    out = view.copy() if out is None else np.maximum(out, view, out=out)
             return out
         return _flatten(x)
 
