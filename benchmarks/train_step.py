@@ -10,7 +10,10 @@
     python benchmarks/train_step.py [--kind plain|scl|both] [--threads 2] [--reps 50] [--resnet] [--pin]
 
 ``--pin`` runs sclref's step inside `sclref.threads.pinned` (BLAS on one thread), as
-`sclref train` does during its epochs; without it sclref's BLAS uses ``--threads``.
+`sclref train` does during its epochs: sclref's kernels then split their work (conv
+chunks with their matrix products, batch norm's channels, pooling and elementwise
+ranges) over numba's ``--threads`` threads. Without it sclref's BLAS uses ``--threads``
+and the conv chunks run one after the other.
 
 Each engine runs in its own process (so their thread pools do not fight) from the same
 weights and batch; the first step's loss must agree, then the two take turns in blocks
@@ -22,6 +25,7 @@ top of the built model (peak resident size), with its ratio.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -314,6 +318,7 @@ def main():
     parser.add_argument("--models", nargs="+", choices=list(MODELS), help="time only these models")
     args = parser.parse_args()
     have_torch = common.torch_or_none(args.threads) is not None
+    load_before = os.getloadavg()
     gemm = common.gemm_gflops("float32")
     kinds = ("plain", "scl") if args.kind == "both" else (args.kind,)
     names = args.models or [name for name in MODELS if args.resnet or name != "ResNet-20"]
@@ -328,13 +333,19 @@ def main():
         [[r["kind"], r["model"], f"{r['sclref_ms']:.2f}", f"{r.get('torch_ms', nan):.2f}", f"{r.get('ratio', nan):.2f}",
           f"{r['floor_ms']:.2f}", _memory_cell(r)] for r in rows],
     )
+    load = {"before": load_before, "after": os.getloadavg()}
     pin = ", sclref pinned to 1 BLAS thread" if args.pin else ""
     print(f"float32, batch {args.batch}, {args.threads} threads{pin}, median of {args.reps}; "
-          f"NumPy GEMM {gemm:.1f} GFLOP/s\n")
+          f"NumPy GEMM {gemm:.1f} GFLOP/s; load average (1, 5, 15 min) {_load(load['before'])} before, "
+          f"{_load(load['after'])} after\n")
     print(table)
     common.write_json(args.out, {"machine": common.machine(), "threads": args.threads, "pin": args.pin,
-                                 "gemm_gflops": gemm,
+                                 "gemm_gflops": gemm, "load_average": load,
                                  "reps": args.reps, "rows": rows})
+
+
+def _load(triple) -> str:
+    return "/".join(f"{v:.2f}" for v in triple)
 
 
 def _memory_cell(row: dict) -> str:

@@ -25,7 +25,10 @@ def _info(args: argparse.Namespace) -> int:
     for lib in provenance.numpy_blas():
         print(f"BLAS {lib.get('internal_api')} {lib.get('version')} ({lib.get('architecture')}), "
               f"{lib.get('num_threads')} threads; {threads.PINNED_THREADS} while sclref trains (sclref.threads)")
-    # Both kinds of kernels are serial unless asked: a parallel call stalls when another process holds a core.
+    # numba's parallel loops are off unless asked: a parallel call stalls when another process holds a core. Training
+    # splits its own work into tasks instead, which the calling thread takes too, so it never waits for a late thread.
+    print(f"training tasks (conv chunks, batch norm, pooling, elementwise): up to {kernels.numba_threads()} threads "
+          f"(NUMBA_NUM_THREADS) while BLAS is pinned")
     print(f"training kernels: {'parallel' if kernels.num_threads() > 1 else 'serial'} (SCLREF_NUMBA_PARALLEL=1 "
           f"for parallel); sparse inference kernels: {'parallel' if kernels.sparse.SPARSE_PARALLEL else 'serial'} "
           f"(SCLREF_SPARSE_PARALLEL=1 for parallel from {kernels.sparse.PARALLEL_MIN_WORK:,} multiply-adds a call)")

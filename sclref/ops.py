@@ -37,6 +37,13 @@ def _contiguous(a: np.ndarray) -> np.ndarray:
     return a if a.flags.c_contiguous else np.ascontiguousarray(a)
 
 
+def _flat_split(kernel, *arrays) -> None:
+    """kernel(*arrays) on same-sized C-contiguous arrays (inputs, then outputs), cut into ranges of their flat
+    views that threads compute at once; for elementwise kernels, whose results do not depend on the cut."""
+    flat = [a.reshape(-1) for a in arrays]
+    K.run_ranges(flat[0].size, flat[0].nbytes * len(flat), lambda i, j: kernel(*(a[i:j] for a in flat)))
+
+
 def _check_dtypes(op: str, *tensors: Tensor) -> None:
     dtypes = {t.data.dtype for t in tensors}
     if len(dtypes) > 1:
@@ -107,7 +114,11 @@ class Add(Function):
 
     def forward(self, a, b):
         self.shapes = a.shape, b.shape
-        return a + b
+        if a.shape != b.shape or a.dtype != b.dtype or not (a.flags.c_contiguous and b.flags.c_contiguous):
+            return a + b
+        out = np.empty_like(a)  # same shapes (a residual connection): ranges added on several threads
+        _flat_split(np.add, a, b, out)
+        return out
 
     def backward(self, g):
         sa, sb = self.shapes
@@ -537,12 +548,12 @@ class MaskedWeight(Function):
     def forward(self, theta, s, surrogate):
         self.theta, self.s, self.surrogate = _contiguous(theta), _contiguous(s), surrogate
         out = np.empty_like(self.theta)
-        K.masked_weight_fwd(self.theta, self.s, out)
+        _flat_split(K.masked_weight_fwd, self.theta, self.s, out)
         return out
 
     def backward(self, g):
         g_theta, g_s = np.empty_like(self.theta), np.empty_like(self.theta)
-        K.masked_weight_bwd(_contiguous(g), self.theta, self.s, g_theta, g_s)
+        _flat_split(K.masked_weight_bwd, _contiguous(g), self.theta, self.s, g_theta, g_s)
         if self.surrogate is not None:
             g_s *= self.surrogate(self.s)
         return g_theta, g_s
@@ -573,12 +584,12 @@ class ReLU(Function):
     def forward(self, a):
         self.a = a = _contiguous(a)
         out = np.empty_like(a)
-        K.relu_fwd(a, out)
+        _flat_split(K.relu_fwd, a, out)
         return out
 
     def backward(self, g):
         gx = np.empty_like(self.a)
-        K.relu_bwd(self.a, _contiguous(g), gx)
+        _flat_split(K.relu_bwd, self.a, _contiguous(g), gx)
         return (gx,)
 
 
@@ -589,12 +600,12 @@ class LeakyReLU(Function):
         self.a = a = _contiguous(a)
         self.alpha = alpha
         out = np.empty_like(a)
-        K.leaky_relu_fwd(a, alpha, out)
+        _flat_split(lambda x, y: K.leaky_relu_fwd(x, alpha, y), a, out)
         return out
 
     def backward(self, g):
         gx = np.empty_like(self.a)
-        K.leaky_relu_bwd(self.a, _contiguous(g), self.alpha, gx)
+        _flat_split(lambda x, gy, y: K.leaky_relu_bwd(x, gy, self.alpha, y), self.a, _contiguous(g), gx)
         return (gx,)
 
 
@@ -746,14 +757,16 @@ class MaxPool2d(Function):
         n, c, h, w = x.shape
         shape = (n, c, (h - kh) // sh + 1, (w - kw) // sw + 1)
         out = np.empty(shape, dtype=x.dtype)
-        self.argmax = np.empty(shape, dtype=np.int64)
+        self.argmax = argmax = np.empty(shape, dtype=np.int64)
         self.in_shape = x.shape
-        K.maxpool2d_fwd(x, kh, kw, sh, sw, out, self.argmax)
+        # Images are independent: threads take ranges of them.
+        K.run_ranges(n, x.nbytes, lambda i, j: K.maxpool2d_fwd(x[i:j], kh, kw, sh, sw, out[i:j], argmax[i:j]))
         return out
 
     def backward(self, g):
         gx = np.empty(self.in_shape, dtype=g.dtype)
-        K.maxpool2d_bwd(_contiguous(g), self.argmax, gx)
+        g, argmax = _contiguous(g), self.argmax
+        K.run_ranges(gx.shape[0], gx.nbytes, lambda i, j: K.maxpool2d_bwd(g[i:j], argmax[i:j], gx[i:j]))
         return (gx,)
 
 
@@ -831,50 +844,33 @@ def dropout(x: Tensor, p: float = 0.5, training: bool = True, generator: np.rand
 # -- normalization and global pooling ------------------------------------------------------
 
 
-def _stat_axes(ndim: int) -> tuple[int, ...]:
-    """Every axis of an (N, C, ...) array but the channel axis 1: where batch statistics are taken."""
-    return (0,) + tuple(range(2, ndim))
-
-
 class BatchNorm(Function):
     """y = (x - mean) / sqrt(var + eps) * weight + bias per channel (axis 1), with the batch's own mean
-    and biased variance when `mean` and `var` are None (training), else with the given ones (eval)"""
+    and biased variance when `training` (written into `stats`, a (2, C) array), else with the mean and
+    variance `stats` holds (eval)"""
 
-    def forward(self, x, weight=None, bias=None, *, mean, var, eps):
-        axes, shape = _stat_axes(x.ndim), (1, -1) + (1,) * (x.ndim - 2)
-        self.batch_stats = mean is None
-        if self.batch_stats:
-            mean = x.mean(axis=axes)
-            centered = x - mean.reshape(shape)
-            var = np.square(centered).mean(axis=axes)  # two passes: no cancellation when |mean| >> std
-        else:
-            centered = x - mean.reshape(shape)
-        self.inv_std = 1 / np.sqrt(var + x.dtype.type(eps))
-        centered *= self.inv_std.reshape(shape)  # `centered` is a fresh array: it becomes x-hat in place
-        self.xhat, self.weight = centered, weight
-        out = self.xhat.copy() if weight is None else self.xhat * weight.reshape(shape)
-        if bias is not None:
-            out += bias.reshape(shape)
-        return out
+    def forward(self, x, weight=None, bias=None, *, stats, training, eps):
+        n, c = x.shape[:2]
+        self.shape, self.training = x.shape, training
+        self.x = x3 = _contiguous(x).reshape(n, c, -1)
+        self.weight = np.ones(c, dtype=x.dtype) if weight is None else _contiguous(weight)
+        bias = np.zeros(c, dtype=x.dtype) if bias is None else _contiguous(bias)
+        self.inv_std = np.empty(c, dtype=x.dtype)
+        y = np.empty_like(x3)
+        K.batchnorm_fwd(x3, self.weight, bias, x.dtype.type(eps), training, stats[0], stats[1], self.inv_std, y)
+        self.mean = stats[0].copy()  # a re-run of the op (check_grads) writes new batch statistics into `stats`
+        return y.reshape(x.shape)
 
     def backward(self, g):
         # With batch statistics, mean and var depend on x, which adds two per-channel terms:
         # gx = weight * inv_std * (g - mean(g) - xhat * mean(g * xhat)), means over the batch axes.
-        axes, shape = _stat_axes(g.ndim), (1, -1) + (1,) * (g.ndim - 2)
         need_x, need_w, need_b = (self.needs_grad + (False, False))[:3]
-        batch_x = need_x and self.batch_stats
-        g_sum = g.sum(axis=axes) if need_b or batch_x else None
-        gxhat_sum = np.sum(g * self.xhat, axis=axes) if need_w or batch_x else None
-        gx = None
-        if need_x:
-            scale = self.inv_std if self.weight is None else self.inv_std * self.weight
-            if batch_x:
-                count = g.size // g.shape[1]
-                gx = g - (g_sum / count).reshape(shape)
-                gx -= self.xhat * (gxhat_sum / count).reshape(shape)
-                gx *= scale.reshape(shape)
-            else:
-                gx = g * scale.reshape(shape)
+        c = self.x.shape[1]
+        g_sum, gxhat_sum = np.empty(c, dtype=g.dtype), np.empty(c, dtype=g.dtype)
+        gx = np.empty_like(self.x) if need_x else self.x[:0]
+        K.batchnorm_bwd(self.x, _contiguous(g).reshape(self.x.shape), self.mean, self.inv_std, self.weight,
+                        self.training, need_x, g_sum, gxhat_sum, gx)
+        gx = gx.reshape(self.shape) if need_x else None
         return (gx, gxhat_sum if need_w else None, g_sum if need_b else None)[:len(self.needs_grad)]
 
 
@@ -944,20 +940,21 @@ def batch_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
         if c == 0 or x.size // c < 2:
             raise ValueError(f"batch_norm: training needs more than one value per channel, got input of shape "
                              f"{x.shape}")
-        out = BatchNorm.apply(*tensors, mean=None, var=None, eps=float(eps))
+        stats = np.empty((2, c), dtype=x.dtype)
+        out = BatchNorm.apply(*tensors, stats=stats, training=True, eps=float(eps))
     else:
         if running_mean is None:
             raise ValueError("batch_norm: eval mode needs running_mean and running_var")
         if not (np.all(np.isfinite(running_mean)) and np.all(running_var >= 0) and np.all(np.isfinite(running_var))):
             raise ValueError("batch_norm: running_mean must be finite and running_var finite and >= 0")
-        # Copies: a recorded op must not see the running statistics change under it.
-        out = BatchNorm.apply(*tensors, mean=running_mean.copy(), var=running_var.copy(), eps=float(eps))
+        # A copy: a recorded op must not see the running statistics change under it.
+        out = BatchNorm.apply(*tensors, stats=np.stack([running_mean, running_var]), training=False, eps=float(eps))
     if training and running_mean is not None:
         # State is updated here, outside BatchNorm.forward, so the op stays a pure function of its
-        # inputs that check_grads can re-run; this costs one more pass for the batch statistics.
-        axes, m = _stat_axes(x.ndim), x.dtype.type(momentum)
-        running_mean[...] = m * x.data.mean(axis=axes) + (1 - m) * running_mean
-        running_var[...] = m * x.data.var(axis=axes, ddof=1) + (1 - m) * running_var
+        # inputs that check_grads can re-run; the batch statistics come from its forward pass.
+        m, count = x.dtype.type(momentum), x.size // c
+        running_mean[...] = m * stats[0] + (1 - m) * running_mean
+        running_var[...] = m * (stats[1] * x.dtype.type(count / (count - 1))) + (1 - m) * running_var
     return out
 
 

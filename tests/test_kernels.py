@@ -8,18 +8,21 @@ import os
 import pathlib
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 
 import numba
 import numpy as np
 import pytest
 import scipy.sparse
+import threadpoolctl
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from numba.core.dispatcher import Dispatcher
 
 from sclref import kernels
+from sclref import threads as sclref_threads
 from sclref.kernels import conv as conv_module
 from sclref.kernels import (
     conv2d_bwd_input,
@@ -36,6 +39,7 @@ from sclref.kernels import (
     sgd_update,
 )
 from sclref.kernels import elementwise as elementwise_module
+from sclref.kernels import norm as norm_module
 from sclref.kernels import optim as optim_module
 from sclref.kernels import pool as pool_module
 from sclref.kernels import reference as ref
@@ -511,6 +515,88 @@ def test_leaky_relu_rounds_alpha_to_the_array_dtype():
     assert out[0] == np.float32(0.1) * np.float32(-3.0)
 
 
+# -- batch norm ------------------------------------------------------------------------------
+
+
+@dataclass
+class BatchNormCase:
+    n: int
+    c: int
+    plane: int
+    training: bool
+    want_gx: bool
+    dtype: type
+    seed: int
+
+    def arrays(self):
+        """x, g (N, C, L), weight, bias, eps and, for eval mode, given mean and variance (C,)."""
+        rng = np.random.default_rng(self.seed)
+        shape = (self.n, self.c, self.plane)
+        # An offset per channel far from 0, so a one-pass variance would lose digits.
+        x = (rng.standard_normal(shape) * 2 + rng.uniform(-50, 50, (1, self.c, 1))).astype(self.dtype)
+        g = rng.standard_normal(shape).astype(self.dtype)
+        weight, bias = (rng.standard_normal(self.c).astype(self.dtype) for _ in range(2))
+        mean = rng.standard_normal(self.c).astype(self.dtype)
+        var = rng.uniform(0, 2, self.c).astype(self.dtype)
+        return x, g, weight, bias, self.dtype(1e-5), mean, var
+
+
+@st.composite
+def batch_norm_cases(draw):
+    training = draw(st.booleans())
+    n = draw(st.integers(1, 6))
+    plane = draw(st.integers(2 if training and n == 1 else 1, 40))
+    return BatchNormCase(n=n, c=draw(st.integers(1, 5)), plane=plane, training=training,
+                         want_gx=draw(st.booleans()), dtype=draw(st.sampled_from([np.float32, np.float64])),
+                         seed=draw(st.integers(0, 2**32 - 1)))
+
+
+def _batch_norm_both(case, fwd, bwd):
+    """Every output of one forward and one backward call of the pair (fwd, bwd) on `case`."""
+    x, g, weight, bias, eps, mean, var = case.arrays()
+    inv_std, y = np.full(case.c, np.nan, case.dtype), np.full_like(x, np.nan)
+    fwd(x, weight, bias, eps, case.training, mean, var, inv_std, y)
+    g_sum, gxhat_sum = np.full(case.c, np.nan, case.dtype), np.full(case.c, np.nan, case.dtype)
+    gx = np.full_like(x, np.nan)
+    bwd(x, g, mean, inv_std, weight, case.training, case.want_gx, g_sum, gxhat_sum, gx)
+    return [mean, var, inv_std, y, g_sum, gxhat_sum] + ([gx] if case.want_gx else [])
+
+
+@settings(deadline=None, max_examples=EXAMPLES)
+@given(case=batch_norm_cases())
+def test_batch_norm_kernels_match_their_twins_bit_for_bit(case):
+    got = _batch_norm_both(case, kernels.batchnorm_fwd, kernels.batchnorm_bwd)
+    want = _batch_norm_both(case, norm_module.batchnorm_fwd_reference, norm_module.batchnorm_bwd_reference)
+    _assert_same_bits(got, want)
+    assert not any(np.isnan(a).any() for a in got)  # every output entry written
+
+
+@settings(deadline=None, max_examples=EXAMPLES)
+@given(case=batch_norm_cases())
+def test_batch_norm_twins_match_the_textbook_formulas(case):
+    """The twins against float64 NumPy: the normalization and its gradient as usually written."""
+    x, g, weight, bias, eps, mean, var = case.arrays()
+    mean, var, inv_std, y, g_sum, gxhat_sum, *gx = _batch_norm_both(
+        case, norm_module.batchnorm_fwd_reference, norm_module.batchnorm_bwd_reference)
+    x64, g64, w64 = x.astype(np.float64), g.astype(np.float64), weight.astype(np.float64)
+    if case.training:
+        np.testing.assert_allclose(mean, x64.mean(axis=(0, 2)), rtol=RTOL[np.dtype(case.dtype)], atol=1e-6)
+        np.testing.assert_allclose(var, x64.var(axis=(0, 2)), rtol=10 * RTOL[np.dtype(case.dtype)], atol=1e-6)
+    m64, inv64 = mean.astype(np.float64), 1 / np.sqrt(var.astype(np.float64) + float(eps))
+    xhat = (x64 - m64[:, None]) * inv64[:, None]
+    rtol = 10 * RTOL[np.dtype(case.dtype)]
+    np.testing.assert_allclose(inv_std, inv64, rtol=rtol)
+    np.testing.assert_allclose(y, xhat * w64[:, None] + bias[:, None], rtol=rtol, atol=rtol * 10)
+    np.testing.assert_allclose(g_sum, g64.sum(axis=(0, 2)), rtol=rtol, atol=rtol * x.size)
+    np.testing.assert_allclose(gxhat_sum, (g64 * xhat).sum(axis=(0, 2)), rtol=rtol, atol=rtol * x.size)
+    if case.want_gx:
+        count = x.shape[0] * x.shape[2]
+        through = g64 - g64.mean(axis=(0, 2))[:, None] - xhat * (g64 * xhat).mean(axis=(0, 2))[:, None]
+        want = (through if case.training else g64) * (inv64 * w64)[:, None]
+        bound = (np.abs(g64) + np.abs(g64).sum(axis=(0, 2))[:, None] / count) * np.abs(inv64 * w64)[:, None]
+        assert_within(gx[0], want, 10 * bound, case.dtype)
+
+
 # -- determinism ---------------------------------------------------------------------------
 
 _DETERMINISM_CASES = [
@@ -582,6 +668,7 @@ _REPO = pathlib.Path(__file__).resolve().parents[1]
 _PARALLEL_SCRIPT = """
 import numpy as np
 from sclref import kernels
+from sclref import threads as sclref_threads
 from tests.test_kernels import _DETERMINISM_CASES, _run_all
 assert kernels.PARALLEL
 np.savez({path!r}, *[a for case in _DETERMINISM_CASES for a in _run_all(case)])
@@ -694,7 +781,7 @@ def test_sgd_update_matches_reference_bit_for_bit(shape, dtype, seed, lr, moment
 # swaps every dispatcher of the kernel modules for its `.py_func`, so the public kernels
 # run exactly as they do with the JIT off, and the two runs are compared bit for bit.
 
-_KERNEL_MODULES = (conv_module, elementwise_module, optim_module, pool_module, sparse_module)
+_KERNEL_MODULES = (conv_module, elementwise_module, norm_module, optim_module, pool_module, sparse_module)
 
 
 def _is_dispatcher(value):
@@ -771,6 +858,14 @@ def test_interpreted_catches_a_python_float_accumulator():
     total(x, jitted)
     total.py_func(x, plain)
     assert jitted.tobytes() != plain.tobytes()
+
+
+@needs_jit
+@settings(deadline=None, max_examples=JIT_EXAMPLES)
+@given(case=batch_norm_cases())
+def test_batch_norm_kernels_give_the_same_bits_interpreted(case):
+    _assert_same_bits(*_jit_and_interpreted(lambda: _batch_norm_both(case, norm_module.batchnorm_fwd,
+                                                                     norm_module.batchnorm_bwd)))
 
 
 @needs_jit
@@ -942,6 +1037,7 @@ def test_parallel_sparse_kernels_give_the_same_bits_on_one_and_two_threads(seed,
 _JIT_OFF_SCRIPT = """
 import numpy as np
 from sclref import kernels
+from sclref import threads as sclref_threads
 from tests.test_kernels import _DETERMINISM_CASES, _run_all
 assert kernels.JIT_DISABLED
 np.savez({path!r}, *[a for case in _DETERMINISM_CASES for a in _run_all(case)])
@@ -959,3 +1055,102 @@ def test_a_process_with_the_jit_off_gives_the_same_bits(tmp_path):
     assert len(got.files) == len(want)
     for i, b in enumerate(want):
         assert got[f"arr_{i}"].tobytes() == b.tobytes(), f"array {i} differs"
+
+
+@needs_jit
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="numba has a single thread")
+@settings(deadline=None, max_examples=JIT_EXAMPLES)
+@given(case=st.one_of(conv_cases(), same_width_conv_cases()), chunking=st.sampled_from(list(CHUNKINGS)),
+       bn=batch_norm_cases())
+def test_conv_and_batch_norm_kernels_give_the_same_bits_on_one_and_two_threads(case, chunking, bn):
+    """With BLAS pinned to one thread, as in training, the conv chunks run on numba's thread count."""
+    x, w, gy = case.arrays()
+    x, gy = np.concatenate([x] * 3), np.concatenate([gy] * 3)  # more chunks than threads
+    results = []
+    for threads in (1, 2):
+        with numba_thread_count(threads), sclref_threads.pinned(), pytest.MonkeyPatch.context() as mp:
+            mp.setattr(norm_module, "TASK_BYTES", 0)  # split batch norm's channels however small
+            assert conv_module.threads_for(2, blas=True) == threads
+            out, gx, gw = np.empty(gy.shape, case.dtype), np.empty_like(x), np.empty_like(w)
+            with conv_chunks(case, CHUNKINGS[chunking]):
+                conv2d_fwd(x, w, *case.geometry, out)
+                conv2d_bwd_input(gy, w, *case.geometry, gx)
+                conv2d_bwd_weight(x, gy, *case.geometry, gw)
+            results.append([out, gx, gw] + _batch_norm_both(bn, kernels.batchnorm_fwd, kernels.batchnorm_bwd))
+    _assert_same_bits(*results)
+    want = np.empty_like(gw)
+    ref.conv2d_bwd_weight(x, gy, *case.geometry, want)
+    win = np.abs(ref._windows(x, case.kh, case.kw, *case.geometry, *case.out_hw).astype(np.float64))
+    assert_within(results[1][2], want, np.einsum("ncabij,nfab->fcij", win, np.abs(gy)), case.dtype)
+
+
+@needs_jit
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="numba has a single thread")
+def test_conv_chunks_run_serially_while_blas_has_threads_of_its_own():
+    with numba_thread_count(2):
+        with sclref_threads.pinned():
+            assert conv_module.threads_for(4, blas=True) == 2
+        with threadpoolctl.threadpool_limits(2, user_api="blas"):
+            assert conv_module.threads_for(4, blas=True) == 1
+            assert conv_module.threads_for(4) == 2  # tasks without BLAS still split
+
+
+# -- running tasks on threads ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("count", [0, 1, 2, 7, 40])
+def test_run_tasks_runs_every_task_once_with_slots_below_the_thread_count(count, threads):
+    runs = np.zeros(count, np.int64)
+    slots = np.full(count, -1)
+
+    def task(i, slot):
+        runs[i] += 1
+        slots[i] = slot
+
+    kernels.run_tasks(count, task, threads)
+    np.testing.assert_array_equal(runs, 1)
+    assert np.all((0 <= slots) & (slots < max(threads, 1)))
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 64])
+@pytest.mark.parametrize("nbytes", [0, 1 << 30], ids=["small", "large"])
+def test_run_ranges_covers_the_axis_once_in_consecutive_ranges(n, nbytes):
+    seen = np.zeros(n, np.int64)
+    ranges = []
+
+    def run(i, j):
+        assert 0 <= i <= j <= n
+        seen[i:j] += 1
+        ranges.append((i, j))
+
+    with numba_thread_count(min(2, numba.config.NUMBA_NUM_THREADS)):
+        kernels.run_ranges(n, nbytes, run)
+    np.testing.assert_array_equal(seen, 1)
+    if nbytes == 0 or n < 2 or kernels.PARALLEL or kernels.JIT_DISABLED or numba.config.NUMBA_NUM_THREADS < 2:
+        assert ranges == [(0, n)]  # too little work to split, or no second thread
+    else:
+        assert len(ranges) > 1
+
+
+def test_run_tasks_raises_what_a_task_raised():
+    def task(i, slot):
+        if i == 3:
+            raise InterruptedError("task 3")
+
+    for threads in (1, 2):
+        with pytest.raises(InterruptedError, match="task 3"):
+            kernels.run_tasks(10, task, threads)
+
+
+def test_run_tasks_nested_in_a_task_runs_serially_in_that_thread():
+    inner = {}
+
+    def outer(i, slot):
+        threads = conv_module.threads_for(4)
+        inner[i] = threads if threading.current_thread() is not threading.main_thread() else None
+        kernels.run_tasks(4, lambda j, s: None, threads)
+
+    kernels.run_tasks(8, outer, 2)
+    assert all(v in (None, 1) for v in inner.values())
+    assert len(inner) == 8

@@ -1,11 +1,14 @@
 """Parameters, modules and plain layers: registration, state, modes, dtypes, forward values."""
 
+import numba
 import numpy as np
 import pytest
 
 import sclref
-from sclref import Tensor, nn, ops
+from sclref import Tensor, kernels, nn, ops, threads
 from sclref.errors import LimitError
+from sclref.kernels import conv as conv_module
+from sclref.kernels import norm as norm_module
 from sclref.testing import check_grads
 
 
@@ -370,3 +373,47 @@ def test_residual_block_gradients_are_exact_and_the_layers_agree(in_planes, plan
     np.testing.assert_allclose(xt.grad, leaves[0].grad, rtol=1e-12, atol=1e-13)
     for p, leaf in zip(params, leaves[1:]):
         np.testing.assert_allclose(p.grad, leaf.grad, rtol=1e-12, atol=1e-13)
+
+
+# -- a training step on one and on two threads --------------------------------------------------
+
+
+def _lenet5_step_inputs(gen):
+    return sclref.models.lenet5(dtype=np.float32), gen.standard_normal((12, 1, 28, 28)).astype(np.float32)
+
+
+def _resnet_step_inputs(gen):
+    return sclref.models.resnet(8, in_shape=(3, 8, 8), dtype=np.float32), gen.standard_normal(
+        (12, 3, 8, 8)).astype(np.float32)
+
+
+@pytest.mark.skipif(kernels.JIT_DISABLED, reason="interpreted kernels run on one thread")
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="numba has a single thread")
+@pytest.mark.parametrize("build", [_lenet5_step_inputs, _resnet_step_inputs], ids=["lenet5", "resnet8"])
+def test_a_training_step_gives_the_same_bits_on_one_and_two_numba_threads(build, monkeypatch):
+    """Loss, every gradient and the running statistics, with BLAS pinned as in training and every split
+    threshold lowered so that each kernel that can split its work does."""
+    monkeypatch.setattr(conv_module, "CHUNK_BYTES", 16 << 10)
+    monkeypatch.setattr(conv_module, "SPLIT_BYTES", 0)
+    monkeypatch.setattr(norm_module, "TASK_BYTES", 0)
+    old = numba.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            numba.set_num_threads(count)
+            sclref.manual_seed(0)
+            gen = np.random.default_rng(0)
+            model, x = build(gen)
+            labels = gen.integers(0, 10, x.shape[0])
+            with threads.pinned():
+                assert conv_module.threads_for(2, blas=True) == count
+                loss = ops.cross_entropy(model(Tensor(x)), labels)
+                loss.backward()
+            state = [loss.data] + [p.grad for p in model.parameters()] + [b for _, b in model.named_buffers()]
+            results.append(state)
+    finally:
+        numba.set_num_threads(old)
+    first, second = results
+    assert len(first) == len(second) > 2
+    for a, b in zip(first, second):
+        assert a.tobytes() == b.tobytes()

@@ -105,7 +105,7 @@ def test_the_self_check_catches_a_batch_norm_rule_that_is_off(monkeypatch, train
 
     def off(self, g):  # the x gradient 0.1 % too large, in one mode only
         grads = real(self, g)
-        return (grads[0] * (1.001 if self.batch_stats == training else 1.0),) + grads[1:]
+        return (grads[0] * (1.001 if self.training == training else 1.0),) + grads[1:]
 
     monkeypatch.setattr(ops.BatchNorm, "backward", off)
     cases = {name: (f, inputs) for name, f, inputs in _op_cases(np.random.default_rng(3))}

@@ -3,12 +3,22 @@
 This package is the only place in sclref that imports numba. Every kernel takes
 C-contiguous inputs of one float dtype, writes into output arrays the caller
 allocated, validates nothing (``sclref.ops`` does) and returns None. Each has a
-plain-NumPy twin of the same signature in `sclref.kernels.reference`, used as its
-test oracle.
+plain-NumPy twin of the same signature in `sclref.kernels.reference` (batch norm's
+beside its kernels in `sclref.kernels.norm`), used as its test oracle. `run_tasks`
+runs independent tasks on numba's thread count of threads, and `run_ranges` cuts a
+kernel's outputs along a leading axis into such tasks (what `sclref.ops` does with the
+pooling and elementwise kernels).
 """
 
 from sclref.kernels._jit import CACHE, JIT_DISABLED, PARALLEL, num_threads, numba_threads
-from sclref.kernels.conv import conv2d_bwd_input, conv2d_bwd_weight, conv2d_fwd
+from sclref.kernels.conv import (
+    conv2d_bwd_input,
+    conv2d_bwd_weight,
+    conv2d_fwd,
+    run_ranges,
+    run_tasks,
+    threads_for,
+)
 from sclref.kernels.elementwise import (
     leaky_relu_bwd,
     leaky_relu_fwd,
@@ -17,12 +27,14 @@ from sclref.kernels.elementwise import (
     relu_bwd,
     relu_fwd,
 )
+from sclref.kernels.norm import batchnorm_bwd, batchnorm_fwd
 from sclref.kernels.optim import sgd_update
 from sclref.kernels.pool import maxpool2d_bwd, maxpool2d_fwd
 
-__all__ = ["CACHE", "JIT_DISABLED", "PARALLEL", "conv2d_bwd_input", "conv2d_bwd_weight", "conv2d_fwd",
-           "leaky_relu_bwd", "leaky_relu_fwd", "masked_weight_bwd", "masked_weight_fwd", "maxpool2d_bwd",
-           "maxpool2d_fwd", "num_threads", "numba_threads", "relu_bwd", "relu_fwd", "sgd_update"]
+__all__ = ["CACHE", "JIT_DISABLED", "PARALLEL", "batchnorm_bwd", "batchnorm_fwd", "conv2d_bwd_input",
+           "conv2d_bwd_weight", "conv2d_fwd", "leaky_relu_bwd", "leaky_relu_fwd", "masked_weight_bwd",
+           "masked_weight_fwd", "maxpool2d_bwd", "maxpool2d_fwd", "num_threads", "numba_threads", "relu_bwd",
+           "relu_fwd", "run_ranges", "run_tasks", "sgd_update", "threads_for"]
 
 # Sparse inference (exported networks): chains of CSR layers and direct sparse convolution.
 from sclref.kernels.sparse import chain_kernel, chain_scratch, csr_chain, csr_conv2d, pack_chain  # noqa: E402

@@ -14,7 +14,7 @@ chunk costs one matrix product per kernel:
 
 * forward        ``(F, K) @ cols``            -> (F, b*P), reordered to NCHW;
 * input grad     ``(F, K).T @ gy_chunk``      -> cols, summed back onto the images;
-* weight grad    ``gy_chunk @ cols.T``        -> (F, K), added to the total in batch order;
+* weight grad    ``gy_chunk @ cols.T``        -> (F, K), summed over the chunks (see below);
 
 where ``gy_chunk`` is gy's chunk reordered to (F, b*P). With b = 1 (large feature
 maps) the reorderings are plain views and the forward product writes NCHW output
@@ -23,24 +23,49 @@ image and col2im skips them. With unit strides and OW == W (the padded 3x3
 convolutions of ResNets) each tap of an image is one contiguous run of its plane,
 copied or added at once instead of row by row.
 
-Every jitted loop iteration owns a disjoint slice of its output and every sum runs in
-a fixed order (chunk sizes depend on the shapes and `CHUNK_BYTES` only), so results are
-bit-identical from run to run, serial or parallel, jitted or interpreted. BLAS itself
+Chunks are independent tasks, run on up to numba's thread count of threads by `run_tasks`
+while BLAS computes on one thread (as inside `sclref.threads.pinned`): each thread copies
+its chunk and runs its own single-threaded matrix product, so the products, which hold
+most of the work, use every core without BLAS's threads. A forward or input-gradient
+chunk owns its slice of the output. The weight gradient is a sum over the batch: it is
+cut into `_groups` runs of consecutive chunks, a number fixed by the shapes alone, each
+run summed in batch order into its own partial, and the partials added in order after.
+Every sum thus runs in an order fixed by the shapes and `CHUNK_BYTES`, so results are
+bit-identical from run to run, on any thread count, jitted or interpreted. BLAS itself
 rounds differently on 1 and 2 threads (it picks other block kernels), which is why
-`sclref.threads.pinned` runs it on one thread while sclref computes.
+`sclref.threads.pinned` runs it on one thread while sclref computes; when BLAS has more
+threads, the chunks run serially and BLAS's threads share the product.
 """
 
+import itertools
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numba
 import numpy as np
+import threadpoolctl
 
-from sclref.kernels._jit import jit, pjit, prange
+from sclref.kernels._jit import JIT_DISABLED, PARALLEL, jit
 
-__all__ = ["conv2d_bwd_input", "conv2d_bwd_weight", "conv2d_fwd"]
+__all__ = ["conv2d_bwd_input", "conv2d_bwd_weight", "conv2d_fwd", "run_ranges", "run_tasks", "threads_for"]
 
 # Target size of one chunk's im2col buffer, small enough to be still cached when the
 # matrix product reads it back. Measured on LeNet-5 and ResNet-20 shapes (float32, one
 # BLAS thread, 512 KiB L2 per core): 1-2 MiB chunks were as fast as any and up to 1.5x
 # faster than 16-72 MiB ones; past ~1000 columns the product's width gains little.
 CHUNK_BYTES = 1 << 20
+
+# The weight gradient's batch is cut into at most this many runs of chunks, each with its
+# own (F, K) partial sum, and fewer when the partials would pass `PARTIAL_BYTES`: enough
+# runs to keep two threads busy when one of them is late, a count that depends on the
+# shapes only so that the order of the sum never changes.
+GROUPS = 8
+PARTIAL_BYTES = 4 << 20
+
+# Data below which `run_ranges` runs a kernel in one piece (waking a thread costs tens of
+# microseconds).
+SPLIT_BYTES = 256 << 10
 
 # The loops below index flat views with unsigned integers: numba's negative-index
 # wraparound check on signed indices stops LLVM from vectorizing the short row copies
@@ -69,7 +94,7 @@ def _zero_margins(cf, base, r0, r1, ow, t0, t1, zero):
             cf[d + t] = zero
 
 
-@pjit
+@jit
 def _im2col(x, kh, kw, sh, sw, ph, pw, oh, ow, cols):
     """cols[(c*kh + i)*kw + j, n*P + r*OW + t] = xpad[n, c, r*sh + i, t*sw + j].
 
@@ -86,7 +111,7 @@ def _im2col(x, kh, kw, sh, sw, ph, pw, oh, ow, cols):
     # contiguous run of the plane, copied at once; the columns that run wraps onto from
     # neighbouring rows are zeroed after.
     runs = sh == 1 and sw == 1 and ow == w
-    for nc in prange(nimg * nch):
+    for nc in range(nimg * nch):
         n = nc // nch
         c = nc - n * nch
         for i in range(kh):
@@ -133,7 +158,7 @@ def _im2col(x, kh, kw, sh, sw, ph, pw, oh, ow, cols):
                         cf[d0 + t] = zero
 
 
-@pjit
+@jit
 def _col2im(cols, kh, kw, sh, sw, ph, pw, oh, ow, gx):
     """gx[n, c] = sum over taps of cols entries landing inside the image; the inverse scatter of `_im2col`.
 
@@ -151,7 +176,7 @@ def _col2im(cols, kh, kw, sh, sw, ph, pw, oh, ow, gx):
     # entries that run wraps onto neighbouring rows are first set to +0 in `cols`: adding
     # +0 changes no bit of a sum that starts from +0 (it can never become -0).
     runs = sh == 1 and sw == 1 and ow == w
-    for nc in prange(nimg * nch):
+    for nc in range(nimg * nch):
         n = nc // nch
         c = nc - n * nch
         plane = _uint(nc * h * w)
@@ -189,16 +214,141 @@ def _col2im(cols, kh, kw, sh, sw, ph, pw, oh, ow, gx):
                             gf[d0 + t * usw] += cf[s0 + t]
 
 
-@pjit
+@jit
 def _swap01(src, dst):
     """dst[b, a, :] = src[a, b, :] for src (A, B, P), dst (B, A, P); iteration b owns dst[b]."""
     na, nb, p = src.shape
-    for b in prange(nb):
+    for b in range(nb):
         for a in range(na):
             s = src[a, b]
             d = dst[b, a]
             for t in range(p):
                 d[t] = s[t]
+
+
+# -- running independent tasks on several threads -------------------------------------------
+
+# Pool threads for `run_tasks`, started on first use; a thread of the pool runs nested
+# calls serially (it must never wait for tasks queued behind itself).
+_executor = None
+_executor_lock = threading.Lock()
+_in_pool = threading.local()
+
+# The BLAS libraries loaded with NumPy, whose thread counts `threads_for` reads (finding
+# them walks every loaded library, so it is done once).
+_blas = None
+
+
+def _mark_pool_thread():
+    _in_pool.active = True
+
+
+def _forget_pool():
+    # A forked child has the parent's pool object but none of its threads.
+    global _executor
+    _executor = None
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
+def _pool():
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            _executor = ThreadPoolExecutor(max(1, numba.config.NUMBA_NUM_THREADS - 1), "sclref-kernels",
+                                           initializer=_mark_pool_thread)
+        return _executor
+
+
+def _blas_threads():
+    global _blas
+    if _blas is None:
+        _blas = threadpoolctl.ThreadpoolController().select(user_api="blas").lib_controllers
+    return max((lib.get_num_threads() for lib in _blas), default=1)
+
+
+def threads_for(tasks, blas=False):
+    """Threads to run `tasks` independent tasks on: numba's thread count, at most one per task.
+
+    One thread with the JIT off (interpreted loops hold the GIL), inside a thread of the
+    pool, and, for tasks that call BLAS (``blas=True``), while BLAS has threads of its
+    own: they would compete for the cores.
+    """
+    if tasks < 2 or JIT_DISABLED or getattr(_in_pool, "active", False):
+        return 1
+    threads = min(numba.get_num_threads(), tasks)
+    if threads > 1 and blas and _blas_threads() > 1:
+        return 1
+    return threads
+
+
+class _Job:
+    """Tasks 0 .. count-1, each taken by the first thread that asks for the next one."""
+
+    def __init__(self, count, run):
+        self.count, self.run = count, run
+        self.take = itertools.count().__next__  # atomic under the GIL
+        self.left = count
+        self.lock = threading.Lock()
+        self.finished = threading.Event()
+        self.error = None
+
+    def drain(self, slot):
+        while (i := self.take()) < self.count:
+            try:
+                if self.error is None:
+                    self.run(i, slot)
+            except BaseException as exc:  # re-raised by the caller of run_tasks
+                self.error = self.error or exc
+            with self.lock:
+                self.left -= 1
+                if not self.left:
+                    self.finished.set()
+
+
+def run_tasks(count, run, threads):
+    """Call ``run(i, slot)`` for every i in range(count), on `threads` threads (the caller's included).
+
+    Tasks must be independent: each writes outputs no other task touches. `slot` in
+    [0, threads) names the thread running the task, to index its scratch. Every thread
+    takes the next task not yet taken, and the call returns when every task is done: a
+    pool thread that starts late (on a busy machine) finds the tasks taken by the others
+    and is never waited for. The first exception raised by a task is re-raised here.
+    """
+    if threads <= 1 or count <= 1:
+        for i in range(count):
+            run(i, 0)
+        return
+    job = _Job(count, run)
+    pool = _pool()
+    for slot in range(1, threads):
+        pool.submit(job.drain, slot)
+    job.drain(0)
+    job.finished.wait()
+    if job.error is not None:
+        raise job.error
+
+
+def run_ranges(n, nbytes, run):
+    """Call ``run(a, b)`` on consecutive ranges [a, b) that together cover range(n), several at once.
+
+    For kernels whose outputs split along a leading axis of length `n` (images, planes,
+    elements) and whose results do not depend on where it is cut. Below `SPLIT_BYTES` of
+    data (`nbytes`) the call runs whole, as waking a thread would cost more than it saves;
+    so does every call while ``SCLREF_NUMBA_PARALLEL=1`` has the kernels' own loops in
+    parallel. Otherwise the axis is cut into a few ranges per thread, so that a late
+    thread leaves its share to the others.
+    """
+    threads = 1 if PARALLEL or nbytes < SPLIT_BYTES else threads_for(n)
+    if threads == 1:
+        run(0, n)
+        return
+    parts = min(n, 4 * threads)
+    run_tasks(parts, lambda i, slot: run(i * n // parts, (i + 1) * n // parts), threads)
+
+
+# -- the convolution kernels ----------------------------------------------------------------
 
 
 def _rows(buf, rows, cols):
@@ -210,6 +360,16 @@ def _chunk(n, k, p, dtype):
     """Images per chunk: as many as fit `CHUNK_BYTES` of im2col buffer, at least one."""
     image_bytes = max(k * p * np.dtype(dtype).itemsize, 1)
     return max(1, min(n, CHUNK_BYTES // image_bytes))
+
+
+def _groups(chunks, partial_bytes):
+    """Runs of chunks the weight gradient sums separately (see `GROUPS`); a function of the shapes only."""
+    return min(chunks, GROUPS, max(1, PARTIAL_BYTES // max(partial_bytes, 1)))
+
+
+def _buffers(threads, size, dtype):
+    """One flat scratch buffer of `size` entries per thread."""
+    return [np.empty(size, dtype=dtype) for _ in range(threads)]
 
 
 def _channels_first(gy3, buf):
@@ -228,27 +388,33 @@ def conv2d_fwd(x, w, sh, sw, ph, pw, out):
     x (N, C, H, W), w (F, C, KH, KW), out (N, F, OH, OW), all one float dtype and
     C-contiguous; stride (sh, sw), zero padding (ph, pw).
     out[n, f, a, b] = sum_{c,i,j} w[f, c, i, j] * xpad[n, c, a*sh + i, b*sw + j].
-    O(N*F*K*P) flops with K = C*KH*KW, P = OH*OW; about `CHUNK_BYTES` of scratch.
+    O(N*F*K*P) flops with K = C*KH*KW, P = OH*OW; about `CHUNK_BYTES` of scratch per thread.
     """
     n = x.shape[0]
     f, c, kh, kw = w.shape
     oh, ow = out.shape[2], out.shape[3]
     k, p = c * kh * kw, oh * ow
     chunk = _chunk(n, k, p, x.dtype)
+    tasks = -(-n // chunk)
+    threads = threads_for(tasks, blas=True)
     wm = w.reshape(f, k)
     out3 = out.reshape(n, f, p)
-    cols = np.empty(k * chunk * p, dtype=x.dtype)
-    prod = np.empty(f * chunk * p, dtype=x.dtype) if chunk > 1 else None
-    for n0 in range(0, n, chunk):
+    cols = _buffers(threads, k * chunk * p, x.dtype)
+    prod = _buffers(threads, f * chunk * p, x.dtype) if chunk > 1 else None
+
+    def task(i, slot):
+        n0 = i * chunk
         b = min(chunk, n - n0)
-        cb = _rows(cols, k, b * p)
+        cb = _rows(cols[slot], k, b * p)
         _im2col(x[n0:n0 + b], kh, kw, sh, sw, ph, pw, oh, ow, cb)
         if b == 1:
             np.matmul(wm, cb, out=out3[n0])
         else:
-            pb = _rows(prod, f, b * p)
+            pb = _rows(prod[slot], f, b * p)
             np.matmul(wm, cb, out=pb)
             _swap01(pb.reshape(f, b, p), out3[n0:n0 + b])
+
+    run_tasks(tasks, task, threads)
 
 
 def conv2d_bwd_input(gy, w, sh, sw, ph, pw, gx):
@@ -256,21 +422,27 @@ def conv2d_bwd_input(gy, w, sh, sw, ph, pw, gx):
 
     gy (N, F, OH, OW), w (F, C, KH, KW), gx (N, C, H, W); every element of `gx` is
     written (positions no window covers get 0). O(N*F*K*P) flops; about `CHUNK_BYTES`
-    of scratch.
+    of scratch per thread.
     """
     n, f, oh, ow = gy.shape
     _, c, kh, kw = w.shape
     k, p = c * kh * kw, oh * ow
     chunk = _chunk(n, k, p, gy.dtype)
+    tasks = -(-n // chunk)
+    threads = threads_for(tasks, blas=True)
     wt = w.reshape(f, k).T
     gy3 = gy.reshape(n, f, p)
-    cols = np.empty(k * chunk * p, dtype=gy.dtype)
-    gbuf = np.empty(f * chunk * p, dtype=gy.dtype) if chunk > 1 else None
-    for n0 in range(0, n, chunk):
+    cols = _buffers(threads, k * chunk * p, gy.dtype)
+    gbuf = _buffers(threads, f * chunk * p, gy.dtype) if chunk > 1 else [None] * threads
+
+    def task(i, slot):
+        n0 = i * chunk
         b = min(chunk, n - n0)
-        cb = _rows(cols, k, b * p)
-        np.matmul(wt, _channels_first(gy3[n0:n0 + b], gbuf), out=cb)
+        cb = _rows(cols[slot], k, b * p)
+        np.matmul(wt, _channels_first(gy3[n0:n0 + b], gbuf[slot]), out=cb)
         _col2im(cb, kh, kw, sh, sw, ph, pw, oh, ow, gx[n0:n0 + b])
+
+    run_tasks(tasks, task, threads)
 
 
 def conv2d_bwd_weight(x, gy, sh, sw, ph, pw, gw):
@@ -278,23 +450,42 @@ def conv2d_bwd_weight(x, gy, sh, sw, ph, pw, gw):
 
     x (N, C, H, W), gy (N, F, OH, OW), gw (F, C, KH, KW).
     gw[f, c, i, j] = sum_{n,a,b} gy[n, f, a, b] * xpad[n, c, a*sh + i, b*sw + j].
-    O(N*F*K*P) flops; about `CHUNK_BYTES` of scratch. Chunk partial sums are added in
-    batch order.
+    O(N*F*K*P) flops; about `CHUNK_BYTES` of scratch per thread and one (F, K) partial
+    sum per run of chunks (`_groups`). Each run sums its chunks in batch order, and the
+    runs' partial sums are added in batch order.
     """
     n = x.shape[0]
     f, c, kh, kw = gw.shape
     oh, ow = gy.shape[2], gy.shape[3]
     k, p = c * kh * kw, oh * ow
     chunk = _chunk(n, k, p, x.dtype)
-    gy3 = gy.reshape(n, f, p)
+    chunks = -(-n // chunk)
+    groups = _groups(chunks, f * k * x.dtype.itemsize)
     total = gw.reshape(f, k)
-    total[...] = 0
-    cols = np.empty(k * chunk * p, dtype=x.dtype)
-    gbuf = np.empty(f * chunk * p, dtype=x.dtype) if chunk > 1 else None
-    part = np.empty((f, k), dtype=x.dtype)
-    for n0 in range(0, n, chunk):
-        b = min(chunk, n - n0)
-        cb = _rows(cols, k, b * p)
-        _im2col(x[n0:n0 + b], kh, kw, sh, sw, ph, pw, oh, ow, cb)
-        np.matmul(_channels_first(gy3[n0:n0 + b], gbuf), cb.T, out=part)
-        total += part
+    if not groups:
+        total[...] = 0
+        return
+    threads = threads_for(groups, blas=True)
+    gy3 = gy.reshape(n, f, p)
+    partials = [total] + [np.empty((f, k), dtype=x.dtype) for _ in range(1, groups)]
+    cols = _buffers(threads, k * chunk * p, x.dtype)
+    gbuf = _buffers(threads, f * chunk * p, x.dtype) if chunk > 1 else [None] * threads
+    part = [np.empty((f, k), dtype=x.dtype) for _ in range(threads)] if chunks > groups else None
+
+    def task(g, slot):
+        first, stop = g * chunks // groups, (g + 1) * chunks // groups
+        for i in range(first, stop):
+            n0 = i * chunk
+            b = min(chunk, n - n0)
+            cb = _rows(cols[slot], k, b * p)
+            _im2col(x[n0:n0 + b], kh, kw, sh, sw, ph, pw, oh, ow, cb)
+            gyc = _channels_first(gy3[n0:n0 + b], gbuf[slot])
+            if i == first:
+                np.matmul(gyc, cb.T, out=partials[g])
+            else:
+                np.matmul(gyc, cb.T, out=part[slot])
+                partials[g] += part[slot]
+
+    run_tasks(groups, task, threads)
+    for g in range(1, groups):
+        total += partials[g]
