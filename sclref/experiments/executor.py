@@ -486,14 +486,28 @@ def local_cluster(workers: int | None = None, threads_per_worker: int | None = N
     distributed = _distributed("a local cluster")
     threads_per_worker = _count(threads_per_worker, "threads_per_worker") or 1
     workers = _count(workers, "workers") or max(1, _cores() // threads_per_worker)
-    env = {"NUMBA_NUM_THREADS": str(threads_per_worker), "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-           "MKL_NUM_THREADS": "1"}
+    env = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     # One Dask thread per worker: runs in one process would share its BLAS pin and numba's pool.
     # Without a dashboard the scheduler still serves health checks over HTTP; on a free
     # port, so that it never collides with another cluster's 8787.
+    # numba's thread count is set by `_numba_threads` once a client is connected, not by NUMBA_NUM_THREADS in
+    # the environment: numba re-reads its environment when it compiles, and refuses a value other than the one its
+    # threads were launched with.
     return distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
                                     dashboard_address=None, scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
                                     env=env)
+
+
+def _numba_threads(distributed, threads: int):
+    """A Dask worker plugin that sets numba's thread count of a worker's process when the worker starts."""
+
+    class NumbaThreads(distributed.WorkerPlugin):
+        def setup(self, worker) -> None:
+            from sclref import kernels
+
+            kernels.set_numba_threads(threads)
+
+    return NumbaThreads()
 
 
 def _connect(address: str, distributed, log):
@@ -802,6 +816,7 @@ def execute(runs, scheduler: str | None = None, workers: int | None = None, thre
             if workers is None:
                 workers = max(1, min(sweep.to_train(), _cores() // (threads_per_worker or 1)))
             with local_cluster(workers, threads_per_worker) as cluster, distributed.Client(cluster) as client:
+                client.register_plugin(_numba_threads(distributed, threads_per_worker or 1))
                 sweep.log(f"local cluster: {workers} worker(s) of {threads_per_worker or 1} thread(s)")
                 _run_on(client, sweep)
         else:

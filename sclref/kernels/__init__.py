@@ -10,7 +10,7 @@ kernel's outputs along a leading axis into such tasks (what `sclref.ops` does wi
 pooling and elementwise kernels).
 """
 
-from sclref.kernels._jit import CACHE, JIT_DISABLED, PARALLEL, num_threads, numba_threads
+from sclref.kernels._jit import CACHE, JIT_DISABLED, PARALLEL, num_threads, numba_threads, set_numba_threads
 from sclref.kernels.conv import (
     conv2d_bwd_input,
     conv2d_bwd_weight,
@@ -34,7 +34,7 @@ from sclref.kernels.pool import maxpool2d_bwd, maxpool2d_fwd
 __all__ = ["CACHE", "JIT_DISABLED", "PARALLEL", "batchnorm_bwd", "batchnorm_fwd", "conv2d_bwd_input",
            "conv2d_bwd_weight", "conv2d_fwd", "leaky_relu_bwd", "leaky_relu_fwd", "masked_weight_bwd",
            "masked_weight_fwd", "maxpool2d_bwd", "maxpool2d_fwd", "num_threads", "numba_threads", "relu_bwd",
-           "relu_fwd", "run_ranges", "run_tasks", "sgd_update", "threads_for"]
+           "relu_fwd", "run_ranges", "run_tasks", "set_numba_threads", "sgd_update", "threads_for"]
 
 # Sparse inference (exported networks): chains of CSR layers and direct sparse convolution.
 from sclref.kernels.sparse import chain_kernel, chain_scratch, csr_chain, csr_conv2d, pack_chain  # noqa: E402

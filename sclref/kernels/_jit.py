@@ -26,7 +26,8 @@ import os
 
 import numba
 
-__all__ = ["CACHE", "JIT_DISABLED", "PARALLEL", "jit", "num_threads", "numba_threads", "pjit", "prange"]
+__all__ = ["CACHE", "JIT_DISABLED", "PARALLEL", "jit", "num_threads", "numba_threads", "pjit", "prange",
+           "set_numba_threads"]
 
 JIT_DISABLED = bool(numba.config.DISABLE_JIT)
 CACHE = os.environ.get("SCLREF_NUMBA_CACHE") == "1"
@@ -57,6 +58,11 @@ def pjit(fn=None):
 def numba_threads():
     """Threads in numba's pool: what a kernel compiled with parallel loops may use."""
     return numba.get_num_threads()
+
+
+def set_numba_threads(threads: int) -> None:
+    """Let numba's pool and sclref's task runner use `threads` threads (at most the pool's size)."""
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
 
 
 def num_threads():
