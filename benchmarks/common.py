@@ -95,38 +95,8 @@ def time_in_workers(builders: dict, reps: int, block: int = 5, pause: float = 0.
     `memory` also each workload's memory: the resident size after its first call and the
     peak the later calls added on top (MiB, from the kernel's high-water mark; Linux only).
     """
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    workers, first, mem = {}, {}, {}
-    try:
-        for name, (build, args) in builders.items():
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker, args=(child, build, args), daemon=True)
-            proc.start()
-            workers[name] = (proc, parent)
-        for name, (proc, conn) in workers.items():
-            first[name] = _recv(name, proc, conn)
-        samples = {name: [] for name in workers}
-        for turn in range(1 + -(-reps // block)):
-            for name, (proc, conn) in workers.items():
-                time.sleep(pause)
-                conn.send(block)
-                times = _recv(name, proc, conn)
-                if turn:
-                    samples[name] += times
-        for name, (proc, conn) in workers.items():
-            conn.send(0)
-            mem[name] = _recv(name, proc, conn)
-    finally:
-        for proc, conn in workers.values():
-            if proc.is_alive():
-                with contextlib.suppress(OSError):
-                    conn.send(0)
-                proc.join(timeout=10)
-                if proc.is_alive():
-                    proc.kill()
-    medians = {name: statistics.median(s) for name, s in samples.items()}
+    samples, first, mem = _run_in_workers(builders, reps, block, pause, {"quiet": contextlib.nullcontext})
+    medians = {name: statistics.median(s) for name, s in samples["quiet"].items()}
     return (medians, first, mem) if memory else (medians, first)
 
 
@@ -215,11 +185,16 @@ def samples_in_workers(builders: dict, reps: int, block: int = 5, pause: float =
     each phase starting with a warm-up block. Returns ``({phase: {name: [seconds, ...]}},
     {name: first result})``.
     """
+    samples, first, _ = _run_in_workers(builders, reps, block, pause, phases or {"quiet": contextlib.nullcontext})
+    return samples, first
+
+
+def _run_in_workers(builders: dict, reps: int, block: int, pause: float, phases: dict):
+    """The timing loop of `time_in_workers` and `samples_in_workers`: (samples by phase, first results, memory)."""
     import multiprocessing as mp
 
-    phases = phases or {"quiet": contextlib.nullcontext}
     ctx = mp.get_context("spawn")
-    workers, first = {}, {}
+    workers, first, mem = {}, {}, {}
     samples = {phase: {name: [] for name in builders} for phase in phases}
     try:
         for name, (build, args) in builders.items():
@@ -240,7 +215,7 @@ def samples_in_workers(builders: dict, reps: int, block: int = 5, pause: float =
                             samples[phase][name] += times
         for name, (proc, conn) in workers.items():
             conn.send(0)
-            _recv(name, proc, conn)
+            mem[name] = _recv(name, proc, conn)
     finally:
         for proc, conn in workers.values():
             if proc.is_alive():
@@ -249,4 +224,4 @@ def samples_in_workers(builders: dict, reps: int, block: int = 5, pause: float =
                 proc.join(timeout=10)
                 if proc.is_alive():
                     proc.kill()
-    return samples, first
+    return samples, first, mem
