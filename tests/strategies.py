@@ -1,6 +1,8 @@
-"""Hypothesis strategies shared by the test modules: shapes, arrays, conv geometries."""
+"""Hypothesis strategies shared by the test modules (shapes, arrays, conv geometries), and numba_threads."""
 
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 from hypothesis import strategies as st
@@ -132,3 +134,16 @@ def pad_widths(draw, ndim: int, max_width: int = 2):
     """One (before, after) pair of zero-padding counts per axis."""
     width = st.integers(0, max_width)
     return tuple((draw(width), draw(width)) for _ in range(ndim))
+
+
+@contextlib.contextmanager
+def numba_threads(n):
+    """Run the block with numba's thread count at `n`, then restore it."""
+    import numba
+
+    old = numba.get_num_threads()
+    numba.set_num_threads(n)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(old)

@@ -44,6 +44,7 @@ from sclref.kernels import optim as optim_module
 from sclref.kernels import pool as pool_module
 from sclref.kernels import reference as ref
 from sclref.kernels import sparse as sparse_module
+from tests.strategies import numba_threads
 
 # Interpreted kernels (NUMBA_DISABLE_JIT=1) are slow: fewer examples keep the run short.
 EXAMPLES = 8 if kernels.JIT_DISABLED else 30
@@ -1000,14 +1001,6 @@ def test_sparse_conv_gives_the_same_bits_interpreted(seed, dtype, stride, densit
 # -- numba's thread count --------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def numba_thread_count(n):
-    old = numba.get_num_threads()
-    numba.set_num_threads(n)
-    try:
-        yield
-    finally:
-        numba.set_num_threads(old)
 
 
 @needs_jit
@@ -1025,7 +1018,7 @@ def test_parallel_sparse_kernels_give_the_same_bits_on_one_and_two_threads(seed,
     bias = gen.standard_normal(4).astype(dtype)
     results = []
     for threads in (1, 2):
-        with numba_thread_count(threads):
+        with numba_threads(threads):
             out = np.empty((n, 10), dtype)
             kernels.csr_chain(*packed, x, out, np.empty((2, 2, 30, 8), dtype))  # two tile slots, parallel loop
             conv = np.empty((n, 4, 7, 7), dtype)
@@ -1068,7 +1061,7 @@ def test_conv_and_batch_norm_kernels_give_the_same_bits_on_one_and_two_threads(c
     x, gy = np.concatenate([x] * 3), np.concatenate([gy] * 3)  # more chunks than threads
     results = []
     for threads in (1, 2):
-        with numba_thread_count(threads), sclref_threads.pinned(), pytest.MonkeyPatch.context() as mp:
+        with numba_threads(threads), sclref_threads.pinned(), pytest.MonkeyPatch.context() as mp:
             mp.setattr(norm_module, "TASK_BYTES", 0)  # split batch norm's channels however small
             assert conv_module.threads_for(2, blas=True) == threads
             out, gx, gw = np.empty(gy.shape, case.dtype), np.empty_like(x), np.empty_like(w)
@@ -1087,7 +1080,7 @@ def test_conv_and_batch_norm_kernels_give_the_same_bits_on_one_and_two_threads(c
 @needs_jit
 @pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="numba has a single thread")
 def test_conv_chunks_run_serially_while_blas_has_threads_of_its_own():
-    with numba_thread_count(2):
+    with numba_threads(2):
         with sclref_threads.pinned():
             assert conv_module.threads_for(4, blas=True) == 2
         with threadpoolctl.threadpool_limits(2, user_api="blas"):
@@ -1124,7 +1117,7 @@ def test_run_ranges_covers_the_axis_once_in_consecutive_ranges(n, nbytes):
         seen[i:j] += 1
         ranges.append((i, j))
 
-    with numba_thread_count(min(2, numba.config.NUMBA_NUM_THREADS)):
+    with numba_threads(min(2, numba.config.NUMBA_NUM_THREADS)):
         kernels.run_ranges(n, nbytes, run)
     np.testing.assert_array_equal(seen, 1)
     if nbytes == 0 or n < 2 or kernels.PARALLEL or kernels.JIT_DISABLED or numba.config.NUMBA_NUM_THREADS < 2:

@@ -1,7 +1,6 @@
 """The sparse kernels against their NumPy twins and scipy.sparse on hypothesis geometries, and the same bits
 at any thread count and whichever thread rule applies."""
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from hypothesis import strategies as st
 from sclref import kernels
 from sclref.kernels import reference as ref
 from sclref.kernels import sparse as sparse_module
-from tests.strategies import SEEDS, conv_geometry
+from tests.strategies import SEEDS, conv_geometry, numba_threads
 
 MAX = 12 if kernels.JIT_DISABLED else 40
 MAX_BATCH = 24 if kernels.JIT_DISABLED else 300
@@ -140,14 +139,6 @@ def test_csr_conv2d_matches_its_twin_and_the_dense_convolution(case):
     np.testing.assert_allclose(got, dense + bias.astype(x.dtype)[:, None, None], rtol=0, atol=tol)
 
 
-@contextlib.contextmanager
-def numba_threads(n):
-    old = numba.get_num_threads()
-    numba.set_num_threads(n)
-    try:
-        yield
-    finally:
-        numba.set_num_threads(old)
 
 
 needs_two_threads = pytest.mark.skipif(kernels.JIT_DISABLED or numba.config.NUMBA_NUM_THREADS < 2,
