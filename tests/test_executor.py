@@ -345,7 +345,7 @@ def test_a_killed_worker_is_replaced_and_its_run_resumes_from_its_checkpoint(tmp
     long_run = tmp_path / "long"
     killed, lines = [], []
     with local_cluster(workers=2) as cluster, distributed.Client(cluster) as client:
-        assert set(client.run(lambda: os.environ.get("NUMBA_NUM_THREADS")).values()) == {"1"}
+        assert set(client.run(lambda: __import__("numba").get_num_threads()).values()) == {1}
         assert listening_hosts() == {"127.0.0.1"}
 
         def kill_the_long_runs_worker():

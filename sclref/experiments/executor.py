@@ -461,9 +461,9 @@ def _distributed(purpose: str):
 def local_cluster(workers: int | None = None, threads_per_worker: int | None = None):
     """A Dask LocalCluster sized to this machine, listening on 127.0.0.1 only, without a dashboard.
 
-    Each worker is a process that trains one run at a time; its numba threads
-    (``NUMBA_NUM_THREADS``) are `threads_per_worker`, and BLAS and OpenMP run on one
-    thread. Close it when done (``with local_cluster() as cluster:``).
+    Each worker is a process that trains one run at a time; its numba threads (set by
+    `sclref.experiments.workers.NumbaThreads`) are `threads_per_worker`, and BLAS and
+    OpenMP run on one thread. Close it when done (``with local_cluster() as cluster:``).
 
     Parameters
     ----------
@@ -490,24 +490,11 @@ def local_cluster(workers: int | None = None, threads_per_worker: int | None = N
     # One Dask thread per worker: runs in one process would share its BLAS pin and numba's pool.
     # Without a dashboard the scheduler still serves health checks over HTTP; on a free
     # port, so that it never collides with another cluster's 8787.
-    # numba's thread count is set by `_numba_threads` once a client is connected, not by NUMBA_NUM_THREADS in
-    # the environment: numba re-reads its environment when it compiles, and refuses a value other than the one its
-    # threads were launched with.
+    from sclref.experiments.workers import NumbaThreads
+
     return distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
                                     dashboard_address=None, scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
-                                    env=env)
-
-
-def _numba_threads(distributed, threads: int):
-    """A Dask worker plugin that sets numba's thread count of a worker's process when the worker starts."""
-
-    class NumbaThreads(distributed.WorkerPlugin):
-        def setup(self, worker) -> None:
-            from sclref import kernels
-
-            kernels.set_numba_threads(threads)
-
-    return NumbaThreads()
+                                    env=env, plugins={NumbaThreads(threads_per_worker)})
 
 
 def _connect(address: str, distributed, log):
@@ -816,7 +803,6 @@ def execute(runs, scheduler: str | None = None, workers: int | None = None, thre
             if workers is None:
                 workers = max(1, min(sweep.to_train(), _cores() // (threads_per_worker or 1)))
             with local_cluster(workers, threads_per_worker) as cluster, distributed.Client(cluster) as client:
-                client.register_plugin(_numba_threads(distributed, threads_per_worker or 1))
                 sweep.log(f"local cluster: {workers} worker(s) of {threads_per_worker or 1} thread(s)")
                 _run_on(client, sweep)
         else:
