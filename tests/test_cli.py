@@ -222,11 +222,18 @@ def test_train_into_a_finished_run_needs_replace(tmp_path, capsys):
     assert _train(tmp_path / "run", "--replace") == 0
 
 
+def _sigint_as_usual():
+    # A shell starts background jobs with SIGINT ignored, and children inherit that: the
+    # child must take Ctrl-C as a terminal user's process does, however pytest was started.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_train(out, *extra):
     env = {**os.environ, "SCLREF_NO_PROGRESS": "1"}
     return subprocess.Popen([sys.executable, "-m", "sclref", "train", "--epochs", "400", "--train-limit", "600",
                              "--test-limit", "100", "--out", str(out), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=_sigint_as_usual)
 
 
 def _wait_for(path, proc, timeout=120):

@@ -322,6 +322,8 @@ def test_an_interrupted_local_cluster_is_closed_and_the_sweep_continues_where_it
             time.sleep(0.01)
         _thread.interrupt_main()
 
+    # interrupt_main does nothing while SIGINT is ignored, as it is in a shell's background job.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     interrupter = threading.Thread(target=press_ctrl_c_after_a_checkpoint)
     interrupter.start()
     try:
@@ -329,6 +331,7 @@ def test_an_interrupted_local_cluster_is_closed_and_the_sweep_continues_where_it
             execute(runs, scheduler="local", workers=1, progress=False, log=quiet)
     finally:
         interrupter.join()
+        signal.signal(signal.SIGINT, previous)
     workers = [child for child in psutil.Process().children(recursive=True)
                if "spawn_main" in " ".join(child.cmdline())]
     assert workers == []
