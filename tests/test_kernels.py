@@ -44,6 +44,7 @@ from sclref.kernels import optim as optim_module
 from sclref.kernels import pool as pool_module
 from sclref.kernels import reference as ref
 from sclref.kernels import sparse as sparse_module
+from sclref.kernels import tasks as tasks_module
 from tests.strategies import numba_threads
 
 # Interpreted kernels (NUMBA_DISABLE_JIT=1) are slow: fewer examples keep the run short.
@@ -1062,8 +1063,8 @@ def test_conv_and_batch_norm_kernels_give_the_same_bits_on_one_and_two_threads(c
     results = []
     for threads in (1, 2):
         with numba_threads(threads), sclref_threads.pinned(), pytest.MonkeyPatch.context() as mp:
-            mp.setattr(norm_module, "TASK_BYTES", 0)  # split batch norm's channels however small
-            assert conv_module.threads_for(2, blas=True) == threads
+            mp.setattr(tasks_module, "SPLIT_BYTES", 0)  # split batch norm's channels however small
+            assert tasks_module.threads_for(2, blas=True) == threads
             out, gx, gw = np.empty(gy.shape, case.dtype), np.empty_like(x), np.empty_like(w)
             with conv_chunks(case, CHUNKINGS[chunking]):
                 conv2d_fwd(x, w, *case.geometry, out)
@@ -1082,10 +1083,10 @@ def test_conv_and_batch_norm_kernels_give_the_same_bits_on_one_and_two_threads(c
 def test_conv_chunks_run_serially_while_blas_has_threads_of_its_own():
     with numba_threads(2):
         with sclref_threads.pinned():
-            assert conv_module.threads_for(4, blas=True) == 2
+            assert tasks_module.threads_for(4, blas=True) == 2
         with threadpoolctl.threadpool_limits(2, user_api="blas"):
-            assert conv_module.threads_for(4, blas=True) == 1
-            assert conv_module.threads_for(4) == 2  # tasks without BLAS still split
+            assert tasks_module.threads_for(4, blas=True) == 1
+            assert tasks_module.threads_for(4) == 2  # tasks without BLAS still split
 
 
 # -- running tasks on threads ------------------------------------------------------------------
@@ -1140,7 +1141,7 @@ def test_run_tasks_nested_in_a_task_runs_serially_in_that_thread():
     inner = {}
 
     def outer(i, slot):
-        threads = conv_module.threads_for(4)
+        threads = tasks_module.threads_for(4)
         inner[i] = threads if threading.current_thread() is not threading.main_thread() else None
         kernels.run_tasks(4, lambda j, s: None, threads)
 

@@ -8,7 +8,7 @@ import sclref
 from sclref import Tensor, kernels, nn, ops, threads
 from sclref.errors import LimitError
 from sclref.kernels import conv as conv_module
-from sclref.kernels import norm as norm_module
+from sclref.kernels import tasks as tasks_module
 from sclref.testing import check_grads
 
 
@@ -394,8 +394,7 @@ def test_a_training_step_gives_the_same_bits_on_one_and_two_numba_threads(build,
     """Loss, every gradient and the running statistics, with BLAS pinned as in training and every split
     threshold lowered so that each kernel that can split its work does."""
     monkeypatch.setattr(conv_module, "CHUNK_BYTES", 16 << 10)
-    monkeypatch.setattr(conv_module, "SPLIT_BYTES", 0)
-    monkeypatch.setattr(norm_module, "TASK_BYTES", 0)
+    monkeypatch.setattr(tasks_module, "SPLIT_BYTES", 0)  # split every elementwise, pooling and batch-norm call
     old = numba.get_num_threads()
     results = []
     try:
@@ -406,7 +405,7 @@ def test_a_training_step_gives_the_same_bits_on_one_and_two_numba_threads(build,
             model, x = build(gen)
             labels = gen.integers(0, 10, x.shape[0])
             with threads.pinned():
-                assert conv_module.threads_for(2, blas=True) == count
+                assert tasks_module.threads_for(2, blas=True) == count
                 loss = ops.cross_entropy(model(Tensor(x)), labels)
                 loss.backward()
             state = [loss.data] + [p.grad for p in model.parameters()] + [b for _, b in model.named_buffers()]

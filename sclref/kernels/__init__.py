@@ -11,14 +11,7 @@ pooling and elementwise kernels).
 """
 
 from sclref.kernels._jit import CACHE, JIT_DISABLED, PARALLEL, num_threads, numba_threads, set_numba_threads
-from sclref.kernels.conv import (
-    conv2d_bwd_input,
-    conv2d_bwd_weight,
-    conv2d_fwd,
-    run_ranges,
-    run_tasks,
-    threads_for,
-)
+from sclref.kernels.conv import conv2d_bwd_input, conv2d_bwd_weight, conv2d_fwd
 from sclref.kernels.elementwise import (
     leaky_relu_bwd,
     leaky_relu_fwd,
@@ -30,6 +23,7 @@ from sclref.kernels.elementwise import (
 from sclref.kernels.norm import batchnorm_bwd, batchnorm_fwd
 from sclref.kernels.optim import sgd_update
 from sclref.kernels.pool import maxpool2d_bwd, maxpool2d_fwd
+from sclref.kernels.tasks import run_ranges, run_tasks, threads_for
 
 __all__ = ["CACHE", "JIT_DISABLED", "PARALLEL", "batchnorm_bwd", "batchnorm_fwd", "conv2d_bwd_input",
            "conv2d_bwd_weight", "conv2d_fwd", "leaky_relu_bwd", "leaky_relu_fwd", "masked_weight_bwd",

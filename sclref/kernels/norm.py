@@ -26,13 +26,11 @@ operations; they are the kernels' test oracles.
 
 import numpy as np
 
+from sclref.kernels import tasks
 from sclref.kernels._jit import jit
-from sclref.kernels.conv import run_tasks, threads_for
+from sclref.kernels.tasks import run_tasks, threads_for
 
 __all__ = ["batchnorm_bwd", "batchnorm_fwd"]
-
-# Inputs smaller than this run on one thread: waking another costs tens of microseconds.
-TASK_BYTES = 256 << 10
 
 
 # The loops index flat views with unsigned integers, as the conv loops do: numba's
@@ -152,7 +150,7 @@ def batchnorm_fwd(x, weight, bias, eps, training, mean, var, inv_std, y):
     when training (one otherwise); C*L entries of scratch (one image).
     """
     nch = x.shape[1]
-    threads = threads_for(nch) if x.nbytes >= TASK_BYTES else 1
+    threads = threads_for(nch) if x.nbytes >= tasks.SPLIT_BYTES else 1
     per = _blocks(x, threads)
     acc = np.empty(x.shape[1:], dtype=x.dtype)
 
@@ -171,7 +169,7 @@ def batchnorm_bwd(x, g, mean, inv_std, weight, training, want_gx, g_sum, gxhat_s
     scratch (two images).
     """
     nch = x.shape[1]
-    threads = threads_for(nch) if x.nbytes >= TASK_BYTES else 1
+    threads = threads_for(nch) if x.nbytes >= tasks.SPLIT_BYTES else 1
     per = _blocks(x, threads)
     acc = np.empty((2, *x.shape[1:]), dtype=x.dtype)
 

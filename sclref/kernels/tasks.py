@@ -1,0 +1,143 @@
+"""Run independent tasks of a fixed partition on numba's thread count of threads, the caller's included.
+
+sclref's training kernels (conv chunks, batch norm's channels, pooling and elementwise
+ranges) get their second core here rather than from BLAS's or numba's parallel loops:
+every thread takes the next task not yet taken, so a thread a busy core starts late is
+never waited for, and each task owns its outputs, so results do not depend on how many
+threads ran them.
+"""
+
+import itertools
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numba
+import threadpoolctl
+
+from sclref.kernels._jit import JIT_DISABLED, PARALLEL
+
+__all__ = ["SPLIT_BYTES", "run_ranges", "run_tasks", "threads_for"]
+
+# Data below which `run_ranges` runs a kernel in one piece (waking a thread costs tens of
+# microseconds).
+SPLIT_BYTES = 256 << 10
+
+# Pool threads for `run_tasks`, started on first use; a thread of the pool runs nested
+# calls serially (it must never wait for tasks queued behind itself).
+_executor = None
+_executor_lock = threading.Lock()
+_in_pool = threading.local()
+
+# The BLAS libraries loaded with NumPy, whose thread counts `threads_for` reads (finding
+# them walks every loaded library, so it is done once).
+_blas = None
+
+
+def _mark_pool_thread():
+    _in_pool.active = True
+
+
+def _forget_pool():
+    # A forked child has the parent's pool object but none of its threads.
+    global _executor
+    _executor = None
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
+def _pool():
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            _executor = ThreadPoolExecutor(max(1, numba.config.NUMBA_NUM_THREADS - 1), "sclref-kernels",
+                                           initializer=_mark_pool_thread)
+        return _executor
+
+
+def _blas_threads():
+    global _blas
+    if _blas is None:
+        _blas = threadpoolctl.ThreadpoolController().select(user_api="blas").lib_controllers
+    return max((lib.get_num_threads() for lib in _blas), default=1)
+
+
+def threads_for(tasks, blas=False):
+    """Threads to run `tasks` independent tasks on: numba's thread count, at most one per task.
+
+    One thread with the JIT off (interpreted loops hold the GIL), inside a thread of the
+    pool, and, for tasks that call BLAS (``blas=True``), while BLAS has threads of its
+    own: they would compete for the cores.
+    """
+    if tasks < 2 or JIT_DISABLED or getattr(_in_pool, "active", False):
+        return 1
+    threads = min(numba.get_num_threads(), tasks)
+    if threads > 1 and blas and _blas_threads() > 1:
+        return 1
+    return threads
+
+
+class _Job:
+    """Tasks 0 .. count-1, each taken by the first thread that asks for the next one."""
+
+    def __init__(self, count, run):
+        self.count, self.run = count, run
+        self.take = itertools.count().__next__  # atomic under the GIL
+        self.left = count
+        self.lock = threading.Lock()
+        self.finished = threading.Event()
+        self.error = None
+
+    def drain(self, slot):
+        while (i := self.take()) < self.count:
+            try:
+                if self.error is None:
+                    self.run(i, slot)
+            except BaseException as exc:  # re-raised by the caller of run_tasks
+                self.error = self.error or exc
+            with self.lock:
+                self.left -= 1
+                if not self.left:
+                    self.finished.set()
+
+
+def run_tasks(count, run, threads):
+    """Call ``run(i, slot)`` for every i in range(count), on `threads` threads (the caller's included).
+
+    Tasks must be independent: each writes outputs no other task touches. `slot` in
+    [0, threads) names the thread running the task, to index its scratch. Every thread
+    takes the next task not yet taken, and the call returns when every task is done: a
+    pool thread that starts late (on a busy machine) finds the tasks taken by the others
+    and is never waited for. The first exception raised by a task is re-raised here.
+    """
+    if threads <= 1 or count <= 1:
+        for i in range(count):
+            run(i, 0)
+        return
+    job = _Job(count, run)
+    pool = _pool()
+    for slot in range(1, threads):
+        pool.submit(job.drain, slot)
+    job.drain(0)
+    job.finished.wait()
+    if job.error is not None:
+        raise job.error
+
+
+def run_ranges(n, nbytes, run):
+    """Call ``run(a, b)`` on consecutive ranges [a, b) that together cover range(n), several at once.
+
+    For kernels whose outputs split along a leading axis of length `n` (images, planes,
+    elements) and whose results do not depend on where it is cut. Below `SPLIT_BYTES` of
+    data (`nbytes`) the call runs whole, as waking a thread would cost more than it saves;
+    so does every call while ``SCLREF_NUMBA_PARALLEL=1`` has the kernels' own loops in
+    parallel. Otherwise the axis is cut into a few ranges per thread, so that a late
+    thread leaves its share to the others.
+    """
+    threads = 1 if PARALLEL or nbytes < SPLIT_BYTES else threads_for(n)
+    if threads == 1:
+        run(0, n)
+        return
+    parts = min(n, 4 * threads)
+    run_tasks(parts, lambda i, slot: run(i * n // parts, (i + 1) * n // parts), threads)
