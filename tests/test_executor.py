@@ -263,7 +263,7 @@ def test_damaged_metrics_give_a_summary_or_an_input_error_naming_the_file(serial
     store, _ = serial
     doc = json.loads((store / FIRST / METRICS).read_text())
 
-    @settings(max_examples=60, deadline=None)
+    @settings(max_examples=300, deadline=None)
     @given(json_text_mutations(doc))
     def check(text):
         with tempfile.TemporaryDirectory() as directory:

@@ -1,9 +1,9 @@
 """The `sclref reproduce` subcommand: run the results experiment of `sclref.experiments.reproduce`, print its tables.
 
-`add_parser(subparsers)` registers the subcommand. It writes ``results.json``, the run
-directories under ``runs/`` (resumable per epoch; runs already in the JSON with the same
-settings are skipped) and the PNG plots to ``--out``, and prints the Markdown tables, or
-with ``--json`` the summary as JSON on stdout. ``--scheduler`` says where the runs train.
+`add_parser(subparsers)` registers the subcommand. It writes the run directories under
+``runs/`` (resumable per epoch; finished runs are not trained again), ``results.json`` and
+the PNG plots to ``--out``, and prints the Markdown tables, or with ``--json`` the summary
+as JSON on stdout. ``--scheduler`` says where the runs train.
 """
 
 from __future__ import annotations
@@ -15,12 +15,9 @@ from sclref.flags import add_shared, nonnegative_int, positive_float
 
 __all__ = ["add_parser", "run_reproduce"]
 
-RESULTS = "results.json"
-
-
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``reproduce`` on `subparsers` (from ``ArgumentParser.add_subparsers``); return its parser."""
-    from sclref.experiments.reproduce import DEFAULT_METHODS, METHODS, Settings
+    from sclref.experiments.reproduce import DEFAULT_METHODS, METHODS, RESULTS, Settings
 
     d = Settings()
     p = subparsers.add_parser(
@@ -40,10 +37,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-norm-scale", type=float, default=None, metavar="C",
                    help=f"c of the scl_identity_global_scale ablation: λ·c, mask lr / c (default {d.no_norm_scale:g})")
     p.add_argument("--sweep", nargs="+", type=positive_float, default=None, metavar="LAM",
-                   help="then run the masked methods again at each of these λ, each into results-lam{λ}.json, "
-                        "and draw error against sparsity over every λ")
+                   help="run the masked methods again at each of these λ and draw error against sparsity "
+                        "over every λ")
     p.add_argument("--out", default="runs/reproduce", metavar="DIR",
-                   help=f"where {RESULTS} and the plots go (default runs/reproduce)")
+                   help=f"where the runs, {RESULTS} and the plots go (default runs/reproduce)")
     p.add_argument("--quick", action="store_true",
                    help="the seconds-long version: LeNet-300-100, 300 digits, 2 + 1 epochs, seed 0")
     p.add_argument("--json", action="store_true",
@@ -63,15 +60,14 @@ def run_reproduce(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from sclref.experiments.reproduce import (
+        RESULTS,
         Settings,
         markdown,
         plot,
         plot_sweep,
         reproduce,
         summarize,
-        sweep,
         sweep_markdown,
-        sweep_path,
         sweep_summary,
     )
 
@@ -86,13 +82,10 @@ def run_reproduce(args: argparse.Namespace) -> int:
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {out} exists and is not a directory")
         settings = Settings.quick(**given) if args.quick else Settings(**given)
-        if args.sweep:  # every λ's runs in one submission, the main file's among them
-            stores = sweep(settings, args.sweep, out / RESULTS, log=log, scheduler=args.scheduler)
-            store, rows = stores[settings.lam_value], sweep_summary(stores, settings)
-        else:
-            store, rows = reproduce(settings, out / RESULTS, log=log, scheduler=args.scheduler), None
-        summary = summarize(store, settings)
-        written = [] if args.no_plots else plot(summary, store, settings, out)
+        results = reproduce(settings, out, log=log, scheduler=args.scheduler, sweep=args.sweep or ())
+        summary = summarize(results, settings)
+        rows = sweep_summary(results, settings) if args.sweep else None
+        written = [] if args.no_plots else plot(summary, settings, out)
         if rows is not None and not args.no_plots:
             written += plot_sweep(rows, settings, out)
     except (ValueError, OSError) as err:  # OSError: unreadable data, unwritable --out
@@ -105,7 +98,5 @@ def run_reproduce(args: argparse.Namespace) -> int:
     print(markdown(summary, settings))
     if rows is not None:
         print(sweep_markdown(rows, settings))
-    files = [RESULTS, *(sweep_path(out / RESULTS, lam).name for lam in args.sweep or () if lam != settings.lam_value),
-             *(p.name for p in written)]
-    print(f"wrote {', '.join(files)} to {out}/")
+    print(f"wrote {', '.join([RESULTS, *(p.name for p in written)])} and the runs to {out}/")
     return 0

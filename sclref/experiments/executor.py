@@ -58,9 +58,6 @@ RETRIES = 2  # resubmissions of a run whose task raised something unexpected (an
 INSTALL_HINT = 'pip install -e ".[cluster]"'
 SCHEDULERS = ("serial", "local")
 
-# The fields of a per-layer row (`sclref.scl.layer_report`) and their types.
-_LAYER_FIELDS = {"layer": str, "weights": int, "kept": int, "sparsity": float, "dense_flops": int,
-                 "effective_flops": int}
 
 
 class SchedulerError(InputError):
@@ -144,6 +141,12 @@ class RunSummary:
         Per masked layer: ``layer``, ``weights``, ``kept``, ``sparsity``,
         ``dense_flops``, ``effective_flops`` (`sclref.scl.layer_report`); empty until
         finished and for a dense run.
+    history : list of dict
+        One record per epoch done, as `sclref.train.Trainer.run_epoch` wrote it (phase,
+        loss, errors, sparsity, λ, and per masked layer its sparsity and mask flips).
+    epoch_seconds : list
+        Wall time of each epoch done (None where unknown); left out of comparisons,
+        since identical runs take different times.
     """
 
     config: dict
@@ -152,6 +155,8 @@ class RunSummary:
     test_error: float | None = None
     sparsity: float | None = None
     layers: list = field(default_factory=list)
+    history: list = field(default_factory=list)
+    epoch_seconds: list = field(default_factory=list, compare=False)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -163,23 +168,37 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_fraction(value) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            and 0 <= value <= 1)
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _layer_problem(row) -> str | None:
-    if not isinstance(row, dict):
-        return f"a layer row must be a mapping, got {type(row).__name__}"
-    for key, kind in _LAYER_FIELDS.items():
-        value = row.get(key)
-        if kind is str and not isinstance(value, str):
-            return f"a layer row's {key} must be a string, got {value!r}"
-        if kind is int and not (_is_int(value) and value >= 0):
-            return f"a layer row's {key} must be an integer >= 0, got {value!r}"
-        if kind is float and not _is_fraction(value):
-            return f"a layer row's {key} must be a fraction in [0, 1], got {value!r}"
-    return None
+# What a metrics file's records hold: field -> (test, what it must be).
+_TEXT = (lambda v: isinstance(v, str), "a string")
+_COUNT = (lambda v: _is_int(v) and v >= 0, "an integer >= 0")
+_NUMBER = (_is_number, "a finite number")
+_FRACTION = (lambda v: _is_number(v) and 0 <= v <= 1, "a fraction in [0, 1]")
+_LAYER_FIELDS = {"layer": _TEXT, "weights": _COUNT, "kept": _COUNT, "sparsity": _FRACTION, "dense_flops": _COUNT,
+                 "effective_flops": _COUNT}
+_EPOCH_FIELDS = {"epoch": _COUNT, "phase": _TEXT, "loss": _NUMBER, "train_error": _FRACTION,
+                 "test_error": _FRACTION, "sparsity": _FRACTION}
+
+
+def _check(record, fields: dict, what: str) -> None:
+    """Raise an InputError naming the first field of `record` that is missing, mistyped or out of range."""
+    if not isinstance(record, dict):
+        raise InputError(f"{what} must be a mapping, got {type(record).__name__}")
+    for key, (ok, kind) in fields.items():
+        if not ok(record.get(key)):
+            raise InputError(f"{what}'s {key} must be {kind}, got {record.get(key)!r}"[:300])
+
+
+def _check_epoch(record, i: int) -> None:
+    _check(record, _EPOCH_FIELDS, f"epoch record {i}")
+    layers = record["layers"] if isinstance(record.get("layers"), dict) else None
+    if layers is None or not all(isinstance(row, dict) and _COUNT[0](row.get("flips")) for row in layers.values()):
+        raise InputError(f"epoch record {i}'s layers must map each masked layer to its mask flips")
+    if record.get("lam") is not None and not _is_number(record["lam"]):
+        raise InputError(f"epoch record {i}'s lam must be a finite number or null, got {record['lam']!r}")
 
 
 def _summary_of(record) -> RunSummary:
@@ -190,30 +209,32 @@ def _summary_of(record) -> RunSummary:
         config = TrainConfig.from_dict(record.get("config"))
     except (OverflowError, TypeError) as err:  # a number too large for a float, say
         raise InputError(f"the recorded settings are not valid: {err}") from None
-    epochs, finished = record.get("epochs_done"), record.get("finished")
+    epochs, finished, history = record.get("epochs_done"), record.get("finished"), record.get("history")
     if not isinstance(finished, bool):
         raise InputError(f"finished must be true or false, got {finished!r}")
     if not (_is_int(epochs) and 0 <= epochs <= config.total_epochs):
         raise InputError(f"epochs_done must be an integer in [0, {config.total_epochs}], got {epochs!r}")
+    if not (isinstance(history, list) and len(history) == epochs):
+        raise InputError(f"history must be a list of {epochs} epoch records")
+    for i, epoch in enumerate(history):
+        _check_epoch(epoch, i)
+    timing = record.get("timing")
+    seconds = timing.get("epoch_seconds") if isinstance(timing, dict) else None
+    seconds = seconds if isinstance(seconds, list) and len(seconds) == epochs else [None] * epochs
+    seconds = [float(t) if _is_number(t) else None for t in seconds]  # the one volatile field: unknown if odd
     if not finished:
-        return RunSummary(config.to_dict(), epochs, False)
+        return RunSummary(config.to_dict(), epochs, False, history=history, epoch_seconds=seconds)
     if epochs != config.total_epochs:
         raise InputError(f"a finished run must have done its {config.total_epochs} epochs, not {epochs}")
     final = record.get("final")
-    if not isinstance(final, dict):
-        raise InputError(f"a finished run's final results must be a mapping, got {final!r}")
-    for key in ("test_error", "sparsity"):
-        if not _is_fraction(final.get(key)):
-            raise InputError(f"final {key} must be a fraction in [0, 1], got {final.get(key)!r}")
+    _check(final, {"test_error": _FRACTION, "sparsity": _FRACTION}, "the final results")
     layers = final.get("layers")
     if not isinstance(layers, list):
         raise InputError(f"final layers must be a list, got {type(layers).__name__}")
     for row in layers:
-        problem = _layer_problem(row)
-        if problem:
-            raise InputError(f"final layers: {problem}")
+        _check(row, _LAYER_FIELDS, "a final layer row")
     return RunSummary(config.to_dict(), epochs, True, float(final["test_error"]), float(final["sparsity"]),
-                      [{key: row[key] for key in _LAYER_FIELDS} for row in layers])
+                      [{key: row[key] for key in _LAYER_FIELDS} for row in layers], history, seconds)
 
 
 def read_summary(directory) -> RunSummary:

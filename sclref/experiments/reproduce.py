@@ -1,4 +1,4 @@
-"""The results experiment: SCL against dense training and magnitude pruning, several seeds, one JSON.
+"""The results experiment: SCL against dense training and magnitude pruning, several seeds, one store.
 
 For each model, seed and method, `reproduce` trains on the same data with the same epoch
 budget (``epochs`` where SCL learns masks + ``finetune_epochs`` where it fine-tunes θ):
@@ -16,15 +16,15 @@ budget (``epochs`` where SCL learns masks + ``finetune_epochs`` where it fine-tu
 - ``magnitude_global`` (not run by default): one global magnitude threshold at the
   overall sparsity of ``scl_identity``.
 
-Every run trains in its own directory beside the JSON file (``runs/<stem>/...``, named by
-its settings' hash), checkpointing every epoch, through `sclref.experiments.execute`:
-serially, on a local Dask cluster or on a cluster given by its scheduler's address. An
-interrupted reproduction therefore continues every run from its last epoch. The JSON
-file holds one record per run, keyed by model, data, method and seed with its full
-settings; a run already there with the same settings is skipped. `summarize` turns
-the runs into mean ± std over seeds of the *final-epoch* test error, sparsity overall and
-per layer, FLOPs and mask flips; `markdown` prints them beside the published MNIST rows
-of the paper's peers (other data, for orientation only); `plot` draws the figures.
+Every run trains in its own directory under ``<out>/runs`` (named by its settings' hash),
+checkpointing every epoch, through `sclref.experiments.execute`: serially, on a local Dask
+cluster or on a cluster given by its scheduler's address. The run directories are the
+store: a finished run is never trained again and an interrupted one continues from its
+last epoch. ``<out>/results.json`` holds one record per run, read from its directory.
+`summarize` turns the runs into mean ± std over seeds of the *final-epoch* test error,
+sparsity overall and per layer, FLOPs and mask flips; `markdown` prints them beside the
+published MNIST rows of the paper's peers (other data, for orientation only); `plot`
+draws the figures; `sweep_summary`, `sweep_markdown` and `plot_sweep` do the same over λ.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ import functools
 import hashlib
 import json
 import math
-import os
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,10 +43,11 @@ import numpy as np
 from sclref import data, models, nn, provenance, storage
 from sclref.autograd import Tensor, no_grad
 from sclref.errors import InputError
-from sclref.runs import METRICS, load_model
+from sclref.runs import load_model
 from sclref.train import TrainConfig, build_model, load_data
 
 FORMAT = "sclref-reproduce"
+RESULTS = "results.json"
 DATA_ALIASES = data.ALIASES
 # λ of every SCL variant unless given: the `sclref train` default on digits; on 28x28 data
 # 0.003 gave 97.3 % sparsity at dense-level error on Fashion-MNIST (20 + 5 epochs).
@@ -177,93 +177,6 @@ class Settings:
                            mask_lr=TrainConfig.mask_lr / scale, **dict(METHODS[method].overrides))
 
 
-def machine() -> dict:
-    """Where and with what the numbers were measured."""
-    return provenance.machine()
-
-
-def load_runs(path) -> dict:
-    """The results file at `path`, or an empty one when there is none yet.
-
-    Every run record is checked field by field (types, ranges, lengths that agree), so a
-    damaged or hand-edited file is an `InputError` naming the run and the field, never a
-    crash in the tables built from it.
-    """
-    path = Path(path)
-    if not path.exists():
-        return {"format": FORMAT, "version": 1, "machine": machine(), "runs": []}
-    try:
-        if path.stat().st_size > _MAX_RESULTS_BYTES:
-            raise InputError(f"{path}: larger than {_MAX_RESULTS_BYTES:,} bytes, not a results file of sclref's")
-        store = json.loads(path.read_text())
-    except (ValueError, RecursionError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise InputError(f"{path}: not a readable JSON file ({type(err).__name__}); move it away to start afresh") \
-            from None
-    if not isinstance(store, dict) or store.get("format") != FORMAT or not isinstance(store.get("runs"), list):
-        raise InputError(f"{path}: not an sclref reproduce results file; choose another output")
-    for i, run in enumerate(store["runs"]):
-        problem = _run_problem(run)
-        if problem:
-            raise InputError(f"{path}: run {i}: {problem}; move the file away to start afresh")
-    return store
-
-
-_MAX_RESULTS_BYTES = 256 << 20
-_FRACTION, _COUNT, _NUMBER, _TEXT = "fraction", "count", "number", "text"
-_RUN_FIELDS = {"model": _TEXT, "data": _TEXT, "method": _TEXT, "seed": _COUNT, "test_error": _FRACTION,
-               "train_error": _FRACTION, "sparsity": _FRACTION, "dense_flops": _COUNT, "effective_flops": _NUMBER,
-               "train_seconds": _NUMBER}
-_LAYER_FIELDS = {"layer": _TEXT, "weights": _COUNT, "kept": _COUNT, "sparsity": _FRACTION, "dense_flops": _COUNT,
-                 "effective_flops": _NUMBER}
-_EPOCH_FIELDS = {"epoch": _COUNT, "phase": _TEXT, "loss": _NUMBER, "train_error": _FRACTION,
-                 "test_error": _FRACTION, "sparsity": _FRACTION}
-
-
-def _field_problem(record, fields: dict) -> str | None:
-    if not isinstance(record, dict):
-        return f"a record must be an object, got {type(record).__name__}"
-    for name, kind in fields.items():
-        value = record.get(name)
-        if kind == _TEXT:
-            ok = isinstance(value, str)
-        else:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
-                and (kind != _COUNT or (isinstance(value, int) and value >= 0)) \
-                and (kind != _FRACTION or 0 <= value <= 1)
-        if not ok:
-            return f"{name} must be a {kind}, got {value!r}"[:200]
-    return None
-
-
-def _run_problem(run) -> str | None:
-    """What is wrong with one run record of a results file, or None."""
-    problem = _field_problem(run, _RUN_FIELDS)
-    if problem:
-        return problem
-    if not isinstance(run.get("settings"), dict):
-        return "settings must be an object"
-    for key, fields in (("layers", _LAYER_FIELDS), ("history", _EPOCH_FIELDS)):
-        records = run.get(key)
-        if not isinstance(records, list) or not records:
-            return f"{key} must be a non-empty list"
-        for j, record in enumerate(records):
-            problem = _field_problem(record, fields)
-            if problem:
-                return f"{key}[{j}]: {problem}"
-    flips = run.get("flips")
-    if not (isinstance(flips, list) and len(flips) == len(run["history"])
-            and all(isinstance(f, int) and not isinstance(f, bool) for f in flips)):
-        return "flips must be a list of integers, one per epoch of the history"
-    return None
-
-
-def _find(store: dict, key: dict) -> dict | None:
-    for run in store["runs"]:
-        if all(run.get(k) == v for k, v in key.items()):
-            return run
-    return None
-
-
 def _plain_layer_report(directory: Path) -> list[dict]:
     """`layer_report` rows for the network without masks of a run directory: every connection kept."""
     model, saved = load_model(directory)
@@ -278,25 +191,19 @@ def _plain_layer_report(directory: Path) -> list[dict]:
     return rows
 
 
-def _record(key: dict, run_settings: dict, directory: Path, load: float) -> dict:
-    """The results-file record of one finished run, read from its directory."""
-    metrics = json.loads((directory / METRICS).read_text())
-    history, seconds = metrics["history"], metrics["timing"]["epoch_seconds"]
-    layers = metrics["final"]["layers"] or _plain_layer_report(directory)
-    weights, kept = sum(r["weights"] for r in layers), sum(r["kept"] for r in layers)
-    final = history[-1]
-    train_seconds = sum(t for t in seconds if t is not None)
+def _record(key: dict, summary, directory: Path) -> dict:
+    """The results record of one finished run, from its directory's (validated) summary."""
+    layers = summary.layers or _plain_layer_report(directory)
     return {
-        **key, "settings": run_settings,
-        "test_error": final["test_error"], "train_error": final["train_error"],
-        "sparsity": 1 - kept / weights, "layers": layers,
+        **key, "config": summary.config, "test_error": summary.test_error,
+        "train_error": summary.history[-1]["train_error"], "sparsity": summary.sparsity, "layers": layers,
         "dense_flops": sum(r["dense_flops"] for r in layers),
         "effective_flops": sum(r["effective_flops"] for r in layers),
         # Mask flips per epoch over all layers (0 where masks are frozen or absent).
-        "flips": [sum(layer["flips"] for layer in rec["layers"].values()) for rec in history],
+        "flips": [sum(layer["flips"] for layer in rec["layers"].values()) for rec in summary.history],
         "history": [{**{k: rec[k] for k in ("epoch", "phase", "loss", "train_error", "test_error", "sparsity", "lam")},
-                     "seconds": t} for rec, t in zip(history, seconds)],
-        "train_seconds": train_seconds, "load_average": load,
+                     "seconds": t} for rec, t in zip(summary.history, summary.epoch_seconds)],
+        "train_seconds": sum(t for t in summary.epoch_seconds if t is not None),
     }
 
 
@@ -305,103 +212,81 @@ def _ordered(methods) -> list[str]:
     return sorted(methods, key=lambda m: (METHODS[m].kind == "magnitude", list(METHODS).index(m)))
 
 
-def run_directory(json_path, model: str, method: str, seed: int, config: TrainConfig) -> Path:
-    """Where one run of a results file trains: ``runs/<results stem>/<model>-<method>-seed<k>-<settings hash>``.
+def run_directory(out, model: str, method: str, seed: int, config: TrainConfig) -> Path:
+    """Where one run trains: ``<out>/runs/<model>-<method>-seed<k>-<settings hash>``.
 
-    The hash of the run's settings keeps a run with other settings out of the directory of
-    an earlier one, so a changed setting starts afresh and an unchanged one resumes.
+    The hash of the run's settings keeps a run with other settings (another λ, say) out of
+    the directory of an earlier one, so a changed setting starts afresh and an unchanged
+    one resumes or is skipped.
     """
     digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
-    json_path = Path(json_path)
-    return json_path.parent / "runs" / json_path.stem / f"{model}-{method}-seed{seed}-{digest}"
+    return Path(out) / "runs" / f"{model}-{method}-seed{seed}-{digest}"
 
 
-def reproduce(settings: Settings, json_path, log=print, dataset=None, scheduler: str | None = "serial") -> dict:
-    """Run every (model, seed, method) not yet in `json_path` with these settings; return the file's content.
+def reproduce(settings: Settings, out, log=print, dataset=None, scheduler: str | None = "serial",
+              sweep=()) -> dict:
+    """Train every (model, seed, method) of `settings` under `out`; write and return the results.
 
-    Each run trains in its own directory (`run_directory`), checkpointing every epoch,
-    through `sclref.experiments.execute` on `scheduler` ("serial", "local", a Dask
-    scheduler address, or None to let it choose): an interrupted reproduction resumes
-    every run from its last epoch, and which scheduler trained a run changes no byte.
-    Magnitude pruning waits for SCL-identity of the same model and seed and prunes each
-    layer to the sparsity it reached. `dataset` may be passed to check the models
-    against it without loading it (it must be what ``settings.data`` names).
-    """
-    return _reproduce([(settings, Path(json_path))], log, dataset, scheduler)[0]
+    The run directories under ``<out>/runs`` (`run_directory`) are the store: each run
+    checkpoints every epoch there, through `sclref.experiments.execute` on `scheduler`
+    ("serial", "local", a Dask scheduler address, or None to let it choose). A finished
+    run is not trained again and an interrupted one resumes from its last epoch; which
+    scheduler trained a run changes no byte. Magnitude pruning waits for SCL-identity of
+    the same model, seed and λ and prunes each layer to the sparsity it reached.
 
+    With `sweep`, the masked methods run again at each of its λ (dense training does not
+    depend on λ and runs once), all in one submission, so that a cluster keeps every
+    worker busy across the λ.
 
-def _reproduce(parts: list, log, dataset, scheduler) -> list[dict]:
-    """`reproduce` for several (settings, results file) pairs whose runs all go to one `execute`.
-
-    One submission lets a cluster keep every worker busy across the parts (a λ sweep of
-    three seeds per λ would leave a worker of two idle at the end of each λ).
+    Returns ``{"format", "version", "machine", "runs"}``, also written to
+    ``<out>/results.json``: one record per run, read from its directory, keyed by model,
+    data, method, seed and λ (None for dense). `dataset` may be passed to check the
+    models against it without loading it (it must be what ``settings.data`` names).
     """
     from sclref.experiments.executor import Run, execute
 
-    for settings, _ in parts:  # every part is checked before the first run starts
-        settings.validate()
-    stores = [load_runs(path) for _, path in parts]
-    first = parts[0][0]
-    dataset = first.dataset() if dataset is None else dataset
-    for model in first.models:  # a model that cannot take this data fails now, not after hours
+    lams = [float(lam) for lam in sweep]
+    if any(not (math.isfinite(lam) and lam > 0) for lam in lams) or len(set(lams)) != len(lams):
+        raise ValueError(f"sweep: give each λ > 0 once, got {lams}")
+    settings.validate()
+    masked = tuple(m for m in settings.methods if METHODS[m].kind != "dense")
+    parts = [settings] + [dataclasses.replace(settings, lam=lam, methods=masked)
+                          for lam in lams if lam != settings.lam_value]
+    for part in parts[1:]:  # every part is checked before the first run starts
+        part.validate()
+    dataset = settings.dataset() if dataset is None else dataset
+    for model in settings.models:  # a model that cannot take this data fails now, not after hours
         try:
-            build_model(first.config(model, "dense", 0), dataset.in_shape, dataset.num_classes)
+            build_model(settings.config(model, "dense", 0), dataset.in_shape, dataset.num_classes)
         except ValueError as err:
-            raise ValueError(f"model {model} cannot take the data {first.data_label!r}: {err}") from None
+            raise ValueError(f"model {model} cannot take the data {settings.data_label!r}: {err}") from None
     planned, keys = [], {}
-    for part, ((settings, json_path), store) in enumerate(zip(parts, stores)):
-        suffix = f" λ {settings.lam_value:g}" if len(parts) > 1 else ""
-        for model in settings.models:
-            for seed in settings.seeds:
-                for method in _ordered(settings.methods):
-                    key = {"model": model, "data": settings.data_label, "method": method, "seed": seed}
-                    config = settings.config(model, method, seed)
+    for part in parts:
+        suffix = f" λ {part.lam_value:g}" if len(parts) > 1 else ""
+        for model in part.models:
+            for seed in part.seeds:
+                for method in _ordered(part.methods):
+                    config, kind = part.config(model, method, seed), METHODS[method].kind
                     name = f"{MODEL_LABELS[model]} seed {seed} {method}{suffix}"
-                    done = _find(store, key)
-                    run_settings = {"config": config.to_dict()}
-                    reference = _find(store, {**key, "method": "scl_identity"})
-                    magnitude = METHODS[method].kind == "magnitude"
-                    if magnitude:
-                        run_settings.update(scope=METHODS[method].scope)
-                        if reference is not None:
-                            run_settings.update(kept={r["layer"]: r["kept"] for r in reference["layers"]})
-                    if done is not None and done["settings"] == run_settings:
-                        log(f"[{name}] already in {json_path.name}, skipped")
-                        continue
                     depends, prepare = (), None
-                    if magnitude:
-                        scl_name = f"{MODEL_LABELS[model]} seed {seed} scl_identity{suffix}"
-                        depends = (scl_name,) if scl_name in keys else ()
-                        prepare = functools.partial(_prepare_magnitude, scope=METHODS[method].scope, scl=scl_name,
-                                                    reference=None if depends else reference)
-                    keys[name] = (part, key, run_settings, done)
-                    planned.append(Run(name, config, run_directory(json_path, model, method, seed, config), depends,
+                    if kind == "magnitude":
+                        depends = (f"{MODEL_LABELS[model]} seed {seed} scl_identity{suffix}",)
+                        prepare = functools.partial(_prepare_magnitude, scope=METHODS[method].scope, scl=depends[0])
+                    keys[name] = {"model": model, "data": settings.data_label, "method": method, "seed": seed,
+                                  "lam": None if kind == "dense" else part.lam_value}
+                    planned.append(Run(name, config, run_directory(out, model, method, seed, config), depends,
                                        prepare))
-    if not planned:
-        return stores
     summaries = execute(planned, scheduler=scheduler, log=log)
-    load = os.getloadavg()[0]
-    for run in planned:
-        part, key, run_settings, done = keys[run.name]
-        if METHODS[key["method"]].kind == "magnitude":
-            run_settings["kept"] = {r["layer"]: r["kept"] for r in summaries[run.name].layers}
-        record = _record(key, run_settings, run.directory, load)
-        stores[part]["runs"] = [r for r in stores[part]["runs"] if r is not done] + [record]
-        log(f"[{run.name}] test error {100 * record['test_error']:.2f}%, sparsity {100 * record['sparsity']:.2f}%, "
-            f"{record['train_seconds']:.1f}s")
-    for part in sorted({keys[run.name][0] for run in planned}):
-        stores[part]["machine"] = machine()
-        storage.atomic_write_json(parts[part][1], stores[part])
-    return stores
+    results = {"format": FORMAT, "version": 2, "machine": provenance.machine(),
+               "runs": [_record(keys[run.name], summaries[run.name], run.directory) for run in planned]}
+    storage.atomic_write_json(Path(out) / RESULTS, results)
+    return results
 
 
-def _prepare_magnitude(config: dict, done: dict, scope: str, scl: str, reference: dict | None) -> dict:
+def _prepare_magnitude(config: dict, done: dict, scope: str, scl: str) -> dict:
     """A magnitude run's settings once SCL-identity of its model and seed is known: prune to its sparsity."""
-    if reference is not None:  # SCL-identity was already in the results file
-        layers, overall = reference["layers"], reference["sparsity"]
-    else:
-        layers, overall = done[scl].layers, done[scl].sparsity
-    target = overall if scope == "global" else {r["layer"]: 1 - r["kept"] / r["weights"] for r in layers}
+    target = done[scl].sparsity if scope == "global" else {r["layer"]: 1 - r["kept"] / r["weights"]
+                                                                      for r in done[scl].layers}
     return {**config, "prune_scope": scope, "prune_sparsity": target}
 
 
@@ -412,14 +297,15 @@ def _stats(values) -> dict:
             "values": values}
 
 
-def summarize(store: dict, settings: Settings) -> list[dict]:
-    """Mean ± std over seeds per (model, method), for the runs these settings asked for."""
+def summarize(results: dict, settings: Settings) -> list[dict]:
+    """Mean ± std over seeds per (model, method), for the runs these settings asked for (at their λ)."""
     rows = []
     for model in settings.models:
         for method in settings.methods:
-            runs = [_find(store, {"model": model, "data": settings.data_label, "method": method, "seed": s})
-                    for s in settings.seeds]
-            runs = [r for r in runs if r is not None]
+            lam = None if METHODS[method].kind == "dense" else settings.lam_value
+            runs = [r for seed in settings.seeds for r in results["runs"]
+                    if (r["model"], r["data"], r["method"], r["seed"], r["lam"])
+                    == (model, settings.data_label, method, seed, lam)]
             if not runs:
                 continue
             shapes = {(tuple(row["layer"] for row in r["layers"]), len(r["history"])) for r in runs}
@@ -504,7 +390,7 @@ def markdown(summary: list[dict], settings: Settings) -> str:
     return "\n".join(out)
 
 
-def plot(summary: list[dict], store: dict, settings: Settings, out_dir) -> list[Path]:
+def plot(summary: list[dict], settings: Settings, out_dir) -> list[Path]:
     """Per model: error vs connections kept, per-layer sparsity bars, mask flips per epoch; returns the PNGs."""
     import matplotlib
 
@@ -598,47 +484,14 @@ def plot(summary: list[dict], store: dict, settings: Settings, out_dir) -> list[
     return written
 
 
-def sweep_path(json_path, lam: float) -> Path:
-    """Where the runs at another λ go: ``results.json`` → ``results-lam0.01.json`` beside it."""
-    json_path = Path(json_path)
-    return json_path.with_name(f"{json_path.stem}-lam{lam:g}{json_path.suffix}")
-
-
-def sweep(settings: Settings, lams, json_path, log=print, dataset=None, scheduler: str | None = "serial") \
-        -> dict[float, dict]:
-    """`reproduce(settings, json_path)` and its masked methods again at each λ of `lams`, in one submission.
-
-    The runs at another λ go to their own `sweep_path` file; dense training does not
-    depend on λ and runs once, in `json_path`. Returns λ → results file content, the
-    main file's λ (``settings.lam_value``) included, so that `sweep_summary` can draw
-    error against sparsity over every λ measured.
-    """
-    lams = [float(lam) for lam in lams]
-    if not lams or any(not (math.isfinite(lam) and lam > 0) for lam in lams):
-        raise ValueError(f"sweep: give one or more λ > 0, got {lams}")
-    if len(set(lams)) != len(lams):
-        raise ValueError(f"sweep: each λ may be given once, got {lams}")
-    methods = tuple(m for m in settings.methods if METHODS[m].kind != "dense")
-    json_path = Path(json_path)
-    others = [lam for lam in lams if lam != settings.lam_value]
-    parts = [(settings, json_path)] + [(dataclasses.replace(settings, lam=lam, methods=methods),
-                                        sweep_path(json_path, lam)) for lam in others]
-    stores = _reproduce(parts, log, dataset, scheduler)
-    return dict(sorted(zip([settings.lam_value, *others], stores)))
-
-
-def sweep_summary(stores: dict[float, dict], settings: Settings) -> list[dict]:
-    """`summarize` of every λ's runs, each row with its ``lam``; dense once (λ None) when any λ's file holds it."""
-    rows = []
-    methods = tuple(dict.fromkeys(("dense",) + tuple(settings.methods)))
-    for lam, store in stores.items():
-        for row in summarize(store, dataclasses.replace(settings, lam=lam, methods=methods)):
-            if row["method"] == "dense":
-                if not any(r["method"] == "dense" and r["model"] == row["model"] for r in rows):
-                    rows.append({**row, "lam": None})
-            else:
-                rows.append({**row, "lam": lam})
-    return rows
+def sweep_summary(results: dict, settings: Settings) -> list[dict]:
+    """`summarize` at every λ of the results, each row with its ``lam``; dense once, with λ None."""
+    rows = summarize(results, dataclasses.replace(settings, methods=("dense",)))
+    masked = tuple(m for m in settings.methods if METHODS[m].kind != "dense")
+    for lam in sorted({r["lam"] for r in results["runs"] if r["lam"] is not None}):
+        rows += [{**row, "lam": lam} for row in summarize(results, dataclasses.replace(settings, lam=lam,
+                                                                                       methods=masked))]
+    return [{"lam": None, **row} for row in rows]
 
 
 def sweep_markdown(rows: list[dict], settings: Settings) -> str:
