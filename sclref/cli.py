@@ -215,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # train says more; every other command has nothing to resume
         print(f"\nsclref {args.command}: interrupted", file=sys.stderr)
         return 130
+    except (ValueError, OSError) as err:  # refused input (InputError is a ValueError), unreadable or unwritable files
+        print(f"sclref {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from sclref import nn, optim, threads
 from sclref.autograd import Tensor, no_grad
+from sclref.cli import main
 from sclref.data.datasets import Dataset
 from sclref.errors import InputError
 from sclref.nn.masked import MaskedConv2d, MaskedLinear
@@ -28,7 +29,6 @@ from sclref.oracle import (
     load_state,
     reference_step,
 )
-from sclref.oracle.cli import main as verify_main
 from sclref.oracle.step import build_model
 from sclref.scl import masked_layers, normalize_per_feature
 from sclref.testing import strategies as sst
@@ -468,7 +468,7 @@ def files(tmp_path):
 def run_cli(argv):
     out, err = stdio.StringIO(), stdio.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = verify_main(argv)
+        code = main(["verify", *argv])
     return code, out.getvalue(), err.getvalue()
 
 

@@ -78,19 +78,15 @@ def run_reproduce(args: argparse.Namespace) -> int:
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
     out = Path(args.out)
     log = (lambda line: print(line, file=sys.stderr)) if args.json else print
-    try:
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"--out {out} exists and is not a directory")
-        settings = Settings.quick(**given) if args.quick else Settings(**given)
-        results = reproduce(settings, out, log=log, scheduler=args.scheduler, sweep=args.sweep or ())
-        summary = summarize(results, settings)
-        rows = sweep_summary(results, settings) if args.sweep else None
-        written = [] if args.no_plots else plot(summary, settings, out)
-        if rows is not None and not args.no_plots:
-            written += plot_sweep(rows, settings, out)
-    except (ValueError, OSError) as err:  # OSError: unreadable data, unwritable --out
-        print(f"sclref reproduce: error: {err}", file=sys.stderr)
-        return 2
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
+    settings = Settings.quick(**given) if args.quick else Settings(**given)
+    results = reproduce(settings, out, log=log, scheduler=args.scheduler, sweep=args.sweep or ())
+    summary = summarize(results, settings)
+    rows = sweep_summary(results, settings) if args.sweep else None
+    written = [] if args.no_plots else plot(summary, settings, out)
+    if rows is not None and not args.no_plots:
+        written += plot_sweep(rows, settings, out)
     if args.json:
         print(json.dumps(summary if rows is None else rows, indent=2))
         return 0

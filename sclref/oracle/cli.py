@@ -32,7 +32,7 @@ from sclref.data.npz import read_npz
 from sclref.errors import InputError
 from sclref.flags import nonnegative_int
 
-__all__ = ["add_parser", "main", "run_verify"]
+__all__ = ["add_parser", "run_verify"]
 
 _MAX_SETTINGS_BYTES = 1 << 20
 _MAX_MEMBERS = 10_000
@@ -45,7 +45,10 @@ def _positive_steps(text: str) -> int:
     return value
 
 
-def _configure(p: argparse.ArgumentParser) -> None:
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``verify`` on `subparsers` (from ``ArgumentParser.add_subparsers``); return its parser."""
+    p = subparsers.add_parser("verify", help="check an SCL training step against sclref's reference step",
+                              description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="a model of sclref.models.MODELS, e.g. lenet300 or lenet5")
     p.add_argument("--state", required=True, metavar="NPZ", help="the starting state: name -> array")
     p.add_argument("--batch", required=True, metavar="NPZ", help="x and y, or x_0, y_0, x_1, y_1, ... one per step")
@@ -59,13 +62,6 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="NPZ", help="write every stage of every step as step/stage/name -> array")
     p.add_argument("--json", action="store_true", help="print a JSON record instead of text")
     p.set_defaults(func=run_verify)
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``verify`` on `subparsers` (from ``ArgumentParser.add_subparsers``); return its parser."""
-    p = subparsers.add_parser("verify", help="check an SCL training step against sclref's reference step",
-                              description=__doc__.splitlines()[0])
-    _configure(p)
     return p
 
 
@@ -183,15 +179,3 @@ def run_verify(args: argparse.Namespace) -> int:
         if comparison is not None:
             print(comparison.report())
     return 0 if comparison is None or comparison.ok else 1
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run ``verify`` as its own command (before it is wired into `sclref`)."""
-    parser = argparse.ArgumentParser(prog="sclref verify", description=__doc__.splitlines()[0])
-    _configure(parser)
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -15,10 +15,13 @@ import tempfile
 
 from sclref.flags import nonnegative_int
 
-__all__ = ["add_parser", "main", "run_theory"]
+__all__ = ["add_parser", "run_theory"]
 
 
-def _configure(p: argparse.ArgumentParser) -> None:
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``theory`` on `subparsers` (from ``ArgumentParser.add_subparsers``); return its parser."""
+    p = subparsers.add_parser("theory", help="check the STE convergence principle on problems with known answers",
+                              description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="the seconds-long version (fewer runs, seeds and epochs)")
     p.add_argument("--json", action="store_true", help="print the JSON record on stdout instead of the table")
     p.add_argument("--out", default="runs/theory", metavar="DIR",
@@ -28,13 +31,6 @@ def _configure(p: argparse.ArgumentParser) -> None:
                    help="measure only this registered estimator (repeatable; default: all)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
     p.set_defaults(func=run_theory)
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``theory`` on `subparsers` (from ``ArgumentParser.add_subparsers``); return its parser."""
-    p = subparsers.add_parser("theory", help="check the STE convergence principle on problems with known answers",
-                              description=__doc__.splitlines()[0])
-    _configure(p)
     return p
 
 
@@ -71,33 +67,23 @@ def run_theory(args: argparse.Namespace) -> int:
     try:  # before minutes of work, not after
         rundir.check_writable(out)
     except rundir.RunDirectoryError as err:
-        print(f"sclref theory: error: --out {err}", file=sys.stderr)
-        return 2
-    if args.ste:
-        unknown = [name for name in args.ste if name not in ste_registry.available()]
-        if unknown:
-            print(f"sclref theory: error: unknown STE {', '.join(map(repr, unknown))}; registered: "
-                  f"{', '.join(ste_registry.available())}", file=sys.stderr)
-            return 2
+        raise ValueError(f"--out {err}") from None
+    unknown = [name for name in args.ste or () if name not in ste_registry.available()]
+    if unknown:
+        raise ValueError(f"unknown STE {', '.join(map(repr, unknown))}; registered: "
+                         f"{', '.join(ste_registry.available())}")
     if not args.no_plots:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            print("sclref theory: error: the plots need matplotlib (pip install matplotlib), "
-                  "or pass --no-plots", file=sys.stderr)
-            return 2
+            raise ValueError("the plots need matplotlib (pip install matplotlib), or pass --no-plots") from None
     log = (lambda line: print(line, file=sys.stderr)) if args.json else print
-    try:
-        with _hypothesis_scratch():
-            result = run(quick=args.quick, seed=args.seed, stes=args.ste, log=log)
-    except ValueError as err:  # e.g. a user estimator whose surrogate is NaN or misshapen
-        print(f"sclref theory: error: {err}", file=sys.stderr)
-        return 2
+    with _hypothesis_scratch():  # a ValueError: e.g. a user estimator whose surrogate is NaN or misshapen
+        result = run(quick=args.quick, seed=args.seed, stes=args.ste, log=log)
     try:
         written = report.write(result, out, with_plots=not args.no_plots)
     except OSError as err:
-        print(f"sclref theory: error: cannot write to {out}: {err}", file=sys.stderr)
-        return 2
+        raise OSError(f"cannot write to {out}: {err}") from None
     if args.json:
         print(json.dumps(report.to_json(result), indent=2))
         return 0
@@ -112,15 +98,3 @@ def run_theory(args: argparse.Namespace) -> int:
     if disagree:
         print(f"(!) measured against declared principle disagree for: {', '.join(disagree)}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run ``theory`` as its own command (before it is wired into `sclref`)."""
-    parser = argparse.ArgumentParser(prog="sclref theory", description=__doc__.splitlines()[0])
-    _configure(parser)
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
