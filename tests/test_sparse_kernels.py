@@ -87,6 +87,18 @@ def test_chain_results_do_not_depend_on_batch_tiles_or_threads(case, tile, threa
         assert np.array_equal(one[0], tiled[r])
 
 
+@given(case=chain_cases())
+def test_a_chain_reads_an_unflattened_batch_as_its_flat_rows(case):
+    weights, biases, acts, alphas, x, dtype = case
+    packed = kernels.pack_chain(weights, biases, acts, alphas, dtype)
+    n, k = x.shape
+    for rows in (n, 1):  # the tiled and the dot-product paths
+        flat, nchw = (np.full((rows, weights[-1].shape[0]), np.nan, dtype) for _ in range(2))
+        kernels.csr_chain(*packed, x[:rows], flat, kernels.chain_scratch(packed[0], rows, dtype))
+        kernels.csr_chain(*packed, x[:rows].reshape(rows, 1, k, 1), nchw, kernels.chain_scratch(packed[0], rows, dtype))
+        assert flat.tobytes() == nchw.tobytes()
+
+
 def test_pack_chain_rejects_mismatched_layers_and_unknown_activations():
     gen = np.random.default_rng(0)
     w1, w2 = _csr(gen, 3, 4, 0.5, np.float64), _csr(gen, 2, 5, 0.5, np.float64)

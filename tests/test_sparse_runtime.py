@@ -78,6 +78,24 @@ def test_sclref_layers_form_one_chain_and_threads_get_their_own_scratch():
     assert all(np.array_equal(a, b) for a, b in zip(got, want))
 
 
+def test_a_planned_batch_gives_the_kernels_bits_in_a_new_array_whatever_form_the_input_takes():
+    network = _network()
+    fcs = [layer for layer in network.layers if isinstance(layer, Linear)]
+    packed = kernels.pack_chain([w.weight.astype(np.float32) for w in fcs], [w.bias for w in fcs],
+                                ["relu", "leaky_relu", None], [None, 0.1, None], np.float32)
+    run = Runtime(network, dtype=np.float32, backend="sclref")
+    for n in (1, 3, 40):
+        x = np.random.default_rng(n).standard_normal((n, 2, 3, 5)).astype(np.float32)
+        want = np.empty((n, 7), np.float32)
+        kernels.csr_chain(*packed, x.reshape(n, 30), want, kernels.chain_scratch(packed[0], n, np.float32))
+        first = run(x)  # plans the shape
+        again = run(x)  # the planned call
+        assert first.tobytes() == want.tobytes() and again.tobytes() == want.tobytes()
+        assert not np.shares_memory(again, first)
+        for same in (x.reshape(n, 30), x.astype(np.float64), np.asfortranarray(x), x.tolist()):
+            assert run(same).tobytes() == want.tobytes()
+
+
 def test_float32_runtime_takes_any_numeric_input():
     network = _network()
     x = np.random.default_rng(2).standard_normal((9, 30))

@@ -175,8 +175,9 @@ def _rows_layer(ip, ix, w, b, act, alpha, src, dst):
 def _chain_rows(layers, ints, vals, x, out, scratch):
     # Sample by sample, layer by layer; hidden vectors alternate between scratch[0] and scratch[1].
     nl = layers.shape[0]
-    for r in range(x.shape[0]):
-        src = x[r]
+    rows = x.reshape((x.shape[0], layers[0, _K]))
+    for r in range(rows.shape[0]):
+        src = rows[r]
         for li in range(nl):
             f, nnz, ptr, idx = layers[li, _F], layers[li, _NNZ], layers[li, _PTR], layers[li, _IDX]
             dst = out[r] if li == nl - 1 else scratch[li % 2, :f]
@@ -286,12 +287,13 @@ def _chain_tiles(layers, ints, vals, x, out, scratch):
     # into scratch (the only transpose of the input), every layer then stays
     # feature-major in scratch, and the last layer's tile is transposed, in blocks
     # too, into its rows of `out`.
-    n, k = x.shape
+    rows = x.reshape((x.shape[0], layers[0, _K]))
+    n, k = rows.shape
     nl = layers.shape[0]
     threads, tile = scratch.shape[0], scratch.shape[3]
     ntiles = (n + tile - 1) // tile
     nblocks, blocks = layers[0, _NBLK], layers[0, _BLK]
-    bw = BLOCK_BYTES // x.itemsize
+    bw = BLOCK_BYTES // rows.itemsize
     for t in prange(threads):
         a, b = scratch[t, 0], scratch[t, 1]
         for q in range(t, ntiles, threads):
@@ -304,14 +306,14 @@ def _chain_tiles(layers, ints, vals, x, out, scratch):
                 c0 = np.int64(ints[blocks + e])
                 if c0 + bw <= k:
                     for r in range(0, full, bw):
-                        _transpose_block(x, (r0 + r) * k + c0, k, a, c0 * tile + r, tile)
+                        _transpose_block(rows, (r0 + r) * k + c0, k, a, c0 * tile + r, tile)
                     rest = full
                 else:
                     rest = 0
                 for c in range(c0, min(c0 + bw, k)):
                     dst = a[c]
                     for r in range(rest, nb):
-                        dst[r] = x[r0 + r, c]
+                        dst[r] = rows[r0 + r, c]
             src, dst = a, b
             for li in range(nl):
                 f, nnz, ptr, idx = layers[li, _F], layers[li, _NNZ], layers[li, _PTR], layers[li, _IDX]
@@ -345,8 +347,9 @@ def chain_kernel(scratch):
 def csr_chain(layers, ints, vals, x, out, scratch):
     """out = the chain's output for the rows of x: h_{l+1} = act_l(h_l @ W_l.T + b_l), h_0 = x.
 
-    layers, ints, vals from `pack_chain`; x (N, K_0), out (N, F_last), C-contiguous, of
-    vals' dtype; scratch from `chain_scratch` for N rows (its contents are overwritten).
+    layers, ints, vals from `pack_chain`; x (N, K_0), or any C-contiguous (N, ...) holding K_0
+    values per sample (read as (N, K_0): flattening costs no Python call), out (N, F_last),
+    C-contiguous, of vals' dtype; scratch from `chain_scratch` for N rows (its contents are overwritten).
     O(N * (nnz + K_0 + F_last)) time. Below TILE_MIN rows: gathered dot products,
     sample by sample. Otherwise batch tiles (parallel over tiles when scratch has a
     thread axis longer than 1), feature-major inside the tile, with the bias and the

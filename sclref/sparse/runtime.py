@@ -14,15 +14,17 @@ network and the batch size, never on timings, so results are reproducible; a str
 {layer name: backend} dict overrides it.
 
 Consecutive linear layers on the sclref backend, each with the activation after it,
-form a chain that runs as one `csr_chain` call: the chain is packed once, its scratch
-buffers are kept per thread and batch size, and only the chain's input and output are
-row-major (inside, batch tiles run feature-major). The plan of an input shape (the
-chains and the other steps) is built on its first call and reused; before it is built,
-`check_batch` checks every array the batch will need (padded inputs, im2col columns,
-dense weights, layer outputs) against `sclref.errors.check_allocation`, so a geometry
-from a file cannot ask for more memory than sclref allocates. Convolutions run on NCHW
-arrays. A residual block runs its body and its shortcut (each planned like the network's
-own layers) on the same input and adds their outputs.
+form a chain that runs as one `csr_chain` call: the chain is packed once, and only the
+chain's input and output are row-major (inside, batch tiles run feature-major). The
+plan of an input shape (the chains and the other steps) is built on its first call and
+reused: its chains have their kernel, scratch buffer and output shape decided, and a
+later array of that shape, dtype and C order goes straight to the plan, past the
+checks of the input (at batch 1 these cost as much as the sparse layers). Before a plan
+is built, `check_batch` checks every array the batch will need (padded inputs, im2col
+columns, dense weights, layer outputs) against `sclref.errors.check_allocation`, so a
+geometry from a file cannot ask for more memory than sclref allocates. Convolutions run
+on NCHW arrays. A residual block runs its body and its shortcut (each planned like the
+network's own layers) on the same input and adds their outputs.
 """
 
 from __future__ import annotations
@@ -181,20 +183,22 @@ class Runtime:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """The network's output for the batch `x` (N, ...): (N, F) or (N, F, OH, OW)."""
+        run = self._plans.get(x.shape) if type(x) is np.ndarray else None
+        if run is not None and x.dtype is self.dtype and x.flags.c_contiguous:
+            return run(x)
         x = self._check_input(x)
-        steps = self._plans.get(x.shape)
-        if steps is None:
-            if len(self._plans) > 64:  # bounded: a stream of new batch sizes does not keep every plan
+        run = self._plans.get(x.shape)
+        if run is None:
+            if len(self._plans) >= 16:  # bounded: a stream of new batch sizes does not keep every plan and buffer
                 self._plans.clear()
             self.check_batch(x.shape)
-            steps = self._plans[x.shape] = self._steps(x.shape[0])
-        for step in steps:
-            x = step(x)
-        return x if x.flags.c_contiguous else np.ascontiguousarray(x)
+            run = self._plans[x.shape] = _plan(self._steps(x.shape[0], entry=True))
+        return run(x)
 
-    def _steps(self, batch: int, layers: list | None = None) -> list:
+    def _steps(self, batch: int, layers: list | None = None, entry: bool = False) -> list:
         """The calls a batch of `batch` samples takes through `layers` (default: the network's): chains of
-        sclref linear layers, residual blocks as one call, other layers one by one."""
+        sclref linear layers, residual blocks as one call, other layers one by one. `entry`: the first step
+        gets the checked C-ordered input of `__call__`."""
         steps, i = [], 0
         layers = self.network.layers if layers is None else layers
         while i < len(layers):
@@ -206,11 +210,11 @@ class Runtime:
                 i += 1 + (act is not None)
             if chain:
                 if steps and steps[-1] is _flatten:
-                    steps.pop()  # the chain flattens its input itself
+                    steps.pop()  # the chain's kernel reads any C-ordered (N, ...) input as (N, K)
                 key = tuple((w.layer.name, act and act.name) for w, act in chain)
                 if key not in self._chains:
                     self._chains[key] = _Chain(chain, self.dtype)
-                steps.append(self._chains[key])
+                steps.append(_ChainRun(self._chains[key], batch, contiguous=entry and not steps))
             else:
                 layer = layers[i]
                 if isinstance(layer, net.Flatten):
@@ -297,7 +301,7 @@ class Runtime:
         key = ((name, None),)
         if key not in self._chains:
             self._chains[key] = _Chain([(w, None)], self.dtype)
-        return self._chains[key](x)
+        return _ChainRun(self._chains[key], x.shape[0])(x)
 
     def conv2d(self, name: str, x: np.ndarray, backend: str) -> np.ndarray:
         """One convolution on NCHW input."""
@@ -353,33 +357,55 @@ def _nchw(layer, x) -> np.ndarray:
 
 
 class _Chain:
-    """Linear layers, each with the activation after it, packed for one `csr_chain` call."""
+    """Linear layers, each with the activation after it, packed once for `csr_chain` calls."""
 
     def __init__(self, chain, dtype):
         self.layers, self.ints, self.vals = kernels.pack_chain(
             [w.csr for w, _ in chain], [w.bias for w, _ in chain], [act and act.kind for _, act in chain],
             [act and act.alpha for _, act in chain], dtype)
-        self.inputs, self.features, self.dtype = chain[0][0].csr.shape[1], chain[-1][0].csr.shape[0], dtype
-        # Per thread, {batch size: (compiled kernel, scratch)}: threads never share a scratch buffer.
-        self._local = threading.local()
+        self.features, self.dtype = chain[-1][0].csr.shape[0], dtype
+
+
+class _ChainRun:
+    """A chain's `csr_chain` call on batches of `n` samples: kernel, scratch and output shape decided once.
+
+    `contiguous`: its inputs are known to be C-ordered. The scratch is the run's; a call
+    from a second thread while the first is inside the kernel (which releases the GIL)
+    takes a scratch of its own for that call.
+    """
+
+    __slots__ = ("kernel", "layers", "ints", "vals", "scratch", "shape", "dtype", "lock", "contiguous")
+
+    def __init__(self, chain: _Chain, n: int, contiguous: bool = False):
+        self.layers, self.ints, self.vals, self.dtype = chain.layers, chain.ints, chain.vals, chain.dtype
+        self.scratch = kernels.chain_scratch(self.layers, n, self.dtype)
+        self.kernel = kernels.chain_kernel(self.scratch)
+        self.shape = (n, chain.features)
+        self.lock = threading.Lock()
+        self.contiguous = contiguous
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        n = x.shape[0]
-        calls = getattr(self._local, "calls", None)
-        if calls is None:
-            calls = self._local.calls = {}
-        call = calls.get(n)
-        if call is None:
-            if len(calls) > 8:  # bounded: a stream of new batch sizes does not keep every buffer
-                calls.clear()
-            scratch = kernels.chain_scratch(self.layers, n, self.dtype)
-            call = calls[n] = (kernels.chain_kernel(scratch), scratch)
-        if x.ndim != 2:
-            x = _flatten(x)
-        if x.shape[1] != self.inputs:
-            raise ValueError(f"expected (N, {self.inputs}) input, got shape {x.shape}")
-        if not x.flags.c_contiguous:
+        if not self.contiguous:
             x = np.ascontiguousarray(x)
-        out = np.empty((n, self.features), self.dtype)
-        call[0](self.layers, self.ints, self.vals, x, out, call[1])
+        out = np.empty(self.shape, self.dtype)
+        if self.lock.acquire(False):
+            try:
+                self.kernel(self.layers, self.ints, self.vals, x, out, self.scratch)
+            finally:
+                self.lock.release()
+        else:
+            self.kernel(self.layers, self.ints, self.vals, x, out, np.empty_like(self.scratch))
         return out
+
+
+def _plan(steps: list):
+    """One call running `steps` in order and returning a C-ordered array."""
+    if len(steps) == 1 and isinstance(steps[0], _ChainRun):
+        return steps[0]  # its output is a new C-ordered array
+
+    def run(x: np.ndarray) -> np.ndarray:
+        for step in steps:
+            x = step(x)
+        return x if x.flags.c_contiguous else np.ascontiguousarray(x)
+
+    return run
