@@ -4,10 +4,11 @@
 - ``plain``: the unmasked network, forward, backward, SGD with momentum;
 - ``scl``: the SCL step of `sclref.train.Trainer.step` (masked layers, identity STE,
   per-feature L2 normalization of the mask gradient, regularizer λ, SGD with momentum on
-  θ and plain SGD on the mask variables), written in PyTorch as its users would
-  (LeNets only).
+  θ and plain SGD on the mask variables, or with ``--optimizer adam`` Adam on both),
+  written in PyTorch as its users would.
 
     python benchmarks/train_step.py [--kind plain|scl|both] [--threads 2] [--reps 50] [--resnet] [--pin]
+        [--optimizer sgd|adam]
 
 ``--pin`` runs sclref's step inside `sclref.threads.pinned` (BLAS on one thread), as
 `sclref train` does during its epochs: sclref's kernels then split their work (conv
@@ -25,6 +26,7 @@ top of the built model (peak resident size), with its ratio.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from pathlib import Path
@@ -191,37 +193,46 @@ def build_torch(model_name: str, batch: int, threads: int):
     return step
 
 
-SCL_MODELS = {"LeNet-300-100": "lenet300", "LeNet-5": "lenet5"}
+SCL_MODELS = {"LeNet-300-100": "lenet300", "LeNet-5": "lenet5", "ResNet-20": "resnet20"}
 
 
-def _scl_trainer(model_name: str, batch: int):
-    """A `Trainer` with the default SCL settings in float32 on a random batch of MNIST shape."""
+ADAM_LR = 1e-3  # of θ and s with --optimizer adam
+
+
+def _scl_trainer(model_name: str, batch: int, optimizer: str = "sgd"):
+    """A `Trainer` with the default SCL settings in float32 on a random batch of the model's input shape.
+
+    With `optimizer` "adam" its two optimizers are replaced by Adam (lr `ADAM_LR`) on θ and on s.
+    """
     from sclref.data.datasets import Dataset
     from sclref.train import TrainConfig, Trainer
 
     gen = np.random.default_rng(0)
-    x = gen.standard_normal((batch, 1, 28, 28)).astype(np.float32)
+    x = gen.standard_normal((batch, *IN_SHAPES[model_name])).astype(np.float32)
     y = gen.integers(0, 10, batch)
     data = Dataset(x, y, x[:1], y[:1], name="random")
     trainer = Trainer(TrainConfig(model=SCL_MODELS[model_name], dtype="float32", seed=0), data)
+    if optimizer == "adam":
+        trainer.opt_w = sclref.optim.Adam([p for g in trainer.opt_w.param_groups for p in g["params"]], lr=ADAM_LR)
+        trainer.opt_s = sclref.optim.Adam([p for g in trainer.opt_s.param_groups for p in g["params"]], lr=ADAM_LR)
     if model_name == "LeNet-300-100":
         x = x.reshape(batch, -1)
     return trainer, x, y
 
 
-def build_sclref_scl(model_name: str, batch: int, pin: bool = False):
+def build_sclref_scl(model_name: str, batch: int, pin: bool = False, optimizer: str = "sgd"):
     """One step of `Trainer.step`, the step `sclref train` takes."""
-    trainer, x, y = _scl_trainer(model_name, batch)
+    trainer, x, y = _scl_trainer(model_name, batch, optimizer)
     return _pinned_step(lambda: trainer.step(x, y)[0], pin)
 
 
-def build_torch_scl(model_name: str, batch: int, threads: int):
+def build_torch_scl(model_name: str, batch: int, threads: int, optimizer: str = "sgd"):
     """The same SCL step in PyTorch: θ * step(s) with an identity STE, from the same weights."""
     from sclref.nn.masked import MaskedConv2d, MaskedLinear
 
     torch = common.torch_or_none(threads)
     F = torch.nn.functional
-    trainer, x_np, y_np = _scl_trainer(model_name, batch)
+    trainer, x_np, y_np = _scl_trainer(model_name, batch, optimizer)
     cfg = trainer.config
 
     class StepSTE(torch.autograd.Function):
@@ -233,37 +244,67 @@ def build_torch_scl(model_name: str, batch: int, threads: int):
         def backward(ctx, g):
             return g  # identity STE: g'(s) = 1
 
-    layers = []  # (kind, θ, b, s) for masked layers, kind for the others
-    for layer in trainer.model:
-        if isinstance(layer, (MaskedLinear, MaskedConv2d)):
-            theta, bias, score = (torch.nn.Parameter(torch.from_numpy(p.data.copy()))
-                                  for p in (layer.weight, layer.bias, layer.score))
-            kind = "linear" if isinstance(layer, MaskedLinear) else "conv"
-            layers.append((kind, theta, bias, score))
-        elif isinstance(layer, sclref.nn.MaxPool2d):
-            layers.append(("pool", layer.kernel_size))
-        else:
-            layers.append((type(layer).__name__.lower(),))
+    def masked(layer):
+        """θ and s of a masked layer as PyTorch parameters; the forward's weight is θ * step(s)."""
+        theta, score = (torch.nn.Parameter(torch.from_numpy(p.data.copy())) for p in (layer.weight, layer.score))
+        bias = None if layer.bias is None else torch.nn.Parameter(torch.from_numpy(layer.bias.data.copy()))
+        weights.extend(p for p in (theta, bias) if p is not None)
+        scores.append(score)
+        return lambda: theta * StepSTE.apply(score), bias
 
-    def forward(h):
-        for spec in layers:
-            kind = spec[0]
-            if kind in ("linear", "conv"):
-                _, theta, bias, score = spec
-                w = theta * StepSTE.apply(score)
-                h = F.linear(h, w, bias) if kind == "linear" else F.conv2d(h, w, bias)
-            elif kind == "pool":
-                h = F.max_pool2d(h, spec[1])
-            elif kind == "relu":
-                h = F.relu(h)
-            elif kind == "flatten":
-                h = h.flatten(1)
-        return h
+    def conv(layer):
+        weight, bias = masked(layer)
+        return lambda h: F.conv2d(h, weight(), bias, layer.stride, layer.padding)
 
-    weights = [p for spec in layers if len(spec) == 4 for p in spec[1:3]]
-    scores = [spec[3] for spec in layers if len(spec) == 4]
-    opt_w = torch.optim.SGD(weights, lr=cfg.lr, momentum=cfg.momentum)
-    opt_s = torch.optim.SGD(scores, lr=cfg.mask_lr)
+    def batch_norm(layer):
+        weight, bias = (torch.nn.Parameter(torch.from_numpy(p.data.copy())) for p in (layer.weight, layer.bias))
+        weights.extend((weight, bias))
+        mean, var = torch.from_numpy(layer.running_mean.copy()), torch.from_numpy(layer.running_var.copy())
+        return lambda h: F.batch_norm(h, mean, var, weight, bias, True, layer.momentum, layer.eps)
+
+    def block(b):
+        conv1, bn1, conv2, bn2, sc = conv(b.conv1), batch_norm(b.bn1), conv(b.conv2), batch_norm(b.bn2), b.downsample
+
+        def run(h):
+            out = bn2(conv2(F.relu(bn1(conv1(h)))))
+            if sc is not None:
+                h = h[:, :, ::sc.stride, ::sc.stride]
+                extra = sc.out_channels - sc.in_channels
+                h = F.pad(h, (0, 0, 0, 0, extra // 2, extra - extra // 2))
+            return F.relu(out + h)
+
+        return run
+
+    def layer_fn(layer):
+        if isinstance(layer, MaskedLinear):
+            weight, bias = masked(layer)
+            return lambda h: F.linear(h, weight(), bias)
+        if isinstance(layer, MaskedConv2d):
+            return conv(layer)
+        if isinstance(layer, sclref.nn.BatchNorm2d):
+            return batch_norm(layer)
+        if isinstance(layer, sclref.models.BasicBlock):
+            return block(layer)
+        if isinstance(layer, sclref.nn.Sequential):
+            fns = [layer_fn(sub) for sub in layer]
+            return lambda h: functools.reduce(lambda acc, fn: fn(acc), fns, h)
+        if isinstance(layer, sclref.nn.MaxPool2d):
+            return lambda h: F.max_pool2d(h, layer.kernel_size)
+        if isinstance(layer, sclref.nn.GlobalAvgPool2d):
+            return lambda h: h.mean(dim=(2, 3))
+        if isinstance(layer, sclref.nn.Flatten):
+            return lambda h: h.flatten(1)
+        if isinstance(layer, sclref.nn.ReLU):
+            return F.relu
+        raise TypeError(f"no PyTorch twin for {type(layer).__name__}")
+
+    weights, scores = [], []
+    forward = layer_fn(trainer.model)
+    if optimizer == "adam":
+        opt_w, opt_s = torch.optim.Adam(weights, lr=ADAM_LR), torch.optim.Adam(scores, lr=ADAM_LR)
+    else:
+        opt_w = torch.optim.SGD(weights, lr=cfg.lr, momentum=cfg.momentum)
+        opt_s = torch.optim.SGD(scores, lr=cfg.mask_lr)
     xt, yt = torch.from_numpy(x_np), torch.from_numpy(y_np)
 
     def step():
@@ -287,13 +328,15 @@ BUILDERS = {"plain": (build_sclref, build_torch), "scl": (build_sclref_scl, buil
 
 
 def bench(kind: str, model_name: str, batch: int, reps: int, threads: int, have_torch: bool,
-          pin: bool = False) -> dict:
+          pin: bool = False, optimizer: str = "sgd") -> dict:
     ours, peer = BUILDERS[kind]
-    builders = {"sclref": (ours, (model_name, batch, pin))}
+    extra = (optimizer,) if kind == "scl" else ()
+    builders = {"sclref": (ours, (model_name, batch, pin, *extra))}
     if have_torch:
-        builders["torch"] = (peer, (model_name, batch, threads))
+        builders["torch"] = (peer, (model_name, batch, threads, *extra))
     medians, first, memory = common.time_in_workers(builders, reps, memory=True)
-    row = {"kind": kind, "model": model_name, "batch": batch, "loss_first_step": first, "memory": memory}
+    row = {"kind": kind if kind == "plain" else f"{kind} ({optimizer})", "model": model_name, "batch": batch,
+           "loss_first_step": first, "memory": memory}
     if have_torch and not np.isclose(first["sclref"], first["torch"], rtol=1e-4):
         raise SystemExit(f"{model_name}: sclref and PyTorch disagree on the first loss: {first}")
     row.update({f"{k}_ms": v * 1e3 for k, v in medians.items()})
@@ -313,17 +356,20 @@ def main():
     parser.add_argument("--reps", type=int, default=50)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "train_step.json")
-    parser.add_argument("--resnet", action="store_true", help="also time ResNet-20 (plain step, 3x32x32 input)")
+    parser.add_argument("--resnet", action="store_true", help="also time ResNet-20 (3x32x32 input)")
     parser.add_argument("--pin", action="store_true", help="run sclref's step inside sclref.threads.pinned()")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), help="time only these models")
+    parser.add_argument("--optimizer", choices=("sgd", "adam", "both"), default="sgd",
+                        help="of the scl step: SGD (the Trainer's) or Adam on θ and s")
     args = parser.parse_args()
     have_torch = common.torch_or_none(args.threads) is not None
     load_before = os.getloadavg()
     gemm = common.gemm_gflops("float32")
     kinds = ("plain", "scl") if args.kind == "both" else (args.kind,)
     names = args.models or [name for name in MODELS if args.resnet or name != "ResNet-20"]
-    rows = [bench(kind, name, args.batch, args.reps, args.threads, have_torch, args.pin)
-            for kind in kinds for name in names if kind == "plain" or name in SCL_MODELS]
+    optimizers = ("sgd", "adam") if args.optimizer == "both" else (args.optimizer,)
+    rows = [bench(kind, name, args.batch, args.reps, args.threads, have_torch, args.pin, optimizer)
+            for kind in kinds for optimizer in (optimizers if kind == "scl" else ("sgd",)) for name in names]
     nan = float("nan")
     for r in rows:
         r["floor_ms"] = r["gflop"] / gemm * 1e3

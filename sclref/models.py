@@ -201,7 +201,7 @@ class BasicBlock(nn.Module):
     def forward(self, x):
         out = ops.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return ops.relu(ops.add(out, x if self.downsample is None else self.downsample(x)))
+        return ops.add_relu(out, x if self.downsample is None else self.downsample(x))
 
 
 RESNET_WIDTHS = (16, 32, 64)

@@ -114,11 +114,7 @@ class Add(Function):
 
     def forward(self, a, b):
         self.shapes = a.shape, b.shape
-        if a.shape != b.shape or a.dtype != b.dtype or not (a.flags.c_contiguous and b.flags.c_contiguous):
-            return a + b
-        out = np.empty_like(a)  # same shapes (a residual connection): ranges added on several threads
-        _flat_split(np.add, a, b, out)
-        return out
+        return a + b
 
     def backward(self, g):
         sa, sb = self.shapes
@@ -593,6 +589,22 @@ class ReLU(Function):
         return (gx,)
 
 
+class AddReLU(Function):
+    """max(a + b, 0) for a and b of one shape, in one pass each way"""
+
+    def forward(self, a, b):
+        a, b = _contiguous(a), _contiguous(b)
+        self.out = out = np.empty_like(a)
+        _flat_split(K.add_relu_fwd, a, b, out)
+        return out
+
+    def backward(self, g):
+        # out > 0 exactly where a + b > 0: the output gives relu's mask, and a sum passes it to both.
+        gx = np.empty_like(self.out)
+        _flat_split(K.relu_bwd, self.out, _contiguous(g), gx)
+        return gx, gx
+
+
 class LeakyReLU(Function):
     """a if a > 0 else alpha * a"""
 
@@ -661,6 +673,16 @@ class CrossEntropy(Function):
 def relu(a: Tensor) -> Tensor:
     """max(a, 0) elementwise."""
     return ReLU.apply(_tensor_arg("relu", a))
+
+
+def add_relu(a: Tensor, b: Tensor) -> Tensor:
+    """``relu(a + b)`` for tensors of one shape (a residual block's output) in one op: the same
+    values and gradients as ``relu(add(a, b))`` without the intermediate sum."""
+    a, b = _tensor_arg("add_relu", a), _tensor_arg("add_relu", b)
+    _check_dtypes("add_relu", a, b)
+    if a.shape != b.shape:
+        raise ValueError(f"add_relu: shapes {a.shape} and {b.shape} differ (add_relu does not broadcast)")
+    return AddReLU.apply(a, b)
 
 
 def leaky_relu(a: Tensor, alpha: float = 0.01) -> Tensor:

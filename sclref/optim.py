@@ -414,25 +414,11 @@ class Adam(Optimizer):
             state["exp_avg"] = np.zeros_like(param)
             state["exp_avg_sq"] = np.zeros_like(param)
         state["step"] += 1
-        t = state["step"]
-        m, v = state["exp_avg"], state["exp_avg_sq"]
-        work = self._work(param, 1)
-        m *= beta1
-        np.multiply(g, 1.0 - beta1, out=work)
-        m += work
-        v *= beta2
-        np.multiply(g, g, out=work)
-        work *= 1.0 - beta2
-        v += work
-        # Bias corrections as Python floats, in PyTorch's order: the step size absorbs
-        # 1/(1 - beta1^t) and the denominator is sqrt(v) / sqrt(1 - beta2^t) + eps.
-        step_size = hyper["lr"] / (1.0 - beta1 ** t)
-        np.sqrt(v, out=work)
-        work /= math.sqrt(1.0 - beta2 ** t)
-        work += hyper["eps"]
-        np.divide(m, work, out=work)
-        work *= step_size
-        param -= work
+        # One fused pass when the arrays allow it; NumPy operations otherwise (same result).
+        contiguous = param.flags.c_contiguous and g.flags.c_contiguous
+        update = kernels.adam_update if contiguous else reference.adam_update
+        update(param, g, state["exp_avg"], state["exp_avg_sq"], hyper["lr"], beta1, beta2, hyper["eps"],
+               state["step"])
 
 
 class LRScheduler:

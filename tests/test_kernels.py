@@ -9,6 +9,7 @@ import pathlib
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 
 import numba
@@ -23,8 +24,9 @@ from numba.core.dispatcher import Dispatcher
 
 from sclref import kernels
 from sclref import threads as sclref_threads
-from sclref.kernels import conv as conv_module
 from sclref.kernels import (
+    adam_update,
+    add_relu_fwd,
     conv2d_bwd_input,
     conv2d_bwd_weight,
     conv2d_fwd,
@@ -38,6 +40,7 @@ from sclref.kernels import (
     relu_fwd,
     sgd_update,
 )
+from sclref.kernels import conv as conv_module
 from sclref.kernels import elementwise as elementwise_module
 from sclref.kernels import norm as norm_module
 from sclref.kernels import optim as optim_module
@@ -53,6 +56,13 @@ RTOL = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-10}
 # Images per conv chunk to force: the kernels' own choice (None), one image (no reordering
 # between layouts), two (reordering, and an uneven last chunk when the batch is 3).
 CHUNKINGS = {"default-chunks": None, "one-image-chunks": 1, "two-image-chunks": 2}
+
+
+@pytest.fixture(autouse=True)
+def threads_even_on_a_busy_machine(monkeypatch):
+    """Calls asked to run on threads do, however late a loaded machine starts them (see `run_tasks`)."""
+    monkeypatch.setattr(tasks_module, "SERIAL_SECONDS", 0.0)
+    monkeypatch.setattr(tasks_module, "_serial_until", 0.0)
 
 
 # -- strategies --------------------------------------------------------------------------
@@ -464,6 +474,33 @@ def test_activations_match_reference_bit_for_bit(x, seed, alpha):
 
 
 @settings(deadline=None, max_examples=EXAMPLES)
+@given(a=float_arrays(), seed=st.integers(0, 2**32 - 1))
+def test_add_relu_matches_its_twin_and_add_then_relu_bit_for_bit(a, seed):
+    gen = np.random.default_rng(seed)
+    # b = -a in places: sums of exactly +0 and -0, which relu maps to +0
+    b = np.where(gen.random(a.shape) < 0.3, -a, gen.standard_normal(a.shape)).astype(a.dtype)
+    got, twin, two_passes = np.full_like(a, 7.0), np.full_like(a, -7.0), np.full_like(a, 5.0)
+    with np.errstate(invalid="ignore"):  # inf + -inf is NaN, as it should be
+        add_relu_fwd(a, b, got)
+        ref.add_relu_fwd(a, b, twin)
+        relu_fwd(a + b, two_passes)
+    assert got.dtype == a.dtype
+    # Bits, but one NaN for all: the sign of NaN + -NaN depends on the order the machine adds them in.
+    got, twin, two_passes = (np.where(np.isnan(v), np.nan, v).astype(a.dtype) for v in (got, twin, two_passes))
+    assert got.tobytes() == twin.tobytes() == two_passes.tobytes()
+
+
+def test_add_relu_on_special_values():
+    a = np.array([1.0, -1.0, 0.0, -0.0, np.inf, np.inf, np.nan, 2.0])
+    b = np.array([-1.0, -0.0, -0.0, -0.0, 1.0, -np.inf, 1.0, 3.0])
+    out = np.empty_like(a)
+    with np.errstate(invalid="ignore"):  # inf + -inf
+        add_relu_fwd(a, b, out)
+    np.testing.assert_array_equal(out, [0, 0, 0, 0, np.inf, np.nan, np.nan, 5])
+    assert not np.signbit(out[:4]).any()
+
+
+@settings(deadline=None, max_examples=EXAMPLES)
 @given(theta=float_arrays(), seed=st.integers(0, 2**32 - 1))
 def test_masked_weight_matches_reference_bit_for_bit(theta, seed):
     gen = np.random.default_rng(seed)
@@ -775,6 +812,24 @@ def test_sgd_update_matches_reference_bit_for_bit(shape, dtype, seed, lr, moment
         np.testing.assert_array_equal(buf_k, buf)
 
 
+@settings(deadline=None, max_examples=EXAMPLES)
+@given(shape=hnp.array_shapes(min_dims=0, max_dims=3, max_side=6), dtype=st.sampled_from([np.float32, np.float64]),
+       seed=st.integers(0, 2**32 - 1), lr=st.floats(1e-5, 1.0), beta1=st.sampled_from([0.0, 0.5, 0.9]),
+       beta2=st.sampled_from([0.0, 0.99, 0.999]), eps=st.sampled_from([1e-8, 1e-3]), step=st.integers(1, 10_000))
+def test_adam_update_matches_reference_bit_for_bit(shape, dtype, seed, lr, beta1, beta2, eps, step):
+    gen = np.random.default_rng(seed)
+    p, g, m = (gen.standard_normal(shape).astype(dtype) for _ in range(3))
+    v = np.abs(gen.standard_normal(shape)).astype(dtype)
+    kernel, twin = [a.copy() for a in (p, m, v)], [a.copy() for a in (p, m, v)]
+    g_before = g.copy()
+    adam_update(kernel[0], g, kernel[1], kernel[2], lr, beta1, beta2, eps, step)
+    ref.adam_update(twin[0], g, twin[1], twin[2], lr, beta1, beta2, eps, step)
+    for got, want in zip(kernel, twin):
+        assert got.dtype == dtype
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(g, g_before)  # the gradient is only read
+
+
 # -- jitted vs interpreted -----------------------------------------------------------------
 #
 # NUMBA_DISABLE_JIT=1 runs the Python functions behind numba's dispatchers. Both must give
@@ -913,7 +968,8 @@ def test_elementwise_kernels_give_the_same_bits_interpreted(x, seed, alpha):
     s = (gen.integers(-2, 3, x.shape) * gen.random(x.shape)).astype(x.dtype)
 
     def run():
-        outs = [np.empty_like(x) for _ in range(7)]
+        outs = [np.empty_like(x) for _ in range(8)]
+        add_relu_fwd(x, gy, outs[7])
         relu_fwd(x, outs[0])
         relu_bwd(x, gy, outs[1])
         leaky_relu_fwd(x, alpha, outs[2])
@@ -941,6 +997,23 @@ def test_sgd_update_gives_the_same_bits_interpreted(shape, dtype, seed, lr, mome
             sgd_update(p_k, g, buf_k, lr, momentum, dampening, weight_decay,
                        nesterov and momentum != 0 and dampening == 0, first)
         return [p_k, buf_k]
+
+    _assert_same_bits(*_jit_and_interpreted(run))
+
+
+@needs_jit
+@settings(deadline=None, max_examples=JIT_EXAMPLES)
+@given(shape=hnp.array_shapes(min_dims=1, max_dims=2, max_side=6), dtype=st.sampled_from([np.float32, np.float64]),
+       seed=st.integers(0, 2**32 - 1), lr=st.floats(1e-5, 1.0))
+def test_adam_update_gives_the_same_bits_interpreted(shape, dtype, seed, lr):
+    gen = np.random.default_rng(seed)
+    p, g, m, v = (gen.standard_normal(shape).astype(dtype) for _ in range(4))
+
+    def run():
+        state = [p.copy(), m.copy(), np.abs(v)]
+        for step in (1, 2):
+            adam_update(state[0], g, state[1], state[2], lr, 0.9, 0.999, 1e-8, step)
+        return state
 
     _assert_same_bits(*_jit_and_interpreted(run))
 
@@ -1125,6 +1198,27 @@ def test_run_ranges_covers_the_axis_once_in_consecutive_ranges(n, nbytes):
         assert ranges == [(0, n)]  # too little work to split, or no second thread
     else:
         assert len(ranges) > 1
+
+
+def test_run_tasks_runs_serially_for_a_while_after_waiting_for_a_late_pool_thread(monkeypatch):
+    monkeypatch.setattr(tasks_module, "SERIAL_SECONDS", 60.0)
+    on_pool = threading.Event()
+
+    def held_up(i, slot):
+        if slot == 0:  # the caller's task ends only once the pool thread has taken the other
+            assert on_pool.wait(30)
+        else:
+            on_pool.set()
+            time.sleep(0.05)  # descheduled by a busy core: the caller waits 50 ms for a task as short as its own
+
+    kernels.run_tasks(2, held_up, 2)
+    slots = []
+    kernels.run_tasks(20, lambda i, slot: slots.append(slot), 2)
+    assert slots == [0] * 20
+    monkeypatch.setattr(tasks_module, "_serial_until", 0.0)  # the pause is over
+    on_pool.clear()
+    kernels.run_tasks(2, lambda i, slot: on_pool.set() if slot else on_pool.wait(30), 2)
+    assert on_pool.is_set()  # the pool thread ran a task again
 
 
 def test_run_tasks_raises_what_a_task_raised():

@@ -395,6 +395,8 @@ def test_a_training_step_gives_the_same_bits_on_one_and_two_numba_threads(build,
     threshold lowered so that each kernel that can split its work does."""
     monkeypatch.setattr(conv_module, "CHUNK_BYTES", 16 << 10)
     monkeypatch.setattr(tasks_module, "SPLIT_BYTES", 0)  # split every elementwise, pooling and batch-norm call
+    monkeypatch.setattr(tasks_module, "SERIAL_SECONDS", 0.0)  # and run them on threads however busy the machine
+    monkeypatch.setattr(tasks_module, "_serial_until", 0.0)
     old = numba.get_num_threads()
     results = []
     try:

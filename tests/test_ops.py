@@ -282,6 +282,33 @@ def test_relu_forward_and_grad(shape, data):
     check_grads(ops.relu, a)
 
 
+@given(shape=shapes(), data=st.data())
+def test_add_relu_equals_relu_of_add_and_its_grad_is_exact(shape, data):
+    a = data.draw(arrays(shape))
+    b = data.draw(arrays(shape, kink=0.0)) - a  # a + b stays at least 0.05 from relu's kink
+    fused_a, fused_b = T(a, requires_grad=True), T(b, requires_grad=True)
+    plain_a, plain_b = T(a, requires_grad=True), T(b, requires_grad=True)
+    fused = ops.add_relu(fused_a, fused_b)
+    plain = ops.relu(ops.add(plain_a, plain_b))
+    assert fused.data.tobytes() == plain.data.tobytes()
+    g = np.random.default_rng(0).standard_normal(shape)
+    fused.backward(g)
+    plain.backward(g)
+    for got, want in ((fused_a.grad, plain_a.grad), (fused_b.grad, plain_b.grad)):
+        assert got.tobytes() == want.tobytes()
+    assert fused_a.grad is not fused_b.grad  # two leaves never share a gradient array
+    check_grads(ops.add_relu, a, b)
+
+
+def test_add_relu_refuses_what_it_cannot_fuse():
+    with pytest.raises(ValueError, match=r"add_relu: shapes \(2, 3\) and \(3,\) differ"):
+        ops.add_relu(T(np.ones((2, 3))), T(np.ones(3)))
+    with pytest.raises(TypeError, match="add_relu: mixed dtypes float32 and float64"):
+        ops.add_relu(T(np.ones(2)), T(np.ones(2), dtype=np.float32))
+    with pytest.raises(TypeError, match="add_relu: expected a Tensor"):
+        ops.add_relu(np.ones(2), T(np.ones(2)))
+
+
 @given(shape=shapes(), alpha=st.floats(0.0, 0.5), data=st.data())
 def test_leaky_relu_forward_and_grad(shape, alpha, data):
     a = data.draw(arrays(shape, kink=0.0))

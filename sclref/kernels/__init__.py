@@ -13,6 +13,7 @@ pooling and elementwise kernels).
 from sclref.kernels._jit import CACHE, JIT_DISABLED, PARALLEL, num_threads, numba_threads, set_numba_threads
 from sclref.kernels.conv import conv2d_bwd_input, conv2d_bwd_weight, conv2d_fwd
 from sclref.kernels.elementwise import (
+    add_relu_fwd,
     leaky_relu_bwd,
     leaky_relu_fwd,
     masked_weight_bwd,
@@ -21,14 +22,14 @@ from sclref.kernels.elementwise import (
     relu_fwd,
 )
 from sclref.kernels.norm import batchnorm_bwd, batchnorm_fwd
-from sclref.kernels.optim import sgd_update
+from sclref.kernels.optim import adam_update, sgd_update
 from sclref.kernels.pool import maxpool2d_bwd, maxpool2d_fwd
 from sclref.kernels.tasks import run_ranges, run_tasks, threads_for
 
-__all__ = ["CACHE", "JIT_DISABLED", "PARALLEL", "batchnorm_bwd", "batchnorm_fwd", "conv2d_bwd_input",
-           "conv2d_bwd_weight", "conv2d_fwd", "leaky_relu_bwd", "leaky_relu_fwd", "masked_weight_bwd",
-           "masked_weight_fwd", "maxpool2d_bwd", "maxpool2d_fwd", "num_threads", "numba_threads", "relu_bwd",
-           "relu_fwd", "run_ranges", "run_tasks", "set_numba_threads", "sgd_update", "threads_for"]
+__all__ = ["CACHE", "JIT_DISABLED", "PARALLEL", "adam_update", "add_relu_fwd", "batchnorm_bwd", "batchnorm_fwd",
+           "conv2d_bwd_input", "conv2d_bwd_weight", "conv2d_fwd", "leaky_relu_bwd", "leaky_relu_fwd",
+           "masked_weight_bwd", "masked_weight_fwd", "maxpool2d_bwd", "maxpool2d_fwd", "num_threads", "numba_threads",
+           "relu_bwd", "relu_fwd", "run_ranges", "run_tasks", "set_numba_threads", "sgd_update", "threads_for"]
 
 # Sparse inference (exported networks): chains of CSR layers and direct sparse convolution.
 from sclref.kernels.sparse import chain_kernel, chain_scratch, csr_chain, csr_conv2d, pack_chain  # noqa: E402

@@ -1,5 +1,5 @@
-"""Compute ReLU, leaky ReLU and the masked weight θ ⊙ H(s), forward and backward, in one pass
-without temporaries.
+"""Compute ReLU, leaky ReLU, a residual block's relu(a + b) and the masked weight θ ⊙ H(s),
+forward and backward, in one pass without temporaries.
 
 All arrays are C-contiguous with one shape and one float dtype; kernels see them as
 flat views. Each element is computed independently, so any parallel split is exact.
@@ -7,7 +7,8 @@ flat views. Each element is computed independently, so any parallel split is exa
 
 from sclref.kernels._jit import pjit, prange
 
-__all__ = ["leaky_relu_bwd", "leaky_relu_fwd", "masked_weight_bwd", "masked_weight_fwd", "relu_bwd", "relu_fwd"]
+__all__ = ["add_relu_fwd", "leaky_relu_bwd", "leaky_relu_fwd", "masked_weight_bwd", "masked_weight_fwd", "relu_bwd",
+           "relu_fwd"]
 
 
 @pjit
@@ -15,6 +16,17 @@ def _relu_fwd(x, out):
     for t in prange(x.size):
         v = x[t]
         # Tested as "<= 0" so a NaN passes through unchanged.
+        if v <= 0:
+            out[t] = 0
+        else:
+            out[t] = v
+
+
+@pjit
+def _add_relu_fwd(a, b, out):
+    for t in prange(a.size):
+        v = a[t] + b[t]
+        # The test of `_relu_fwd`, so the bits are those of add then relu.
         if v <= 0:
             out[t] = 0
         else:
@@ -49,8 +61,17 @@ def relu_fwd(x, out):
     _relu_fwd(x.reshape(-1), out.reshape(-1))
 
 
+def add_relu_fwd(a, b, out):
+    """out = relu(a + b), the sum rounded to the dtype first: the bits of add then `relu_fwd`. O(size).
+
+    Its gradient is `relu_bwd` of `out` (out > 0 exactly where a + b > 0) for both inputs.
+    """
+    _add_relu_fwd(a.reshape(-1), b.reshape(-1), out.reshape(-1))
+
+
 def relu_bwd(x, gy, gx):
-    """gx = gy where x > 0 else 0, for the forward input `x`. Any shape; O(size)."""
+    """gx = gy where x > 0 else 0, for the forward input `x` (or output: both are > 0 at the same places).
+    Any shape; O(size)."""
     _relu_bwd(x.reshape(-1), gy.reshape(-1), gx.reshape(-1))
 
 

@@ -6,6 +6,8 @@ whole-window views, ``np.einsum`` and ``np.add.at`` rather than index arithmetic
 They are slow and allocate freely; nothing outside the tests should call them.
 """
 
+import math
+
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
@@ -71,6 +73,12 @@ def relu_fwd(x, out):
     out[...] = np.where(x <= 0, 0, x)
 
 
+def add_relu_fwd(a, b, out):
+    """out = relu(a + b), the sum rounded to the dtype first."""
+    v = a + b
+    out[...] = np.where(v <= 0, 0, v)
+
+
 def relu_bwd(x, gy, gx):
     """gx = gy where x > 0 else 0."""
     gx[...] = np.where(x > 0, gy, 0)
@@ -95,6 +103,16 @@ def masked_weight_bwd(g, theta, s, g_theta, g_s):
     """g_theta = g where s > 0 else 0; g_s = g * theta."""
     g_theta[...] = np.where(s > 0, g, g.dtype.type(0))
     g_s[...] = g * theta
+
+
+def adam_update(p, g, m, v, lr, beta1, beta2, eps, step):
+    """One Adam step in place, in NumPy operations of the arrays' dtype (see kernels.optim)."""
+    m *= beta1
+    m += g * (1.0 - beta1)
+    v *= beta2
+    v += g * g * (1.0 - beta2)
+    denominator = np.sqrt(v) / math.sqrt(1.0 - beta2 ** step) + eps
+    p -= m / denominator * (lr / (1.0 - beta1 ** step))
 
 
 def sgd_update(p, g, buf, lr, momentum, dampening, weight_decay, nesterov, first):

@@ -4,12 +4,15 @@ sclref's training kernels (conv chunks, batch norm's channels, pooling and eleme
 ranges) get their second core here rather than from BLAS's or numba's parallel loops:
 every thread takes the next task not yet taken, so a thread a busy core starts late is
 never waited for, and each task owns its outputs, so results do not depend on how many
-threads ran them.
+threads ran them. A pool thread that a busy core stops in the middle of a task is waited
+for, though: when that made a call slower than the caller alone would have been, the
+calls of the next `SERIAL_SECONDS` run on the caller's thread only.
 """
 
 import itertools
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numba
@@ -17,11 +20,22 @@ import threadpoolctl
 
 from sclref.kernels._jit import JIT_DISABLED, PARALLEL
 
-__all__ = ["SPLIT_BYTES", "run_ranges", "run_tasks", "threads_for"]
+__all__ = ["SERIAL_SECONDS", "SPLIT_BYTES", "run_ranges", "run_tasks", "threads_for"]
 
 # Data below which `run_ranges` runs a kernel in one piece (waking a thread costs tens of
 # microseconds).
 SPLIT_BYTES = 256 << 10
+
+# How long `run_tasks` runs every call serially after a pool thread made one slower than
+# serial (a competing load holds the other cores); then it tries threads again. Measured on
+# ResNet-20 steps at batch 128 under a load of 3 to 5 on two cores: 2 threads took 1.4-2.2x
+# as long as 1 without this, 1.1-1.6x with a 1 s pause and 0.85-1.05x with 5 s.
+SERIAL_SECONDS = 5.0
+_serial_until = 0.0
+
+# A wait this long is a pool thread held up by another process (the scheduler hands out
+# cores for milliseconds), not a thread waking up (tens of microseconds on an idle core).
+_LATE_SECONDS = 1e-3
 
 # Pool threads for `run_tasks`, started on first use; a thread of the pool runs nested
 # calls serially (it must never wait for tasks queued behind itself).
@@ -90,7 +104,10 @@ class _Job:
         self.error = None
 
     def drain(self, slot):
+        """Run tasks until none is left to take; returns how many this thread ran."""
+        ran = 0
         while (i := self.take()) < self.count:
+            ran += 1
             try:
                 if self.error is None:
                     self.run(i, slot)
@@ -100,6 +117,7 @@ class _Job:
                 self.left -= 1
                 if not self.left:
                     self.finished.set()
+        return ran
 
 
 def run_tasks(count, run, threads):
@@ -110,8 +128,11 @@ def run_tasks(count, run, threads):
     takes the next task not yet taken, and the call returns when every task is done: a
     pool thread that starts late (on a busy machine) finds the tasks taken by the others
     and is never waited for. The first exception raised by a task is re-raised here.
+    Calls run serially for `SERIAL_SECONDS` after one that waited over a millisecond for a
+    pool thread and so took longer than the caller would have alone.
     """
-    if threads <= 1 or count <= 1:
+    global _serial_until
+    if threads <= 1 or count <= 1 or time.monotonic() < _serial_until:
         for i in range(count):
             run(i, 0)
         return
@@ -119,8 +140,15 @@ def run_tasks(count, run, threads):
     pool = _pool()
     for slot in range(1, threads):
         pool.submit(job.drain, slot)
-    job.drain(0)
+    start = time.perf_counter()
+    ran = job.drain(0)
+    busy = time.perf_counter() - start
     job.finished.wait()
+    waited = time.perf_counter() - start - busy
+    # The caller alone would have taken about busy * count / ran; threads lost once the wait
+    # for the others passed that less the busy time. A caller that ran nothing learns nothing.
+    if ran and waited > max(busy * (count - ran) / ran, _LATE_SECONDS):
+        _serial_until = time.monotonic() + SERIAL_SECONDS
     if job.error is not None:
         raise job.error
 

@@ -159,6 +159,7 @@ def _op_cases(gen: np.random.Generator):
     labels = gen.integers(0, 4, size=3)
     mask = (gen.random((3, 4)) > 0.5) / 0.5
     scores = Tensor(away((3, 4)))  # mask variables, held fixed: their gradient is an estimator's
+    summand, total = away((3, 4)), away((3, 4))  # add_relu's inputs sum to `total`: no kink at 0
     cases = [
         ("add", lambda a, b: a + b, [away((3, 4)), away((4,))]),
         ("sub", lambda a, b: a - b, [away((3, 1)), away((3, 4))]),
@@ -176,6 +177,7 @@ def _op_cases(gen: np.random.Generator):
         ("reshape", lambda a: ops.reshape(a, (6, 2)), [away((3, 4))]),
         ("transpose", lambda a: ops.transpose(a, (2, 0, 1)), [away((2, 3, 4))]),
         ("relu", ops.relu, [away((4, 5))]),
+        ("add_relu", ops.add_relu, [summand, total - summand]),
         ("leaky_relu", lambda a: ops.leaky_relu(a, 0.1), [away((4, 5))]),
         ("sigmoid", ops.sigmoid, [away((4, 5))]),
         ("log_softmax", ops.log_softmax, [away((3, 5))]),
