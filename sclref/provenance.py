@@ -35,10 +35,7 @@ def numpy_blas() -> list[dict]:
     BLAS) every loaded BLAS is taken.
     """
     blas = [lib for lib in threadpoolctl.threadpool_info() if lib.get("user_api") == "blas"]
-    package = os.path.dirname(os.path.abspath(np.__file__))
-    own = (os.path.join(os.path.dirname(package), "numpy.libs") + os.sep, package + os.sep)
-    inside = [lib for lib in blas if os.path.abspath(lib.get("filepath") or "").startswith(own)]
-    return inside or blas
+    return [lib for lib in blas if kernels.tasks.numpy_owns(lib.get("filepath"))] or blas
 
 
 def _numpy_simd() -> list[str] | None:

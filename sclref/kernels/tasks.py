@@ -5,8 +5,8 @@ ranges) get their second core here rather than from BLAS's or numba's parallel l
 every thread takes the next task not yet taken, so a thread a busy core starts late is
 never waited for, and each task owns its outputs, so results do not depend on how many
 threads ran them. A pool thread that a busy core stops in the middle of a task is waited
-for, though: when that made a call slower than the caller alone would have been, the
-calls of the next `SERIAL_SECONDS` run on the caller's thread only.
+for, though: when that made several calls in a row slower than the caller alone would
+have been, the calls of the next `SERIAL_SECONDS` run on the caller's thread only.
 """
 
 import itertools
@@ -16,22 +16,29 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numba
+import numpy as np
 import threadpoolctl
 
 from sclref.kernels._jit import JIT_DISABLED, PARALLEL
 
-__all__ = ["SERIAL_SECONDS", "SPLIT_BYTES", "run_ranges", "run_tasks", "threads_for"]
+__all__ = ["LOSSES_TO_PAUSE", "SERIAL_SECONDS", "SPLIT_BYTES", "numpy_owns", "run_ranges", "run_tasks", "threads_for"]
 
 # Data below which `run_ranges` runs a kernel in one piece (waking a thread costs tens of
 # microseconds).
 SPLIT_BYTES = 256 << 10
 
-# How long `run_tasks` runs every call serially after a pool thread made one slower than
-# serial (a competing load holds the other cores); then it tries threads again. Measured on
-# ResNet-20 steps at batch 128 under a load of 3 to 5 on two cores: 2 threads took 1.4-2.2x
-# as long as 1 without this, 1.1-1.6x with a 1 s pause and 0.85-1.05x with 5 s.
+# How long `run_tasks` runs every call serially once pool threads made `LOSSES_TO_PAUSE`
+# calls in a row slower than serial (a competing load holds the other cores); then it tries
+# threads again. Measured on ResNet-20 steps at batch 128 under a load of 3 to 5 on two
+# cores: 2 threads took 1.4-2.2x as long as 1 without a pause, 1.1-1.6x with a 1 s pause and
+# 0.85-1.05x with 5 s. One losing call is not enough: on a quiet machine a pool thread is
+# sometimes held up once (about one call in a thousand of a ResNet-20 step), and a pause
+# on every such blip cost a third of the second core's gain; under a load nearly every
+# call loses.
 SERIAL_SECONDS = 5.0
+LOSSES_TO_PAUSE = 3
 _serial_until = 0.0
+_losses = 0
 
 # A wait this long is a pool thread held up by another process (the scheduler hands out
 # cores for milliseconds), not a thread waking up (tens of microseconds on an idle core).
@@ -70,10 +77,25 @@ def _pool():
         return _executor
 
 
+def numpy_owns(filepath) -> bool:
+    """Whether the native library at `filepath` ships inside NumPy's install (``numpy.libs/`` or ``numpy/``).
+
+    A NumPy wheel carries its own BLAS; other BLAS libraries a process loads (scipy's own
+    copy, say) are not the one ``np.matmul`` calls.
+    """
+    package = os.path.dirname(os.path.abspath(np.__file__))
+    own = (os.path.join(os.path.dirname(package), "numpy.libs") + os.sep, package + os.sep)
+    return os.path.abspath(filepath or "").startswith(own)
+
+
 def _blas_threads():
+    # NumPy's BLAS only: scipy loads a BLAS of its own in the middle of a run, after the
+    # epoch's pin was set, and np.matmul never calls it. Without a BLAS inside NumPy's
+    # install (a NumPy linked to a system BLAS) every loaded BLAS is taken.
     global _blas
     if _blas is None:
-        _blas = threadpoolctl.ThreadpoolController().select(user_api="blas").lib_controllers
+        found = threadpoolctl.ThreadpoolController().select(user_api="blas").lib_controllers
+        _blas = [lib for lib in found if numpy_owns(lib.filepath)] or found
     return max((lib.get_num_threads() for lib in _blas), default=1)
 
 
@@ -128,10 +150,11 @@ def run_tasks(count, run, threads):
     takes the next task not yet taken, and the call returns when every task is done: a
     pool thread that starts late (on a busy machine) finds the tasks taken by the others
     and is never waited for. The first exception raised by a task is re-raised here.
-    Calls run serially for `SERIAL_SECONDS` after one that waited over a millisecond for a
-    pool thread and so took longer than the caller would have alone.
+    Calls run serially for `SERIAL_SECONDS` after `LOSSES_TO_PAUSE` calls in a row that
+    each waited over a millisecond for a pool thread and so took longer than the caller
+    would have alone.
     """
-    global _serial_until
+    global _serial_until, _losses
     if threads <= 1 or count <= 1 or time.monotonic() < _serial_until:
         for i in range(count):
             run(i, 0)
@@ -147,8 +170,11 @@ def run_tasks(count, run, threads):
     waited = time.perf_counter() - start - busy
     # The caller alone would have taken about busy * count / ran; threads lost once the wait
     # for the others passed that less the busy time. A caller that ran nothing learns nothing.
-    if ran and waited > max(busy * (count - ran) / ran, _LATE_SECONDS):
-        _serial_until = time.monotonic() + SERIAL_SECONDS
+    if ran:
+        lost = waited > max(busy * (count - ran) / ran, _LATE_SECONDS)
+        _losses = _losses + 1 if lost else 0
+        if _losses >= LOSSES_TO_PAUSE:
+            _serial_until, _losses = time.monotonic() + SERIAL_SECONDS, 0
     if job.error is not None:
         raise job.error
 
