@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from sclref import kernels
 from sclref.kernels import reference as ref
 from sclref.kernels import sparse as sparse_module
-from tests.strategies import SEEDS, conv_geometry, numba_threads
+from tests.strategies import SEEDS, conv_geometry, numba_threads, pool_geometry
 
 MAX = 12 if kernels.JIT_DISABLED else 40
 MAX_BATCH = 24 if kernels.JIT_DISABLED else 300
@@ -75,12 +75,22 @@ def test_csr_chain_matches_scipy(impl, case):
 
 
 @given(case=chain_cases(), tile=st.sampled_from([8, 16, 24]), threads=st.integers(1, 3))
-def test_chain_results_do_not_depend_on_batch_tiles_or_threads(case, tile, threads):
+def test_chain_results_do_not_depend_on_batch_tiles_threads_or_a_feature_major_input(case, tile, threads):
     weights, biases, acts, alphas, x, dtype = case
     layers, ints, vals = kernels.pack_chain(weights, biases, acts, alphas, dtype)
     width = max(kernels.chain_scratch(layers, 1, dtype).shape[1], 1)
     tiled = np.empty((x.shape[0], weights[-1].shape[0]), dtype)
     kernels.csr_chain(layers, ints, vals, x, tiled, np.empty((threads, 2, width, tile), dtype))
+    columns = np.ascontiguousarray(x.T)
+    if x.shape[0] >= kernels.sparse.TILE_MIN:  # scratch with tiles for a batch wider, narrower or as wide
+        fm = np.empty_like(tiled)
+        kernels.chain_kernel(np.empty((threads, 2, width, tile), dtype), True)(
+            layers, ints, vals, columns, fm, np.empty((threads, 2, width, tile), dtype))
+        assert fm.tobytes() == tiled.tobytes()
+    fm = np.empty_like(tiled)  # the scratch `chain_scratch` gives, dot products below TILE_MIN rows
+    kernels.csr_chain(layers, ints, vals, columns, fm, kernels.chain_scratch(layers, x.shape[0], dtype),
+                      feature_major=True)
+    assert fm.tobytes() == tiled.tobytes()
     for r in range(min(3, x.shape[0])):  # a sample alone takes the dot-product path
         one = np.empty((1, tiled.shape[1]), dtype)
         kernels.csr_chain(layers, ints, vals, x[r:r + 1], one, kernels.chain_scratch(layers, 1, dtype))
@@ -151,6 +161,62 @@ def test_csr_conv2d_matches_its_twin_and_the_dense_convolution(case):
     np.testing.assert_allclose(got, dense + bias.astype(x.dtype)[:, None, None], rtol=0, atol=tol)
 
 
+@st.composite
+def chwn_cases(draw):
+    """Stride-1 CSR filters of any density with an activation, and a CHWN batch of 1 to MAX_BATCH samples."""
+    n, c, f, h, wd, kh, kw, _, padding = draw(conv_geometry(max_n=MAX_BATCH, max_hw=9, max_k=5))
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    gen = np.random.default_rng(draw(SEEDS))
+    w = _csr(gen, f, c * kh * kw, draw(DENSITIES), dtype)
+    act, alpha = draw(st.sampled_from([0, 1, 2])), dtype(draw(st.sampled_from([0.1, 0.0, -0.5])))
+    x = gen.standard_normal((c, h, wd, n)).astype(dtype)
+    return w, gen.standard_normal(f).astype(dtype), act, alpha, x, (kh, kw), padding
+
+
+def _chwn_conv(case, parallel=None):
+    w, bias, act, alpha, x, (kh, kw), (ph, pw) = case
+    out = np.full((w.shape[0], x.shape[1] + 2 * ph - kh + 1, x.shape[2] + 2 * pw - kw + 1, x.shape[3]), np.nan,
+                  x.dtype)
+    sparse_module.csr_conv2d_chwn(kh, kw, ph, pw, w.indptr, w.indices, w.data, bias, act, alpha, x, out,
+                                  parallel=parallel)
+    return out
+
+
+@settings(deadline=None, max_examples=10 if kernels.JIT_DISABLED else 40)
+@given(case=chwn_cases())
+@example(case=(sp.csr_array(np.ones((2, 9))), np.zeros(2), 1, 0.0, np.ones((1, 3, 3, 1)), (3, 3), (0, 0)))
+def test_csr_conv2d_chwn_matches_its_twin_and_gives_the_nchw_kernels_values(case):
+    w, bias, act, alpha, x, (kh, kw), (ph, pw) = case
+    got = _chwn_conv(case)
+    twin = np.full_like(got, np.nan)
+    ref.csr_conv2d_chwn(kh, kw, ph, pw, w.indptr, w.indices, w.data, bias, act, alpha, x, twin)
+    tol = TOL[x.dtype.type] * max(1.0, float(np.abs(twin).max(initial=0.0)))
+    np.testing.assert_allclose(got, twin, rtol=0, atol=tol)
+    nchw = np.empty((x.shape[3], *got.shape[:3]), x.dtype)
+    kernels.csr_conv2d(kh, kw, 1, 1, w.indptr, w.indices, w.data, bias, _padded(x.transpose(3, 0, 1, 2), (ph, pw)),
+                       nchw)
+    if act == 1:
+        nchw = np.maximum(nchw, 0)
+    elif act == 2:
+        nchw = np.where(nchw > 0, nchw, alpha * nchw)
+    # The same sums in the same order: only the layout differs (the padding's zeros are skipped, not added).
+    np.testing.assert_array_equal(got, nchw.transpose(1, 2, 3, 0))
+
+
+@settings(deadline=None, max_examples=10 if kernels.JIT_DISABLED else 40)
+@given(geometry=pool_geometry(max_n=MAX_BATCH), dtype=st.sampled_from([np.float32, np.float64]), seed=SEEDS)
+def test_maxpool_chwn_matches_its_twin_and_the_nchw_pooling(geometry, dtype, seed):
+    n, c, h, wd, (kh, kw), (sh, sw) = geometry
+    x = np.random.default_rng(seed).standard_normal((c, h, wd, n)).astype(dtype)
+    x[x > 2] = np.nan  # NaN wins, as in np.maximum
+    out = np.full((c, (h - kh) // sh + 1, (wd - kw) // sw + 1, n), -np.inf, dtype)
+    twin = out.copy()
+    sparse_module.maxpool_chwn(kh, kw, sh, sw, x, out)
+    ref.maxpool_chwn(kh, kw, sh, sw, x, twin)
+    np.testing.assert_array_equal(out, twin)
+    nchw = np.empty((n, *out.shape[:3]), dtype)
+    ref.maxpool2d_fwd(x.transpose(3, 0, 1, 2), kh, kw, sh, sw, nchw, np.empty(nchw.shape, np.int64))
+    np.testing.assert_array_equal(out, nchw.transpose(1, 2, 3, 0))
 
 
 needs_two_threads = pytest.mark.skipif(kernels.JIT_DISABLED or numba.config.NUMBA_NUM_THREADS < 2,
@@ -159,8 +225,8 @@ needs_two_threads = pytest.mark.skipif(kernels.JIT_DISABLED or numba.config.NUMB
 
 @needs_two_threads
 @settings(deadline=None, max_examples=15)
-@given(chain=chain_cases(), conv=conv_cases())
-def test_parallel_kernels_give_the_serial_bits_on_one_and_two_threads(chain, conv):
+@given(chain=chain_cases(), conv=conv_cases(), chwn=chwn_cases())
+def test_parallel_kernels_give_the_serial_bits_on_one_and_two_threads(chain, conv, chwn):
     weights, biases, acts, alphas, x, dtype = chain
     packed = kernels.pack_chain(weights, biases, acts, alphas, dtype)
     w, bias, xc, (kh, kw), (sh, sw), padding = conv
@@ -174,7 +240,8 @@ def test_parallel_kernels_give_the_serial_bits_on_one_and_two_threads(chain, con
             scratch = kernels.chain_scratch(packed[0], x.shape[0], dtype, threads=2 if parallel else 1)
             kernels.csr_chain(*packed, x, out, scratch)
             kernels.csr_conv2d(kh, kw, sh, sw, w.indptr, w.indices, w.data, bias, xp, conv_out, parallel=parallel)
-        return out.tobytes(), conv_out.tobytes()
+            chwn_out = _chwn_conv(chwn, parallel=parallel)
+        return out.tobytes(), conv_out.tobytes(), chwn_out.tobytes()
 
     serial = run(1, False)
     assert run(1, True) == serial and run(2, True) == serial and run(2, False) == serial

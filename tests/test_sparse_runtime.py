@@ -150,6 +150,8 @@ def test_the_thread_rule_does_not_change_a_bit(monkeypatch, batch):
     gen = np.random.default_rng(14)
     network = _lenet_like(gen)
     x = gen.standard_normal((batch, 2, 10, 10)).astype(np.float32)
+    stride1 = _stride1_lenet(gen)
+    x1 = gen.standard_normal((batch, 2, 10, 10)).astype(np.float32)
     outputs = []
     for min_work, threads in ((0, 2), (1 << 62, 2), (0, 1)):  # always parallel, never, parallel on one thread
         monkeypatch.setattr(kernels.sparse, "SPARSE_PARALLEL", True)
@@ -157,10 +159,75 @@ def test_the_thread_rule_does_not_change_a_bit(monkeypatch, batch):
         old = numba.get_num_threads()
         numba.set_num_threads(threads)
         try:
-            outputs.append(Runtime(network, np.float32, "sclref")(x).tobytes())
+            outputs.append(Runtime(network, np.float32, "sclref")(x).tobytes()
+                           + Runtime(stride1, np.float32, "sclref")(x1).tobytes())
         finally:
             numba.set_num_threads(old)
     assert outputs[0] == outputs[1] == outputs[2]
+
+
+def _stride1_lenet(gen, tail="chain", act="relu"):
+    """LeNet-5's order (conv - pool - act, padded conv - act) with stride 1, then a chain or another conv."""
+    def conv(name, f, c, k, **geometry):
+        nnz = max(1, round(0.4 * c * k * k))
+        return Conv2d(name, _csr_with_density(f, c * k * k, nnz, gen), gen.standard_normal(f), in_channels=c,
+                      kernel_size=(k, k), **geometry)
+
+    alpha = 0.1 if act == "leaky_relu" else None
+    layers = [conv("conv1", 4, 2, 3), MaxPool2d("pool1", (2, 2), (2, 2)), Activation("act1", act, alpha),
+              conv("conv2", 5, 4, 3, padding=(1, 0)), Activation("act2", act, alpha)]
+    if tail == "chain":
+        layers += [Flatten("flatten"), Linear("fc1", _csr_with_density(12, 5 * 4 * 2, 9, gen), gen.standard_normal(12)),
+                   Activation("relu3", "relu"), Linear("fc2", _csr_with_density(3, 12, 6, gen), gen.standard_normal(3))]
+    else:
+        layers += [conv("conv3", 3, 5, 2, stride=(2, 2)), GlobalAvgPool2d("gap")]
+    return SparseNetwork(layers, np.dtype(np.float64), input_shape=(2, 10, 10))
+
+
+def _masked(network, x):
+    """The network's output computed layer by layer on dense weights (NCHW, float64)."""
+    return Runtime(network, np.float64, "dense")(x.astype(np.float64))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("tail, act", [("chain", "relu"), ("chain", "leaky_relu"), ("conv", "relu")])
+def test_the_chwn_path_gives_the_nchw_path_and_the_masked_output(monkeypatch, dtype, tail, act):
+    from sclref.sparse import runtime
+
+    gen = np.random.default_rng(15)
+    network = _stride1_lenet(gen, tail, act)
+    tol = 1e-5 if dtype == np.float32 else 1e-10
+    for batch in (1, 3, 4, 9) if kernels.JIT_DISABLED else (1, 3, 4, 9, 64, 257, 300):
+        x = gen.standard_normal((batch, 2, 10, 10))
+        want = _masked(network, x)
+        scale = tol * max(1.0, float(np.abs(want).max()))
+        outputs = {}
+        for chwn_from in (1, 1 << 30):
+            monkeypatch.setattr(runtime, "CHWN_FROM", chwn_from)
+            run = Runtime(network, dtype, "sclref")
+            covered = run._chwn_steps(batch)[1]
+            chwn = chwn_from <= batch and batch >= kernels.sparse.TILE_MIN
+            assert covered == (0 if not chwn else 6 if tail == "chain" else 5)
+            outputs[chwn_from] = got = run(x)
+            assert got.dtype == dtype and got.flags.c_contiguous and np.array_equal(run(x), got)
+            np.testing.assert_allclose(got, want, rtol=0, atol=scale)
+        np.testing.assert_allclose(outputs[1], outputs[1 << 30], rtol=0, atol=scale)
+
+
+def test_the_chwn_path_stops_at_a_layer_it_does_not_cover(monkeypatch):
+    from sclref.sparse import runtime
+
+    monkeypatch.setattr(runtime, "CHWN_FROM", 1)
+    gen = np.random.default_rng(16)
+    network = _stride1_lenet(gen, "conv")
+    run = Runtime(network, np.float64, "sclref")
+    assert run._chwn_steps(8)[1:] == (5, False)  # conv1, pool1, act1, conv2, act2; conv3 has stride 2
+    assert Runtime(network, np.float64, {"conv1": "dense"})._chwn_steps(8)[1] == 0  # a dense first conv
+    chained = _stride1_lenet(gen)
+    dense_fc = Runtime(chained, np.float64, {**dict.fromkeys(Runtime(chained).backend, "sclref"), "fc1": "dense"})
+    assert dense_fc._chwn_steps(8)[1:] == (5, False)  # the flatten then runs on NCHW, into a dense layer
+    x = gen.standard_normal((8, 2, 10, 10))
+    np.testing.assert_allclose(dense_fc(x), _masked(dense_fc.network, x), rtol=0, atol=1e-10)
 
 
 def test_auto_runs_a_layer_dense_from_its_table_density_on():

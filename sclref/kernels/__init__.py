@@ -32,6 +32,14 @@ __all__ = ["CACHE", "JIT_DISABLED", "PARALLEL", "adam_update", "add_relu_fwd", "
            "relu_bwd", "relu_fwd", "run_ranges", "run_tasks", "set_numba_threads", "sgd_update", "threads_for"]
 
 # Sparse inference (exported networks): chains of CSR layers and direct sparse convolution.
-from sclref.kernels.sparse import chain_kernel, chain_scratch, csr_chain, csr_conv2d, pack_chain  # noqa: E402
+from sclref.kernels.sparse import (  # noqa: E402
+    chain_kernel,
+    chain_scratch,
+    csr_chain,
+    csr_conv2d,
+    csr_conv2d_chwn,
+    maxpool_chwn,
+    pack_chain,
+)
 
-__all__ += ["chain_kernel", "chain_scratch", "csr_chain", "csr_conv2d", "pack_chain"]
+__all__ += ["chain_kernel", "chain_scratch", "csr_chain", "csr_conv2d", "csr_conv2d_chwn", "maxpool_chwn", "pack_chain"]

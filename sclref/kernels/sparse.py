@@ -1,4 +1,4 @@
-"""Compute the layers of an exported sparse network: chains of CSR layers and direct sparse convolution.
+"""Compute the layers of an exported sparse network: chains of CSR layers, direct sparse convolution and pooling.
 
 A weight matrix W of shape (F, K) is held in canonical CSR: ``indptr`` (F+1,),
 ``indices`` (nnz,) sorted and unique within each row, ``data`` (nnz,). Every output
@@ -10,6 +10,15 @@ A chain is a run of linear layers, each followed by an optional activation, exec
 by one `csr_chain` call: a Python call and its argument checks cost about as much as a
 whole sparse layer at batch 1, so the layers travel packed (`pack_chain`) and are
 validated once.
+
+Convolutions run on NCHW (`csr_conv2d`) or, at stride 1, on CHWN activations, batch
+innermost (`csr_conv2d_chwn`, `maxpool_chwn`): there every kept weight and output row
+is one multiply-add over a contiguous vector of OW x N lanes, however narrow the
+output (LeNet-5's conv2 has OW = 8), the layout of the fast sparse CPU kernels (Park et
+al.'s direct sparse convolution, XNNPACK's SpMM over CHW). A CHWN activation read as
+(C*H*W, N) is the feature-major layout a chain's batch tiles use inside, so a chain
+takes it as it is (``feature_major``). The CHWN kernels' NumPy twins are at the end of
+this module.
 
 The kernels run serially unless ``SCLREF_SPARSE_PARALLEL=1``. A numba parallel region
 waits for its slowest thread, and on a machine whose cores are busy with other work
@@ -26,7 +35,7 @@ machines with cores to spare) a call goes to numba's thread pool when its work i
 least `PARALLEL_MIN_WORK` (`parallel_pays`): on 2 idle cores a 98.5 %-sparse
 LeNet-300-100 at batch 256 took 48 µs in parallel against 98 µs serial.
 
-Parallel loops split the outputs (batch tiles, or chunks of (image, filter) planes),
+Parallel loops split the outputs (batch tiles, chunks of (image, filter) planes, or filters),
 never a sum, so threads write disjoint slices and every output has the same bits at
 any thread count, serial or parallel.
 """
@@ -42,7 +51,8 @@ from numba.extending import intrinsic
 from sclref.kernels._jit import JIT_DISABLED, _decorate, jit, prange
 
 __all__ = ["ACTIVATIONS", "CHAIN_COLUMNS", "PARALLEL_MIN_WORK", "SPARSE_PARALLEL", "TILE", "TILE_MIN",
-           "chain_kernel", "chain_scratch", "csr_chain", "csr_conv2d", "pack_chain", "parallel_pays"]
+           "chain_kernel", "chain_scratch", "csr_chain", "csr_conv2d", "csr_conv2d_chwn", "maxpool_chwn", "pack_chain",
+           "parallel_pays"]
 
 SPARSE_PARALLEL = os.environ.get("SCLREF_SPARSE_PARALLEL") == "1" and not JIT_DISABLED
 
@@ -186,6 +196,22 @@ def _chain_rows(layers, ints, vals, x, out, scratch):
             src = dst
 
 
+def _bias_act(d, m, bj, act, alpha):
+    # d[:m] = act(d[:m] + bj): 0 none, 1 relu, 2 leaky relu of slope alpha.
+    zero = d.dtype.type(0)
+    if act == 0:
+        for r in range(m):
+            d[r] += bj
+    elif act == 1:
+        for r in range(m):
+            v = d[r] + bj
+            d[r] = zero if v < zero else v
+    else:
+        for r in range(m):
+            v = d[r] + bj
+            d[r] = v if v > zero else alpha * v
+
+
 def _lanes_layer(ip, ix, w, b, act, alpha, src, dst, nb):
     # Feature-major: dst[j, :nb] = act(sum_p w[p] * src[ix[p], :nb] + b[j]). Eight, then
     # four connections per pass over the lanes, added one after the other (the order of
@@ -219,18 +245,7 @@ def _lanes_layer(ip, ix, w, b, act, alpha, src, dst, nb):
             for r in range(nb):
                 d[r] += w0 * s0[r]
             p += one
-        bj = b[j]
-        if act == 0:
-            for r in range(nb):
-                d[r] += bj
-        elif act == 1:
-            for r in range(nb):
-                v = d[r] + bj
-                d[r] = zero if v < zero else v
-        else:
-            for r in range(nb):
-                v = d[r] + bj
-                d[r] = v if v > zero else alpha * v
+        _bias_act(d, nb, b[j], act, alpha)
 
 
 def _transpose_block_py(src, s0, ss, dst, d0, ds):
@@ -281,81 +296,113 @@ def _transpose_block_ir(typingctx, src, s0, ss, dst, d0, ds):
 _transpose_block = _transpose_block_py if JIT_DISABLED else _transpose_block_ir
 
 
-def _chain_tiles(layers, ints, vals, x, out, scratch):
-    # Batch tiles of `tile` rows; thread t takes tiles t, t + threads, ... with its own
-    # scratch[t]. The blocks of input columns the first layer reads are transposed
-    # into scratch (the only transpose of the input), every layer then stays
-    # feature-major in scratch, and the last layer's tile is transposed, in blocks
-    # too, into its rows of `out`.
-    rows = x.reshape((x.shape[0], layers[0, _K]))
-    n, k = rows.shape
-    nl = layers.shape[0]
-    threads, tile = scratch.shape[0], scratch.shape[3]
-    ntiles = (n + tile - 1) // tile
-    nblocks, blocks = layers[0, _NBLK], layers[0, _BLK]
-    bw = BLOCK_BYTES // rows.itemsize
-    for t in prange(threads):
-        a, b = scratch[t, 0], scratch[t, 1]
-        for q in range(t, ntiles, threads):
-            r0 = q * tile
-            nb = min(tile, n - r0)
-            full = nb - nb % bw
-            # Block columns outermost: the stores fill a few scratch rows at a time
-            # (rows outermost measured 2.3x slower).
-            for e in range(nblocks):
-                c0 = np.int64(ints[blocks + e])
-                if c0 + bw <= k:
-                    for r in range(0, full, bw):
-                        _transpose_block(rows, (r0 + r) * k + c0, k, a, c0 * tile + r, tile)
-                    rest = full
+def _make_tiles(feature_major):
+    # The tiled chain loop for row-major input (N, K) or, with `feature_major`, for input
+    # already feature-major (K, N): the constant is frozen into the compiled code.
+
+    def tiles(layers, ints, vals, x, out, scratch):
+        # Batch tiles of `tile` rows; thread t takes tiles t, t + threads, ... with its
+        # own scratch[t]. Row-major input: the blocks of input columns the first layer
+        # reads are transposed into scratch (the only transpose of the input).
+        # Feature-major input: a batch that is one tile is read in place, a tile of a
+        # wider batch has the rows the first layer reads copied into scratch. Every layer
+        # then stays feature-major in scratch, and the last layer's tile is transposed,
+        # in blocks too, into its rows of `out`.
+        n, k = out.shape[0], layers[0, _K]
+        rows = x.reshape((k, n)) if feature_major else x.reshape((n, k))
+        nl = layers.shape[0]
+        threads, tile = scratch.shape[0], scratch.shape[3]
+        ntiles = (n + tile - 1) // tile
+        nblocks, blocks = layers[0, _NBLK], layers[0, _BLK]
+        bw = BLOCK_BYTES // rows.itemsize
+        for t in prange(threads):
+            a, b = scratch[t, 0], scratch[t, 1]
+            for q in range(t, ntiles, threads):
+                r0 = q * tile
+                nb = min(tile, n - r0)
+                full = nb - nb % bw
+                first = a
+                if feature_major and nb == n:
+                    first = rows
+                elif feature_major:
+                    for e in range(nblocks):
+                        c0 = np.int64(ints[blocks + e])
+                        for c in range(c0, min(c0 + bw, k)):
+                            xr, ar = rows[c], a[c]
+                            for r in range(nb):
+                                ar[r] = xr[r0 + r]
                 else:
-                    rest = 0
-                for c in range(c0, min(c0 + bw, k)):
-                    dst = a[c]
-                    for r in range(rest, nb):
-                        dst[r] = rows[r0 + r, c]
-            src, dst = a, b
-            for li in range(nl):
-                f, nnz, ptr, idx = layers[li, _F], layers[li, _NNZ], layers[li, _PTR], layers[li, _IDX]
-                _lanes_layer(ints[ptr:ptr + f + 1], ints[idx:idx + nnz], vals[layers[li, _W]:layers[li, _W] + nnz],
-                             vals[layers[li, _B]:layers[li, _B] + f], layers[li, _ACT], vals[layers[li, _ALPHA]],
-                             src, dst, nb)
-                src, dst = dst, src
-            fo = out.shape[1]
-            for j0 in range(0, fo - fo % bw, bw):
-                for r in range(0, full, bw):
-                    _transpose_block(src, j0 * tile + r, tile, out, (r0 + r) * fo + j0, fo)
-            for r in range(nb):
-                o = out[r0 + r]
-                for j in range(fo - fo % bw if r < full else 0, fo):
-                    o[j] = src[j, r]
+                    # Block columns outermost: the stores fill a few scratch rows at a
+                    # time (rows outermost measured 2.3x slower).
+                    for e in range(nblocks):
+                        c0 = np.int64(ints[blocks + e])
+                        if c0 + bw <= k:
+                            for r in range(0, full, bw):
+                                _transpose_block(rows, (r0 + r) * k + c0, k, a, c0 * tile + r, tile)
+                            rest = full
+                        else:
+                            rest = 0
+                        for c in range(c0, min(c0 + bw, k)):
+                            dst = a[c]
+                            for r in range(rest, nb):
+                                dst[r] = rows[r0 + r, c]
+                src = first
+                for li in range(nl):
+                    dst = b if li % 2 == 0 else a
+                    f, nnz, ptr, idx = layers[li, _F], layers[li, _NNZ], layers[li, _PTR], layers[li, _IDX]
+                    _lanes_layer(ints[ptr:ptr + f + 1], ints[idx:idx + nnz], vals[layers[li, _W]:layers[li, _W] + nnz],
+                                 vals[layers[li, _B]:layers[li, _B] + f], layers[li, _ACT], vals[layers[li, _ALPHA]],
+                                 src, dst, nb)
+                    src = dst
+                fo = out.shape[1]
+                for j0 in range(0, fo - fo % bw, bw):
+                    for r in range(0, full, bw):
+                        _transpose_block(src, j0 * tile + r, tile, out, (r0 + r) * fo + j0, fo)
+                for r in range(nb):
+                    o = out[r0 + r]
+                    for j in range(fo - fo % bw if r < full else 0, fo):
+                        o[j] = src[j, r]
+
+    return tiles
 
 
+_bias_act = jit(_bias_act)
 _rows_layer = jit(_rows_layer)
 _lanes_layer = jit(_lanes_layer)
 _ROWS = jit(_chain_rows)
-_TILES = {False: jit(_chain_tiles), True: _parallel(_chain_tiles)}
+_TILES = {(parallel, fm): (_parallel if parallel else jit)(_make_tiles(fm)) for parallel in (False, True)
+          for fm in (False, True)}
 
 
-def chain_kernel(scratch):
-    """The compiled loop `csr_chain` runs with this scratch buffer; callers on a hot path call it directly."""
+def chain_kernel(scratch, feature_major=False):
+    """The compiled loop `csr_chain` runs with this scratch buffer; callers on a hot path call it directly.
+
+    With `feature_major` the loop reads its input as (K_0, N); the scratch must then be
+    a tiled one (at least TILE_MIN rows).
+    """
     if scratch.ndim == 2:
+        if feature_major:
+            raise ValueError(f"a feature-major chain input needs at least {TILE_MIN} rows")
         return _ROWS
-    return _TILES[scratch.shape[0] > 1]
+    return _TILES[scratch.shape[0] > 1, bool(feature_major)]
 
 
-def csr_chain(layers, ints, vals, x, out, scratch):
+def csr_chain(layers, ints, vals, x, out, scratch, feature_major=False):
     """out = the chain's output for the rows of x: h_{l+1} = act_l(h_l @ W_l.T + b_l), h_0 = x.
 
     layers, ints, vals from `pack_chain`; x (N, K_0), or any C-contiguous (N, ...) holding K_0
     values per sample (read as (N, K_0): flattening costs no Python call), out (N, F_last),
     C-contiguous, of vals' dtype; scratch from `chain_scratch` for N rows (its contents are overwritten).
+    With `feature_major`, x holds the samples as columns instead: (K_0, N), or any
+    C-contiguous (..., N) read as (K_0, N) (a CHWN activation); the result is the same.
     O(N * (nnz + K_0 + F_last)) time. Below TILE_MIN rows: gathered dot products,
-    sample by sample. Otherwise batch tiles (parallel over tiles when scratch has a
-    thread axis longer than 1), feature-major inside the tile, with the bias and the
-    activation applied as each output row is finished.
+    sample by sample (a feature-major x is transposed first). Otherwise batch tiles
+    (parallel over tiles when scratch has a thread axis longer than 1), feature-major
+    inside the tile, with the bias and the activation applied as each output row is finished.
     """
-    chain_kernel(scratch)(layers, ints, vals, x, out, scratch)
+    if feature_major and scratch.ndim == 2:
+        x, feature_major = np.ascontiguousarray(x.reshape(-1, out.shape[0]).T), False
+    chain_kernel(scratch, feature_major)(layers, ints, vals, x, out, scratch)
 
 
 def _conv(kh, kw, sh, sw, indptr, indices, data, bias, xp, out):
@@ -437,3 +484,122 @@ def csr_conv2d(kh, kw, sh, sw, indptr, indices, data, bias, xp, out, parallel=No
     if parallel is None:
         parallel = parallel_pays(n * oh * ow * max(data.shape[0], f))
     _CONV[bool(parallel)](kh, kw, sh, sw, indptr, indices, data, bias, xp, out)
+
+
+def _tap(col, khw, kw, a, ph, pw, h, wd, ow):
+    # Kept weight `col` (c, i, k) at output row a: its input channel, input row (-1 when
+    # the row falls in the padding) and the output columns [b0, b1) whose input column
+    # b + k - pw lies inside the image.
+    c = col // khw
+    i = (col - c * khw) // kw
+    k = col - c * khw - i * kw
+    row = a + i - ph
+    b0, b1 = max(0, pw - k), min(ow, wd + pw - k)
+    if row < 0 or row >= h or b1 <= b0:
+        row = -1
+    return c, row, b0, b1, k - pw
+
+
+def _conv_chwn(kh, kw, ph, pw, indptr, indices, data, bias, act, alpha, x, out):
+    # Direct sparse convolution, stride 1, on CHWN activations: an output row (OW, N)
+    # of filter j is OW * N contiguous lanes, and a kept weight adds w times one
+    # contiguous run of its input row, shifted by k - pw columns of N lanes (padding
+    # only shortens the run, or skips the row). Four kept weights whose runs cover the
+    # whole output row are added per pass over it, one after the other (the order of
+    # the sum is unchanged), so each lane is loaded and stored once per four products.
+    # The bias and the activation end each output row while it is in cache. Parallel
+    # over filters; each output's sum runs over the kept weights in index order, then
+    # the bias, whatever the thread count.
+    nch, h, wd, n = x.shape
+    f, oh, ow = out.shape[0], out.shape[1], out.shape[2]
+    khw = kh * kw
+    zero = out.dtype.type(0)
+    xf = x.reshape((nch, h, wd * n))
+    of = out.reshape((f, oh, ow * n))
+    m = ow * n
+    for j in prange(f):
+        p0, p1 = indptr[j], indptr[j + 1]
+        bj = bias[j]
+        for a in range(oh):
+            d = of[j, a]
+            for r in range(m):
+                d[r] = zero
+            p = p0
+            while p < p1:
+                c0, row0, b00, b10, s0 = _tap(indices[p], khw, kw, a, ph, pw, h, wd, ow)
+                if p + 4 <= p1 and row0 >= 0 and b00 == 0 and b10 == ow:
+                    c1, row1, b01, b11, s1 = _tap(indices[p + 1], khw, kw, a, ph, pw, h, wd, ow)
+                    c2, row2, b02, b12, s2 = _tap(indices[p + 2], khw, kw, a, ph, pw, h, wd, ow)
+                    c3, row3, b03, b13, s3 = _tap(indices[p + 3], khw, kw, a, ph, pw, h, wd, ow)
+                    if (row1 >= 0 and row2 >= 0 and row3 >= 0 and b01 == 0 and b02 == 0 and b03 == 0
+                            and b11 == ow and b12 == ow and b13 == ow):
+                        x0, x1 = xf[c0, row0, s0 * n:], xf[c1, row1, s1 * n:]
+                        x2, x3 = xf[c2, row2, s2 * n:], xf[c3, row3, s3 * n:]
+                        w0, w1, w2, w3 = data[p], data[p + 1], data[p + 2], data[p + 3]
+                        for r in range(m):
+                            d[r] = (((d[r] + w0 * x0[r]) + w1 * x1[r]) + w2 * x2[r]) + w3 * x3[r]
+                        p += 4
+                        continue
+                if row0 >= 0:
+                    src = xf[c0, row0, (b00 + s0) * n:]
+                    dst = d[b00 * n:]
+                    w0 = data[p]
+                    for r in range((b10 - b00) * n):
+                        dst[r] += w0 * src[r]
+                p += 1
+            _bias_act(d, m, bj, act, alpha)
+
+
+_tap = jit(_tap)
+_CONV_CHWN = {False: jit(_conv_chwn), True: _parallel(_conv_chwn)}
+
+
+def csr_conv2d_chwn(kh, kw, ph, pw, indptr, indices, data, bias, act, alpha, x, out, parallel=None):
+    """A stride-1 convolution with CSR filters on CHWN activations, then the bias and an activation.
+
+    x (C, H, W, N) unpadded, out (F, OH, OW, N) with OH = H + 2*PH - KH + 1 (OW alike),
+    both C-contiguous of data's dtype; the filters as in `csr_conv2d`. act is an
+    ACTIVATIONS code (0 none, 1 relu, 2 leaky relu with slope `alpha`, of data's dtype).
+    out[j, a, b, n] = act(sum_{c,i,k} w[j, c, i, k] * xpad[c, a + i, b + k, n] + bias[j]), xpad
+    the zero-padded input, summed over the kept weights in index order (the padding's
+    zeros are skipped, not added): the values of `csr_conv2d`, sample by sample.
+    O(nnz * OH * OW * N + F * OH * OW * N) time, no scratch. `parallel` defaults to
+    `parallel_pays` for the N * OH * OW * max(nnz, F) multiply-adds.
+    """
+    f, oh, ow, n = out.shape
+    if parallel is None:
+        parallel = parallel_pays(n * oh * ow * max(data.shape[0], f))
+    _CONV_CHWN[bool(parallel)](kh, kw, ph, pw, indptr, indices, data, bias, act, alpha, x, out)
+
+
+def _maxpool_chwn(kh, kw, sh, sw, x, out):
+    # An output row (OW, N) is the max of KH*KW strided reads of input rows, N contiguous
+    # lanes at a time. np.maximum on scalars: NaN wins as in NumPy, and it vectorizes
+    # (a compare and a select written out measured 3-7x slower).
+    nch, oh, ow, n = out.shape
+    for ch in prange(nch):
+        for a in range(oh):
+            o = out[ch, a]
+            for i in range(kh):
+                src = x[ch, a * sh + i]
+                for k in range(kw):
+                    for b in range(ow):
+                        s, d = src[b * sw + k], o[b]
+                        if i == 0 and k == 0:
+                            for r in range(n):
+                                d[r] = s[r]
+                        else:
+                            for r in range(n):
+                                d[r] = np.maximum(d[r], s[r])
+
+
+_MAXPOOL_CHWN = jit(_maxpool_chwn)
+
+
+def maxpool_chwn(kh, kw, sh, sw, x, out):
+    """out[c, a, b, :] = max over the (KH, KW) window at (a*SH, b*SW) of x[c, ..., :]: max pooling on CHWN.
+
+    x (C, H, W, N), out (C, OH, OW, N) with OH = (H - KH) // SH + 1 (OW alike), C-contiguous,
+    one dtype; no padding. O(C * OH * OW * KH * KW * N) time, memory-bound.
+    """
+    _MAXPOOL_CHWN(kh, kw, sh, sw, x, out)

@@ -22,8 +22,15 @@ later array of that shape, dtype and C order goes straight to the plan, past the
 checks of the input (at batch 1 these cost as much as the sparse layers). Before a plan
 is built, `check_batch` checks every array the batch will need (padded inputs, im2col
 columns, dense weights, layer outputs) against `sclref.errors.check_allocation`, so a
-geometry from a file cannot ask for more memory than sclref allocates. Convolutions run
-on NCHW arrays. A residual block runs its body and its shortcut (each planned like the
+geometry from a file cannot ask for more memory than sclref allocates.
+
+Convolutions run on NCHW arrays, except the leading run of stride-1 sclref
+convolutions, max pooling and activations of a network, which from a batch of
+`CHWN_FROM` samples runs on CHWN arrays (batch innermost): the input is transposed
+once, each convolution applies its activation as it finishes an output row, and a
+following flatten and sclref chain read the last CHWN array as their feature-major
+input, so the batch is transposed back only in the chain's exit (`Runtime._chwn_steps`).
+A residual block runs its body and its shortcut (each planned like the
 network's own layers) on the same input and adds their outputs.
 """
 
@@ -40,7 +47,7 @@ from sclref.errors import InputError, check_allocation
 from sclref.sparse import network as net
 from sclref.sparse.format import FormatError, check_range
 
-__all__ = ["BACKENDS", "CONV_DENSE_FROM", "DENSE_FROM", "Runtime"]
+__all__ = ["BACKENDS", "CHWN_FROM", "CONV_DENSE_FROM", "DENSE_FROM", "Runtime"]
 
 BACKENDS = ("auto", "sclref", "scipy", "dense")
 
@@ -64,6 +71,15 @@ DENSE_FROM = {1: 0.75, 32: math.inf}
 # sending conv1 too, and a LeNet-5 pruned by global magnitude keeps conv1 (nearly) dense:
 # with conv1 dense, auto took 1.4-2.7x the all-sclref time at batch 64 and 256.
 CONV_DENSE_FROM = {1: math.inf}
+# Batches from this size run the stride-1 sclref convolutions, pooling and activations
+# at the start of a network on CHWN activations (`Runtime._chwn_steps`): the input is
+# transposed once, and every kernel then runs over contiguous vectors of OW x N lanes
+# (N lanes for pooling). Smaller batches keep NCHW, whose flat planes give the
+# direct convolution longer vectors than OW x N. Measured on the 98.6 %-sparse LeNet-5
+# of `benchmarks/sparse_inference.py` (float32, serial kernels, load 1.2 from other
+# users), whole network, NCHW / CHWN: 0.28 / 0.32 ms at batch 4, 0.40 / 0.36 at 6,
+# 0.50 / 0.35 at 8, 0.99 / 0.44 at 16, 4.0 / 1.2 at 64, 31 / 11 at 256.
+CHWN_FROM = 8
 
 
 class _Weights:
@@ -199,7 +215,9 @@ class Runtime:
         """The calls a batch of `batch` samples takes through `layers` (default: the network's): chains of
         sclref linear layers, residual blocks as one call, other layers one by one. `entry`: the first step
         gets the checked C-ordered input of `__call__`."""
-        steps, i = [], 0
+        steps, i, feature_major = [], 0, False
+        if entry:
+            steps, i, feature_major = self._chwn_steps(batch)
         layers = self.network.layers if layers is None else layers
         while i < len(layers):
             chain = []
@@ -214,7 +232,9 @@ class Runtime:
                 key = tuple((w.layer.name, act and act.name) for w, act in chain)
                 if key not in self._chains:
                     self._chains[key] = _Chain(chain, self.dtype)
-                steps.append(_ChainRun(self._chains[key], batch, contiguous=entry and not steps))
+                steps.append(_ChainRun(self._chains[key], batch, contiguous=entry and not steps,
+                                       feature_major=feature_major))
+                feature_major = False
             else:
                 layer = layers[i]
                 if isinstance(layer, net.Flatten):
@@ -225,6 +245,53 @@ class Runtime:
                     steps.append(lambda x, layer=layer: self.step(layer, x))
                 i += 1
         return steps
+
+    def _chwn_steps(self, batch: int) -> tuple[list, int, bool]:
+        """The CHWN path through the network's first layers: (steps, layers covered, whether it ends feature-major).
+
+        It covers the leading run of stride-1 convolutions on the sclref backend, max
+        pooling and activations, from a batch of CHWN_FROM on, when that run holds a
+        convolution; otherwise ([], 0, False). An activation right after a convolution,
+        or after a convolution and its pooling (ReLU and a leaky ReLU of slope >= 0
+        commute with the max), runs inside the convolution. When a flatten and a linear
+        layer on the sclref backend follow, the CHWN output, read as (C*H*W, N), is the
+        feature-major input of that chain: the batch is transposed only on entry and in
+        the chain's exit. Otherwise the run ends with a transpose back to NCHW.
+        """
+        layers, shape = self.network.layers, self.network.input_shape
+        if batch < max(CHWN_FROM, kernels.sparse.TILE_MIN) or shape is None or len(shape) != 3:
+            return [], 0, False
+        steps, i, convs = [_to_chwn], 0, 0
+        while i < len(layers):
+            layer = layers[i]
+            after = layers[i + 1:i + 3]
+            if isinstance(layer, net.Conv2d) and layer.stride == (1, 1) and self.choose(layer.name, batch) == "sclref":
+                act = None
+                if after and isinstance(after[0], net.Activation):
+                    act, i = after[0], i + 1
+                elif (len(after) == 2 and isinstance(after[0], net.MaxPool2d) and isinstance(after[1], net.Activation)
+                      and (after[1].kind == "relu" or after[1].alpha >= 0)):
+                    act = after[1]
+                    steps.append(_ConvCHWN(self.weights[layer.name], act, self.dtype))
+                    steps.append(_PoolCHWN(after[0]))
+                    convs, i = convs + 1, i + 3
+                    continue
+                steps.append(_ConvCHWN(self.weights[layer.name], act, self.dtype))
+                convs += 1
+            elif isinstance(layer, net.MaxPool2d):
+                steps.append(_PoolCHWN(layer))
+            elif isinstance(layer, net.Activation):
+                steps.append(lambda x, layer=layer: self.step(layer, x))  # elementwise: any layout
+            else:
+                break
+            i += 1
+        if not convs:
+            return [], 0, False
+        if (i + 1 < len(layers) and isinstance(layers[i], net.Flatten) and isinstance(layers[i + 1], net.Linear)
+                and self.choose(layers[i + 1].name, batch) == "sclref"):
+            return steps, i + 1, True
+        steps.append(_to_nchw)
+        return steps, i, False
 
     def _check_input(self, x) -> np.ndarray:
         shape = self.network.input_shape
@@ -356,6 +423,47 @@ def _nchw(layer, x) -> np.ndarray:
     return x
 
 
+def _to_chwn(x: np.ndarray) -> np.ndarray:
+    n = x.shape[0]
+    return np.ascontiguousarray(x.reshape(n, -1).T).reshape(*x.shape[1:], n)
+
+
+def _to_nchw(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x.transpose(3, 0, 1, 2))
+
+
+class _ConvCHWN:
+    """A stride-1 sclref convolution on CHWN activations, with the activation after it (or None)."""
+
+    def __init__(self, w: _Weights, act, dtype):
+        layer = w.layer
+        self.w, self.kernel, self.padding = w, layer.kernel_size, layer.padding
+        self.act = kernels.sparse.ACTIVATIONS[act and act.kind]
+        self.alpha = np.dtype(dtype).type(act.alpha if act is not None and act.alpha is not None else 0)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        (kh, kw), (ph, pw), w = self.kernel, self.padding, self.w
+        c, h, wd, n = x.shape
+        out = np.empty((w.bias.shape[0], h + 2 * ph - kh + 1, wd + 2 * pw - kw + 1, n), x.dtype)
+        kernels.sparse.csr_conv2d_chwn(kh, kw, ph, pw, w.indptr, w.indices, w.data, w.bias, self.act, self.alpha, x,
+                                       out)
+        return out
+
+
+class _PoolCHWN:
+    """Max pooling on CHWN activations."""
+
+    def __init__(self, layer: net.MaxPool2d):
+        self.kernel, self.stride = layer.kernel_size, layer.stride
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        (kh, kw), (sh, sw) = self.kernel, self.stride
+        c, h, wd, n = x.shape
+        out = np.empty((c, (h - kh) // sh + 1, (wd - kw) // sw + 1, n), x.dtype)
+        kernels.sparse.maxpool_chwn(kh, kw, sh, sw, x, out)
+        return out
+
+
 class _Chain:
     """Linear layers, each with the activation after it, packed once for `csr_chain` calls."""
 
@@ -369,17 +477,18 @@ class _Chain:
 class _ChainRun:
     """A chain's `csr_chain` call on batches of `n` samples: kernel, scratch and output shape decided once.
 
-    `contiguous`: its inputs are known to be C-ordered. The scratch is the run's; a call
+    `contiguous`: its inputs are known to be C-ordered. `feature_major`: its input is
+    a CHWN activation, read as (K, N) (at least TILE_MIN samples). The scratch is the run's; a call
     from a second thread while the first is inside the kernel (which releases the GIL)
     takes a scratch of its own for that call.
     """
 
     __slots__ = ("kernel", "layers", "ints", "vals", "scratch", "shape", "dtype", "lock", "contiguous")
 
-    def __init__(self, chain: _Chain, n: int, contiguous: bool = False):
+    def __init__(self, chain: _Chain, n: int, contiguous: bool = False, feature_major: bool = False):
         self.layers, self.ints, self.vals, self.dtype = chain.layers, chain.ints, chain.vals, chain.dtype
         self.scratch = kernels.chain_scratch(self.layers, n, self.dtype)
-        self.kernel = kernels.chain_kernel(self.scratch)
+        self.kernel = kernels.chain_kernel(self.scratch, feature_major)
         self.shape = (n, chain.features)
         self.lock = threading.Lock()
         self.contiguous = contiguous
