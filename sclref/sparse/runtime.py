@@ -266,17 +266,15 @@ class Runtime:
             layer = layers[i]
             after = layers[i + 1:i + 3]
             if isinstance(layer, net.Conv2d) and layer.stride == (1, 1) and self.choose(layer.name, batch) == "sclref":
-                act = None
+                act, pool = None, None
                 if after and isinstance(after[0], net.Activation):
                     act, i = after[0], i + 1
                 elif (len(after) == 2 and isinstance(after[0], net.MaxPool2d) and isinstance(after[1], net.Activation)
                       and (after[1].kind == "relu" or after[1].alpha >= 0)):
-                    act = after[1]
-                    steps.append(_ConvCHWN(self.weights[layer.name], act, self.dtype))
-                    steps.append(_PoolCHWN(after[0]))
-                    convs, i = convs + 1, i + 3
-                    continue
+                    pool, act, i = after[0], after[1], i + 2
                 steps.append(_ConvCHWN(self.weights[layer.name], act, self.dtype))
+                if pool is not None:
+                    steps.append(_PoolCHWN(pool))
                 convs += 1
             elif isinstance(layer, net.MaxPool2d):
                 steps.append(_PoolCHWN(layer))
@@ -445,8 +443,7 @@ class _ConvCHWN:
         (kh, kw), (ph, pw), w = self.kernel, self.padding, self.w
         c, h, wd, n = x.shape
         out = np.empty((w.bias.shape[0], h + 2 * ph - kh + 1, wd + 2 * pw - kw + 1, n), x.dtype)
-        kernels.sparse.csr_conv2d_chwn(kh, kw, ph, pw, w.indptr, w.indices, w.data, w.bias, self.act, self.alpha, x,
-                                       out)
+        kernels.csr_conv2d_chwn(kh, kw, ph, pw, w.indptr, w.indices, w.data, w.bias, self.act, self.alpha, x, out)
         return out
 
 
@@ -460,7 +457,7 @@ class _PoolCHWN:
         (kh, kw), (sh, sw) = self.kernel, self.stride
         c, h, wd, n = x.shape
         out = np.empty((c, (h - kh) // sh + 1, (wd - kw) // sw + 1, n), x.dtype)
-        kernels.sparse.maxpool_chwn(kh, kw, sh, sw, x, out)
+        kernels.maxpool_chwn(kh, kw, sh, sw, x, out)
         return out
 
 
