@@ -1162,6 +1162,38 @@ def test_conv_chunks_run_serially_while_blas_has_threads_of_its_own():
             assert tasks_module.threads_for(4) == 2  # tasks without BLAS still split
 
 
+@needs_jit
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="numba has a single thread")
+def test_a_blas_outside_numpy_with_threads_of_its_own_leaves_conv_chunks_on_threads(monkeypatch):
+    import scipy.linalg  # noqa: F401  (scipy's wheel loads a BLAS of its own, which np.matmul never calls)
+
+    found = threadpoolctl.ThreadpoolController().select(user_api="blas").lib_controllers
+    ours = [lib for lib in found if tasks_module.numpy_owns(lib.filepath)]
+    others = [lib for lib in found if not tasks_module.numpy_owns(lib.filepath)]
+    assert ours, "NumPy's own BLAS is not recognized"
+    assert tasks_module.numpy_owns(np.__file__) and not tasks_module.numpy_owns(scipy.__file__)
+    if not others:
+        pytest.skip("no BLAS outside NumPy's install is loaded")
+    monkeypatch.setattr(tasks_module, "_blas", None)  # found again, with the other BLAS loaded
+    with numba_threads(2), sclref_threads.pinned():
+        before = [lib.get_num_threads() for lib in others]
+        try:
+            for lib in others:
+                lib.set_num_threads(2)
+            assert tasks_module.threads_for(4, blas=True) == 2
+        finally:
+            for lib, n in zip(others, before):
+                lib.set_num_threads(n)
+
+
+def test_set_numba_threads_stays_within_the_pool():
+    with numba_threads(numba.get_num_threads()):
+        kernels.set_numba_threads(10**6)
+        assert numba.get_num_threads() == numba.config.NUMBA_NUM_THREADS
+        kernels.set_numba_threads(0)
+        assert numba.get_num_threads() == 1
+
+
 # -- running tasks on threads ------------------------------------------------------------------
 
 
@@ -1210,7 +1242,7 @@ def test_run_tasks_runs_serially_for_a_while_after_waiting_for_late_pool_threads
             assert on_pool.wait(30)
         else:
             on_pool.set()
-            time.sleep(0.05)  # descheduled by a busy core: the caller waits 50 ms for a task as short as its own
+            time.sleep(0.2)  # descheduled by a busy core: the caller waits 0.2 s for a task as short as its own
 
     for _ in range(tasks_module.LOSSES_TO_PAUSE):  # one late thread is a blip; several in a row, a load
         assert tasks_module._serial_until < time.monotonic()
