@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -81,23 +80,6 @@ def _recv(name: str, proc, conn):
         if not proc.is_alive():
             raise RuntimeError(f"benchmark worker {name!r} died (exit code {proc.exitcode}); its traceback is above")
     return conn.recv()
-
-
-def time_in_workers(builders: dict, reps: int, block: int = 5, pause: float = 0.3, memory: bool = False):
-    """Median seconds per call for each workload, each in its own process, taken in turn.
-
-    `builders` maps a name to ``(build, args)``: ``build(*args)`` runs in a fresh process
-    and returns a zero-argument callable. Separate processes keep the thread pools of
-    different engines (OpenBLAS, numba, PyTorch's OpenMP) from fighting over the cores;
-    the workloads take turns in blocks of `block` calls (the first block is warm-up), with
-    a `pause` between turns so the threads of the one that just ran stop spinning before
-    the other starts. Returns the medians and each callable's first result, and with
-    `memory` also each workload's memory: the resident size after its first call and the
-    peak the later calls added on top (MiB, from the kernel's high-water mark; Linux only).
-    """
-    samples, first, mem = _run_in_workers(builders, reps, block, pause, {"quiet": contextlib.nullcontext})
-    medians = {name: statistics.median(s) for name, s in samples["quiet"].items()}
-    return (medians, first, mem) if memory else (medians, first)
 
 
 def gemm_gflops(dtype="float32", n: int = 1024, reps: int = 10) -> float:
@@ -175,22 +157,29 @@ def quantiles(samples) -> dict:
     return {"median": float(np.median(samples)), "p90": float(np.quantile(samples, 0.9))}
 
 
-def samples_in_workers(builders: dict, reps: int, block: int = 5, pause: float = 0.05, phases=None):
+def samples_in_workers(builders: dict, reps: int, block: int = 5, pause: float = 0.05, phases=None,
+                       memory: bool = False):
     """Every timed call of each workload, each in its own process, taken in turn, in one or more phases.
 
-    As `time_in_workers`, but keeps every sample so callers can report any quantile.
+    `builders` maps a name to ``(build, args)``: ``build(*args)`` runs in a fresh process
+    and returns a zero-argument callable. Separate processes keep the thread pools of
+    different engines (OpenBLAS, numba, PyTorch's OpenMP) from fighting over the cores;
+    the workloads take turns in blocks of `block` calls, with a `pause` between turns so
+    the threads of the one that just ran stop spinning before the other starts.
     `phases` maps a phase name to a zero-argument factory of the context manager the
     phase runs in (e.g. ``{"quiet": contextlib.nullcontext, "load": competing_load}``;
     default: one phase "quiet"); the workers are built once and timed in every phase,
     each phase starting with a warm-up block. Returns ``({phase: {name: [seconds, ...]}},
-    {name: first result})``.
+    {name: first result})``, and with `memory` also each workload's memory: the resident
+    size after its first call and the peak the later calls added on top (MiB, from the
+    kernel's high-water mark; Linux only).
     """
-    samples, first, _ = _run_in_workers(builders, reps, block, pause, phases or {"quiet": contextlib.nullcontext})
-    return samples, first
+    samples, first, mem = _run_in_workers(builders, reps, block, pause, phases or {"quiet": contextlib.nullcontext})
+    return (samples, first, mem) if memory else (samples, first)
 
 
 def _run_in_workers(builders: dict, reps: int, block: int, pause: float, phases: dict):
-    """The timing loop of `time_in_workers` and `samples_in_workers`: (samples by phase, first results, memory)."""
+    """The timing loop of `samples_in_workers`: (samples by phase, first results, memory)."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")

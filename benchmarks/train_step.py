@@ -8,7 +8,12 @@
   written in PyTorch as its users would.
 
     python benchmarks/train_step.py [--kind plain|scl|both] [--threads 2] [--reps 50] [--resnet] [--pin]
-        [--optimizer sgd|adam]
+        [--optimizer sgd|adam|both] [--load]
+
+``--load`` times every step a second time beside two busy processes the benchmark starts
+itself (a shared machine), in the same run, and with ``--threads`` above 1 also sclref's
+scl step on one numba thread: the ratio to it says whether the default thread count loses
+to one thread when the cores are busy.
 
 ``--pin`` runs sclref's step inside `sclref.threads.pinned` (BLAS on one thread), as
 `sclref train` does during its epochs: sclref's kernels then split their work (conv
@@ -26,6 +31,7 @@ top of the built model (peak resident size), with its ratio.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import sys
@@ -220,8 +226,10 @@ def _scl_trainer(model_name: str, batch: int, optimizer: str = "sgd"):
     return trainer, x, y
 
 
-def build_sclref_scl(model_name: str, batch: int, pin: bool = False, optimizer: str = "sgd"):
-    """One step of `Trainer.step`, the step `sclref train` takes."""
+def build_sclref_scl(model_name: str, batch: int, pin: bool = False, optimizer: str = "sgd", threads=None):
+    """One step of `Trainer.step`, the step `sclref train` takes; on `threads` numba threads when given."""
+    if threads is not None:
+        sclref.kernels.set_numba_threads(threads)
     trainer, x, y = _scl_trainer(model_name, batch, optimizer)
     return _pinned_step(lambda: trainer.step(x, y)[0], pin)
 
@@ -328,25 +336,40 @@ BUILDERS = {"plain": (build_sclref, build_torch), "scl": (build_sclref_scl, buil
 
 
 def bench(kind: str, model_name: str, batch: int, reps: int, threads: int, have_torch: bool,
-          pin: bool = False, optimizer: str = "sgd") -> dict:
+          pin: bool = False, optimizer: str = "sgd", load: bool = False) -> list[dict]:
+    """One row per phase ("quiet", and "load" beside two busy processes when `load`), timed in one run.
+
+    With `load` and more than one thread, sclref's scl step also runs on one numba
+    thread ("sclref 1 thread"), so that the rows say whether the default thread count
+    loses to one thread on a busy machine.
+    """
     ours, peer = BUILDERS[kind]
     extra = (optimizer,) if kind == "scl" else ()
     builders = {"sclref": (ours, (model_name, batch, pin, *extra))}
+    if load and threads > 1 and kind == "scl":
+        builders["sclref 1 thread"] = (ours, (model_name, batch, pin, *extra, 1))
     if have_torch:
         builders["torch"] = (peer, (model_name, batch, threads, *extra))
-    medians, first, memory = common.time_in_workers(builders, reps, memory=True)
-    row = {"kind": kind if kind == "plain" else f"{kind} ({optimizer})", "model": model_name, "batch": batch,
-           "loss_first_step": first, "memory": memory}
+    phases = {"quiet": contextlib.nullcontext, **({"load": common.competing_load} if load else {})}
+    samples, first, memory = common.samples_in_workers(builders, reps, block=5, pause=0.3, phases=phases, memory=True)
     if have_torch and not np.isclose(first["sclref"], first["torch"], rtol=1e-4):
         raise SystemExit(f"{model_name}: sclref and PyTorch disagree on the first loss: {first}")
-    row.update({f"{k}_ms": v * 1e3 for k, v in medians.items()})
-    if have_torch:
-        row["ratio"] = medians["sclref"] / medians["torch"]
-        if memory["sclref"] and memory["torch"]:
-            row["memory_ratio"] = memory["sclref"]["step_peak_mib"] / max(memory["torch"]["step_peak_mib"], 1e-3)
     model, _, _ = _workload(model_name, batch)
-    row["gflop"] = step_flops(model, IN_SHAPES[model_name], batch) / 1e9
-    return row
+    gflop = step_flops(model, IN_SHAPES[model_name], batch) / 1e9
+    rows = []
+    for phase, times in samples.items():
+        medians = {name: float(np.median(t)) for name, t in times.items()}
+        row = {"kind": kind if kind == "plain" else f"{kind} ({optimizer})", "model": model_name, "batch": batch,
+               "phase": phase, "loss_first_step": first, "memory": memory, "gflop": gflop,
+               **{f"{k}_ms": v * 1e3 for k, v in medians.items()}}
+        if have_torch:
+            row["ratio"] = medians["sclref"] / medians["torch"]
+            if memory["sclref"] and memory["torch"]:
+                row["memory_ratio"] = memory["sclref"]["step_peak_mib"] / max(memory["torch"]["step_peak_mib"], 1e-3)
+        if "sclref 1 thread" in medians:
+            row["threads_ratio"] = medians["sclref"] / medians["sclref 1 thread"]
+        rows.append(row)
+    return rows
 
 
 def main():
@@ -359,6 +382,9 @@ def main():
     parser.add_argument("--resnet", action="store_true", help="also time ResNet-20 (3x32x32 input)")
     parser.add_argument("--pin", action="store_true", help="run sclref's step inside sclref.threads.pinned()")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), help="time only these models")
+    parser.add_argument("--load", action="store_true",
+                        help="time every step also beside two busy processes the benchmark starts, in the same run; "
+                             "with --threads above 1 also sclref's scl step on one thread")
     parser.add_argument("--optimizer", choices=("sgd", "adam", "both"), default="sgd",
                         help="of the scl step: SGD (the Trainer's) or Adam on θ and s")
     args = parser.parse_args()
@@ -368,16 +394,18 @@ def main():
     kinds = ("plain", "scl") if args.kind == "both" else (args.kind,)
     names = args.models or [name for name in MODELS if args.resnet or name != "ResNet-20"]
     optimizers = ("sgd", "adam") if args.optimizer == "both" else (args.optimizer,)
-    rows = [bench(kind, name, args.batch, args.reps, args.threads, have_torch, args.pin, optimizer)
-            for kind in kinds for optimizer in (optimizers if kind == "scl" else ("sgd",)) for name in names]
+    rows = [row for kind in kinds for optimizer in (optimizers if kind == "scl" else ("sgd",)) for name in names
+            for row in bench(kind, name, args.batch, args.reps, args.threads, have_torch, args.pin, optimizer,
+                             args.load)]
     nan = float("nan")
     for r in rows:
         r["floor_ms"] = r["gflop"] / gemm * 1e3
     table = common.markdown_table(
-        ["step", "model", "sclref ms", "PyTorch ms", "sclref/PyTorch", "GEMM floor ms",
-         "step memory MiB (sclref / PyTorch)"],
-        [[r["kind"], r["model"], f"{r['sclref_ms']:.2f}", f"{r.get('torch_ms', nan):.2f}", f"{r.get('ratio', nan):.2f}",
-          f"{r['floor_ms']:.2f}", _memory_cell(r)] for r in rows],
+        ["step", "model", "phase", "sclref ms", "PyTorch ms", "sclref/PyTorch", "sclref / sclref on 1 thread",
+         "GEMM floor ms", "step memory MiB (sclref / PyTorch)"],
+        [[r["kind"], r["model"], r["phase"], f"{r['sclref_ms']:.2f}", f"{r.get('torch_ms', nan):.2f}",
+          f"{r.get('ratio', nan):.2f}", f"{r.get('threads_ratio', nan):.2f}", f"{r['floor_ms']:.2f}", _memory_cell(r)]
+         for r in rows],
     )
     load = {"before": load_before, "after": os.getloadavg()}
     pin = ", sclref pinned to 1 BLAS thread" if args.pin else ""
