@@ -108,7 +108,10 @@ class TrainConfig:
             raise InputError("prune_sparsity is given without prune_scope ('layer' or 'global')")
         if not (math.isfinite(self.ste_alpha) and 0 < self.ste_alpha < 1):
             raise InputError(f"ste_alpha (the leaky_relu STE's slope) must be in (0, 1), got {self.ste_alpha}")
-        SCLObjective(self.lam, self.normalization, self.weighting, self.normalize)  # validates those three
+        try:
+            SCLObjective(self.lam, self.normalization, self.weighting, self.normalize)  # validates those three
+        except ValueError as err:
+            raise InputError(str(err)) from None
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")

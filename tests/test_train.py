@@ -16,6 +16,7 @@ import pytest
 from sclref import storage
 from sclref import train as train_module
 from sclref.autograd import Tensor, no_grad
+from sclref.errors import InputError
 from sclref.scl import masked_layers
 from sclref.train import CHECKPOINT, METRICS, MODEL, TrainConfig, Trainer, build_model, evaluate, load_model, train
 
@@ -499,6 +500,15 @@ def test_unknown_settings_in_from_dict():
     assert TrainConfig.from_dict(TrainConfig(lam=0.2).to_dict()) == TrainConfig(lam=0.2)
 
 
+@pytest.mark.parametrize("field, message", [
+    ("normalization", "unknown normalization ''"), ("weighting", "unknown regularizer weighting ''"),
+    ("normalize", "normalize must be 'task' or 'total'"),
+])
+def test_a_recorded_objective_setting_out_of_its_choices_is_refused_input(field, message):
+    with pytest.raises(InputError, match=message):  # not a bare ValueError: readers catch InputError
+        TrainConfig.from_dict({**TrainConfig().to_dict(), field: ""})
+
+
 def test_load_model_gives_back_the_trained_network(pruning_run):
     model, saved = load_model(pruning_run.out_dir)
     assert not model.training and saved["config"] == pruning_run.config.to_dict()
@@ -702,7 +712,6 @@ def test_fuzz_the_checkpoint_and_model_readers(tmp_path_factory, pruning_run):
     """Mutated checkpoints and model files load, or fail with sclref's InputError: nothing else."""
     from hypothesis import HealthCheck, given, settings
 
-    from sclref.errors import InputError
     from tests.mutations import file_mutations
 
     tmp = tmp_path_factory.mktemp("fuzz")
