@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import platform
 import sys
 
@@ -72,8 +73,7 @@ def _add_train(subparsers) -> None:
     p.add_argument("--model", default=d.model, help=f"one of {', '.join(models.MODELS)}")
     p.add_argument("--ste", default=d.ste, help="straight-through estimator, a name of the sclref.ste registry")
     p.add_argument("--alpha", type=float, default=d.ste_alpha, dest="ste_alpha", help="slope of the leaky_relu STE")
-    add_shared(p, {"data": d.data, "epochs": d.epochs, "finetune_epochs": d.finetune_epochs, "lam": d.lam,
-                   "train_limit": None, "test_limit": None})
+    add_shared(p, data=d.data, epochs=d.epochs, finetune_epochs=d.finetune_epochs, lam=d.lam)
     p.add_argument("--lam-per", default=d.lam_per, metavar="{epoch,step}",
                    help="λ is one epoch's push, spread over its steps (the same λ means the same pruning pressure "
                         "whatever the data size), or each step's")
@@ -121,12 +121,8 @@ class _DefaultsFormatter(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
-class _Parser(argparse.ArgumentParser):
-    """Every subcommand's parser: help with defaults."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", _DefaultsFormatter)
-        super().__init__(*args, **kwargs)
+# Every command's parser: help with defaults.
+_Parser = functools.partial(argparse.ArgumentParser, formatter_class=_DefaultsFormatter)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -142,9 +138,7 @@ def _train(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/{config.model}-{data_name}-{config.ste if config.masked else 'dense'}"
                               f"-seed{config.seed}")
     if args.resume and args.replace:
-        print("sclref train: error: --resume continues the run in --out, --replace deletes it: give one",
-              file=sys.stderr)
-        return 2
+        raise ValueError("--resume continues the run in --out, --replace deletes it: give one")
     log = (lambda line: print(line, file=sys.stderr)) if args.json else print
     try:
         result = train(config, out, resume=args.resume, replace=args.replace, log=log,
@@ -152,12 +146,9 @@ def _train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"\nsclref train: interrupted. {_resume_hint(out)}", file=sys.stderr)
         return 130
-    except DivergedError as err:
+    except DivergedError as err:  # not refused input (exit 2, in `main`): the settings ran, the numbers blew up
         print(f"sclref train: error: {err}", file=sys.stderr)
         return 1
-    except (ValueError, OSError, TypeError) as err:  # OSError: an unreadable --data, an --out that is a file
-        print(f"sclref train: error: {err}", file=sys.stderr)
-        return 2
     if args.json:
         print((out / METRICS).read_text(), end="")
         return 0

@@ -7,26 +7,30 @@ import argparse
 import math
 
 
-def nonnegative_int(text: str) -> int:
-    """An integer >= 0 (a seed, a count); anything else is a usage error naming the value."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
-    return value
+def _value_type(parse, ok, rule: str):
+    """An argparse type: `parse` the text, then require `ok`; anything else is a usage error naming the value."""
+
+    def convert(text: str):
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text[:40]!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {value}")
+        return value
+
+    return convert
 
 
-def positive_float(text: str) -> float:
-    """A finite number > 0 (a λ, a scale); anything else is a usage error naming the value."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
+# An integer >= 0 (a seed, a count); a finite number > 0 (a λ, a scale).
+nonnegative_int = _value_type(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _value_type(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+
+
+def count(high: int | None = None):
+    """An argparse type: an integer >= 1 (and <= `high`: a batch, a repetition count)."""
+    rule = "an integer >= 1" if high is None else f"an integer in [1, {high:,}]"
+    return _value_type(int, lambda v: v >= 1 and (high is None or v <= high), rule)
 
 
 # Flags of training runs that `sclref train` and `sclref reproduce` both take: name -> (flag, argparse keywords).
@@ -45,8 +49,7 @@ SHARED = {
 }
 
 
-def add_shared(parser: argparse.ArgumentParser, defaults: dict) -> None:
-    """Declare the `SHARED` flags named in `defaults` on `parser`, each with its default there."""
-    for name, default in defaults.items():
-        flag, keywords = SHARED[name]
-        parser.add_argument(flag, default=default, **keywords)
+def add_shared(parser: argparse.ArgumentParser, **defaults) -> None:
+    """Declare every `SHARED` flag on `parser`, each with its default in `defaults` (None where left out)."""
+    for name, (flag, keywords) in SHARED.items():
+        parser.add_argument(flag, default=defaults.get(name), **keywords)

@@ -61,22 +61,8 @@ def check_writable(directory) -> None:
         raise RunDirectoryError(f"{directory} exists and is not a directory")
     if not existing.is_dir():
         raise RunDirectoryError(f"{directory}: cannot be a directory: {existing} is a file")
-    if existing == directory and directory.is_dir():
-        ok = os.access(directory, os.W_OK | os.X_OK)
-    else:
-        ok = os.access(existing, os.W_OK | os.X_OK)
-    if not ok:
+    if not os.access(existing, os.W_OK | os.X_OK):
         raise RunDirectoryError(f"{directory}: cannot write there ({existing} is not writable)")
-
-
-def _remove_temporaries(directory: Path) -> list[str]:
-    """Delete the ``.NAME.*.tmp`` files an atomic write leaves when its process is killed mid-write."""
-    removed = []
-    for path in directory.glob(".*.tmp"):
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-            removed.append(path.name)
-    return removed
 
 
 @contextlib.contextmanager
@@ -112,7 +98,8 @@ def claim(directory, existing: str = "refuse"):
         except BlockingIOError:
             raise RunDirectoryError(f"{directory}: another sclref process is writing this run directory; "
                                     "wait for it or choose another --out") from None
-        _remove_temporaries(directory)
+        for temporary in directory.glob(".*.tmp"):  # what an atomic write leaves when its process is killed
+            temporary.unlink(missing_ok=True)
         present = [name for name in RUN_FILES if (directory / name).exists()]
         if present and existing != "keep":
             if existing == "refuse":

@@ -117,7 +117,7 @@ class TrainConfig:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.finetune_epochs < 0:
             raise InputError(f"finetune_epochs must be >= 0, got {self.finetune_epochs}")
-        for name in ("lr", "mask_lr"):
+        for name in ("lr", "mask_lr", "lam_gain"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise InputError(f"{name} must be a finite number > 0, got {value}")
@@ -127,8 +127,6 @@ class TrainConfig:
             raise InputError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
         if not math.isfinite(self.score_init):
             raise InputError(f"score_init must be finite, got {self.score_init}")
-        if not (math.isfinite(self.lam_gain) and self.lam_gain > 0):
-            raise InputError(f"lam_gain must be a finite number > 0, got {self.lam_gain}")
         # A value finite as a Python float can overflow in float32 (1e300 -> inf) and freeze every mask.
         real = np.dtype(self.dtype).type
         with np.errstate(over="ignore"):

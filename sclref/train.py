@@ -45,8 +45,6 @@ class DivergedError(ArithmeticError):
     """The loss became NaN or infinite: the run stops, its last checkpoint holds the epoch before."""
 
 
-
-
 @dataclass(frozen=True)
 class Phase:
     """A stretch of a run's epochs trained one way.
@@ -199,8 +197,7 @@ class Trainer:
         if state["data"] != self.data_fingerprint:
             raise InputError(f"the checkpoint was trained on other data than {self.config.data!r} gives now "
                              "(their contents differ); resume with the data the run started with")
-        differences = provenance.resume_differences(state["provenance"]) if isinstance(state["provenance"], dict) \
-            else ["the checkpoint records no machine set-up"]
+        differences = provenance.resume_differences(state["provenance"])
         if differences:
             raise InputError("resuming here would not give the result of the uninterrupted run: "
                              + "; ".join(differences))
@@ -241,10 +238,10 @@ class Trainer:
         if self.opt_s is not None:
             self.opt_s.zero_grad()
         logits = self.model(Tensor(xb))
-        if not np.isfinite(logits.data).all():
-            raise DivergedError(f"the logits became NaN or infinite in epoch {self.epoch + 1}: training diverged "
-                                "(lower --lr or --mask-lr); the last checkpoint holds the epoch before")
-        loss = LOSSES[self.config.loss][0](logits, yb)
+        loss = LOSSES[self.config.loss][0](logits, yb) if np.isfinite(logits.data).all() else None
+        if loss is None or not math.isfinite(loss.item()):
+            raise DivergedError(f"the logits or the loss became NaN or infinite in epoch {self.epoch + 1}: training "
+                                "diverged (lower --lr or --mask-lr); the last checkpoint holds the epoch before")
         loss.backward()
         if learn_masks:
             self.objective.apply(self.model)
@@ -291,9 +288,6 @@ class Trainer:
             if cfg.augment:
                 xb = datasets.augment(xb, self.order_rng, self.data.in_shape[1] // 8, self._black)
             loss, logits = self.step(xb, yb, learn_masks=learn)
-            if not math.isfinite(loss):
-                raise DivergedError(f"the loss became {loss} in epoch {self.epoch + 1}: training diverged "
-                                    "(lower --lr or --mask-lr); the last checkpoint holds the epoch before")
             if learn:
                 for i, (_, layer) in enumerate(layers):
                     mask = layer.mask()
@@ -390,18 +384,19 @@ def train(config: TrainConfig, out_dir=None, resume: bool = False, log=print, pr
                 raise InputError(f"{out / CHECKPOINT}: {err}") from None
             trainer.epoch_seconds = _previous_timing(out / METRICS, trainer.epoch)
             log(f"resumed from {out / CHECKPOINT} after epoch {trainer.epoch}")
-        return _run(trainer, dataset, out, log, progress, stop_after)
+        return _run(trainer, out, log, progress, stop_after)
 
 
-def _run(trainer: Trainer, dataset, out: Path | None, log, progress: bool, stop_after: int | None) -> RunResult:
-    config = trainer.config
+def _run(trainer: Trainer, out: Path | None, log, progress: bool, stop_after: int | None) -> RunResult:
+    config, dataset = trainer.config, trainer.data
     total = config.total_epochs
     last = total if stop_after is None else min(total, stop_after)
-    bar = _progress_bar(trainer, dataset, config, last) if progress else None
+    bar = _progress_bar(trainer, last) if progress else None
+    say = bar.write if bar is not None and not bar.disable else log  # a line printed past the bar leaves it whole
     try:
         while trainer.epoch < last:
             record = trainer.run_epoch(None if bar is None else lambda: bar.update(1))
-            _write(bar, log, format_epoch(record, total))
+            say(format_epoch(record, total))
             if out is not None:
                 storage.save_state(out / CHECKPOINT, trainer.state_dict())
                 storage.atomic_write_json(out / METRICS, _metrics(trainer, finished=False))
@@ -422,7 +417,6 @@ def _run(trainer: Trainer, dataset, out: Path | None, log, progress: bool, stop_
 
 
 def _metrics(trainer: Trainer, finished: bool) -> dict:
-
     layers = masked_layers(trainer.model)
     return {
         "sclref": __version__, "provenance": provenance.reproducibility(),
@@ -447,16 +441,8 @@ def _previous_timing(metrics_path: Path, epochs: int) -> list:
     return [v if isinstance(v, (int, float)) else None for v in seconds] + [None] * (epochs - len(seconds))
 
 
-def _progress_bar(trainer, dataset, config, last):
+def _progress_bar(trainer: Trainer, last: int):
     from tqdm import tqdm
 
-    steps = -(-len(dataset.x_train) // config.batch_size)
-    return tqdm(total=steps * (last - trainer.epoch), unit="step", leave=False, dynamic_ncols=True,
+    return tqdm(total=trainer.steps_per_epoch * (last - trainer.epoch), unit="step", leave=False, dynamic_ncols=True,
                 disable=not sys.stderr.isatty() or os.environ.get("SCLREF_NO_PROGRESS") == "1")
-
-
-def _write(bar, log, line: str) -> None:
-    if bar is not None and not bar.disable:
-        bar.write(line)
-    else:
-        log(line)

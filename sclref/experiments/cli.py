@@ -15,6 +15,7 @@ from sclref.flags import add_shared, nonnegative_int, positive_float
 
 __all__ = ["add_parser", "run_reproduce"]
 
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``reproduce`` on `subparsers` (from ``ArgumentParser.add_subparsers``); return its parser."""
     from sclref.experiments.reproduce import DEFAULT_METHODS, METHODS, RESULTS, Settings
@@ -32,8 +33,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"any of {', '.join(METHODS)} (default: {' '.join(DEFAULT_METHODS)})")
     # Without a value these take the mode's: data fashion-mnist (quick: digits), epochs 20 + 5 (quick: 2 + 1),
     # λ 0.03 per step on digits and 0.003 otherwise, every sample (quick: 300 train, 100 test).
-    add_shared(p, {"data": None, "epochs": None, "finetune_epochs": None, "lam": None, "train_limit": None,
-                   "test_limit": None})
+    add_shared(p)
     p.add_argument("--no-norm-scale", type=float, default=None, metavar="C",
                    help=f"c of the scl_identity_global_scale ablation: λ·c, mask lr / c (default {d.no_norm_scale:g})")
     p.add_argument("--sweep", nargs="+", type=positive_float, default=None, metavar="LAM",
@@ -56,43 +56,32 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_reproduce(args: argparse.Namespace) -> int:
     """Handler of ``sclref reproduce``: 0 on success, 2 on a bad setting, bad data or an unwritable --out."""
+    import dataclasses
     import json
     from pathlib import Path
 
-    from sclref.experiments.reproduce import (
-        RESULTS,
-        Settings,
-        markdown,
-        plot,
-        plot_sweep,
-        reproduce,
-        summarize,
-        sweep_markdown,
-        sweep_summary,
-    )
+    from sclref.experiments import reproduce as rp
 
-    given = {name: getattr(args, name) for name in ("models", "data", "seeds", "epochs", "finetune_epochs",
-                                                    "methods", "lam", "no_norm_scale", "train_limit",
-                                                    "test_limit")
-             if getattr(args, name) is not None}
-    given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
+    # A setting whose flag was left out (or that has none, like dtype) keeps the mode's value.
+    given = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(rp.Settings)}
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items() if v is not None}
     out = Path(args.out)
     log = (lambda line: print(line, file=sys.stderr)) if args.json else print
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")
-    settings = Settings.quick(**given) if args.quick else Settings(**given)
-    results = reproduce(settings, out, log=log, scheduler=args.scheduler, sweep=args.sweep or ())
-    summary = summarize(results, settings)
-    rows = sweep_summary(results, settings) if args.sweep else None
-    written = [] if args.no_plots else plot(summary, settings, out)
+    settings = rp.Settings.quick(**given) if args.quick else rp.Settings(**given)
+    results = rp.reproduce(settings, out, log=log, scheduler=args.scheduler, sweep=args.sweep or ())
+    summary = rp.summarize(results, settings)
+    rows = rp.sweep_summary(results, settings) if args.sweep else None
+    written = [] if args.no_plots else rp.plot(summary, settings, out)
     if rows is not None and not args.no_plots:
-        written += plot_sweep(rows, settings, out)
+        written += rp.plot_sweep(rows, settings, out)
     if args.json:
         print(json.dumps(summary if rows is None else rows, indent=2))
         return 0
     print()
-    print(markdown(summary, settings))
+    print(rp.markdown(summary, settings))
     if rows is not None:
-        print(sweep_markdown(rows, settings))
-    print(f"wrote {', '.join([RESULTS, *(p.name for p in written)])} and the runs to {out}/")
+        print(rp.sweep_markdown(rows, settings))
+    print(f"wrote {', '.join([rp.RESULTS, *(p.name for p in written)])} and the runs to {out}/")
     return 0

@@ -48,7 +48,6 @@ from sclref.train import TrainConfig, build_model, load_data
 
 FORMAT = "sclref-reproduce"
 RESULTS = "results.json"
-DATA_ALIASES = data.ALIASES
 # λ of every SCL variant unless given: the `sclref train` default on digits; on 28x28 data
 # 0.003 gave 97.3 % sparsity at dense-level error on Fashion-MNIST (20 + 5 epochs).
 DEFAULT_LAM = {"digits": 0.03}
@@ -122,11 +121,11 @@ class Settings:
 
     @property
     def data_spec(self) -> str:
-        return DATA_ALIASES.get(self.data, self.data)
+        return data.ALIASES.get(self.data, self.data)
 
     @property
     def data_label(self) -> str:
-        return self.data if self.data in DATA_ALIASES or self.data == "digits" else Path(self.data).name
+        return self.data if self.data in data.ALIASES or self.data == "digits" else Path(self.data).name
 
     @property
     def lam_value(self) -> float:
@@ -162,10 +161,6 @@ class Settings:
                              f"or a directory of MNIST-format IDX files)")
         for model in self.models:  # every other setting is checked by TrainConfig itself
             self.config(model, "dense", self.seeds[0]).validate()
-
-    def dataset(self):
-        """The data every run of these settings trains on (limits and dtype applied)."""
-        return load_data(self.config(self.models[0], "dense", self.seeds[0]))
 
     def config(self, model: str, method: str, seed: int) -> TrainConfig:
         """The `TrainConfig` of one run."""
@@ -223,8 +218,7 @@ def run_directory(out, model: str, method: str, seed: int, config: TrainConfig) 
     return Path(out) / "runs" / f"{model}-{method}-seed{seed}-{digest}"
 
 
-def reproduce(settings: Settings, out, log=print, dataset=None, scheduler: str | None = "serial",
-              sweep=()) -> dict:
+def reproduce(settings: Settings, out, log=print, scheduler: str | None = "serial", sweep=()) -> dict:
     """Train every (model, seed, method) of `settings` under `out`; write and return the results.
 
     The run directories under ``<out>/runs`` (`run_directory`) are the store: each run
@@ -240,8 +234,7 @@ def reproduce(settings: Settings, out, log=print, dataset=None, scheduler: str |
 
     Returns ``{"format", "version", "machine", "runs"}``, also written to
     ``<out>/results.json``: one record per run, read from its directory, keyed by model,
-    data, method, seed and λ (None for dense). `dataset` may be passed to check the
-    models against it without loading it (it must be what ``settings.data`` names).
+    data, method, seed and λ (None for dense).
     """
     from sclref.experiments.executor import Run, execute
 
@@ -254,7 +247,7 @@ def reproduce(settings: Settings, out, log=print, dataset=None, scheduler: str |
                           for lam in lams if lam != settings.lam_value]
     for part in parts[1:]:  # every part is checked before the first run starts
         part.validate()
-    dataset = settings.dataset() if dataset is None else dataset
+    dataset = load_data(settings.config(settings.models[0], "dense", settings.seeds[0]))  # what every run trains on
     for model in settings.models:  # a model that cannot take this data fails now, not after hours
         try:
             build_model(settings.config(model, "dense", 0), dataset.in_shape, dataset.num_classes)
@@ -341,6 +334,21 @@ def _pm(stat: dict, scale: float = 100, digits: int = 2) -> str:
     return mean if stat["std"] is None else f"{mean} ± {scale * stat['std']:.{digits}f}"
 
 
+def _kept(row: dict) -> float:
+    """The fraction of the dense multiply-adds a summary row's network keeps (mean over seeds)."""
+    return row["effective_flops"]["mean"] / row["dense_flops"]
+
+
+def _flips(flips: list) -> str:
+    return f"{flips[0]:,.0f} → {flips[-1]:,.0f}" if flips else "—"
+
+
+def _table(header: list, rows) -> list[str]:
+    """The lines of a Markdown table: the header, its rule, and one line per row of cells."""
+    return [f"| {' | '.join(header)} |", "|---" * len(header) + "|",
+            *(f"| {' | '.join(map(str, row))} |" for row in rows)]
+
+
 def _reduction(kept: float) -> str:
     """How many times fewer multiply-adds, for a kept fraction; a handful of surviving weights is not a speed-up."""
     if kept < 5e-5:  # shown as 0.00 %: nothing worth a ratio is left
@@ -362,30 +370,22 @@ def markdown(summary: list[dict], settings: Settings) -> str:
                       f"{TrainConfig.mask_lr / settings.no_norm_scale:g}, c = {settings.no_norm_scale:g})"
                       if any(METHODS[r["method"]].global_scale for r in rows) else "")
                    + "; final-epoch test error, mean ± std (ddof 1) over seeds.\n")
-        out.append("| method | seeds | test error % | sparsity % | FLOPs kept % (reduction) | mask flips, first → "
-                   "last mask epoch | s per run (epochs) |")
-        out.append("|---|---|---|---|---|---|---|")
-        for r in rows:
-            kept = r["effective_flops"]["mean"] / r["dense_flops"]
-            flips = r["flips_per_epoch"]
-            out.append(f"| {r['label']} | {len(r['seeds'])} | {_pm(r['test_error'])} | {_pm(r['sparsity'])} | "
-                       f"{100 * kept:.2f} ({_reduction(kept)}) | "
-                       f"{f'{flips[0]:,.0f} → {flips[-1]:,.0f}' if flips else '—'} | "
-                       f"{r['train_seconds']['mean']:.1f} |")
+        out += _table(["method", "seeds", "test error %", "sparsity %", "FLOPs kept % (reduction)",
+                       "mask flips, first → last mask epoch", "s per run (epochs)"],
+                      [[r["label"], len(r["seeds"]), _pm(r["test_error"]), _pm(r["sparsity"]),
+                        f"{100 * _kept(r):.2f} ({_reduction(_kept(r))})", _flips(r["flips_per_epoch"]),
+                        f"{r['train_seconds']['mean']:.1f}"] for r in rows])
         layer_names = list(rows[0]["layers"])
         out.append(f"\nPer-layer sparsity % (mean ± std); dense multiply-adds per sample: "
                    f"{rows[0]['dense_flops'] // 2:,}\n")
-        out.append("| method | " + " | ".join(layer_names) + " |")
-        out.append("|---|" + "---|" * len(layer_names))
-        for r in rows:
-            out.append(f"| {r['label']} | " + " | ".join(_pm(r["layers"][n], digits=1) for n in layer_names) + " |")
+        out += _table(["method", *layer_names],
+                      [[r["label"], *(_pm(r["layers"][n], digits=1) for n in layer_names)] for r in rows])
         if model in PUBLISHED_MNIST:
             out.append(f"\n{MODEL_LABELS[model]}, published, MNIST — other data (the peers' own MNIST numbers, as "
                        f"the SCL paper compares against them; for orientation only, not comparable with the rows "
                        f"above)\n")
-            out.append("| method (published, MNIST — other data) | sparsity % | test error % |")
-            out.append("|---|---|---|")
-            out += [f"| {name} | {sp} | {err} |" for name, sp, err in PUBLISHED_MNIST[model]]
+            out += _table(["method (published, MNIST — other data)", "sparsity %", "test error %"],
+                          PUBLISHED_MNIST[model])
         out.append("")
     return "\n".join(out)
 
@@ -499,13 +499,10 @@ def sweep_markdown(rows: list[dict], settings: Settings) -> str:
     out = []
     for model, mine in _per_model(rows, settings):
         out.append(f"### {MODEL_LABELS[model]} on {settings.data_label}: λ sweep\n")
-        out.append("| method | λ | seeds | test error % | sparsity % | FLOPs kept % |")
-        out.append("|---|---|---|---|---|---|")
-        for r in sorted(mine, key=lambda r: (list(METHODS).index(r["method"]), r["lam"] or 0)):
-            kept = r["effective_flops"]["mean"] / r["dense_flops"]
-            lam = "—" if r["lam"] is None else f"{r['lam']:g}"
-            out.append(f"| {r['label']} | {lam} | {len(r['seeds'])} | {_pm(r['test_error'])} | "
-                       f"{_pm(r['sparsity'])} | {100 * kept:.2f} |")
+        mine = sorted(mine, key=lambda r: (list(METHODS).index(r["method"]), r["lam"] or 0))
+        out += _table(["method", "λ", "seeds", "test error %", "sparsity %", "FLOPs kept %"],
+                      [[r["label"], "—" if r["lam"] is None else f"{r['lam']:g}", len(r["seeds"]), _pm(r["test_error"]),
+                        _pm(r["sparsity"]), f"{100 * _kept(r):.2f}"] for r in mine])
         out.append("")
     return "\n".join(out)
 

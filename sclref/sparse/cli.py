@@ -10,25 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
+from sclref.flags import count
 from sclref.sparse.bench import MAX_BATCH, MAX_BATCH_SIZES, MAX_REPS
 
 __all__ = ["add_parsers"]
-
-
-def _count(high: int | None = None):
-    """An argparse type: an integer >= 1 (and <= `high`); anything else is a usage error naming the value."""
-    rule = "an integer >= 1" if high is None else f"an integer in [1, {high:,}]"
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {rule}, got {text[:40]!r}") from None
-        if value < 1 or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"must be {rule}, got {value}")
-        return value
-
-    return parse
 
 
 def _batch_sizes(text: str) -> tuple[int, ...]:
@@ -36,7 +21,7 @@ def _batch_sizes(text: str) -> tuple[int, ...]:
     parts = text.split(",")
     if len(parts) > MAX_BATCH_SIZES:
         raise argparse.ArgumentTypeError(f"at most {MAX_BATCH_SIZES} batch sizes, got {len(parts)}")
-    one = _count(MAX_BATCH)
+    one = count(MAX_BATCH)
     return tuple(dict.fromkeys(one(part.strip()) for part in parts))
 
 
@@ -94,8 +79,6 @@ def _network(model):
     A run directory is exported in memory (dead units removed), unless it holds the file
     `sclref export` writes there by default.
     """
-    from pathlib import Path
-
     from sclref.sparse import export_run, load
 
     path = Path(model)
@@ -171,9 +154,9 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--data", required=True, help="'digits', a directory of MNIST-format IDX files, or a .npz")
     p.add_argument("--backend", default="auto", choices=("auto", "sclref", "scipy", "dense"),
                    help="auto picks, per layer, what measures fastest for its sparsity")
-    p.add_argument("--batch", type=_count(MAX_BATCH), default=256, help="samples per call (default 256)")
+    p.add_argument("--batch", type=count(MAX_BATCH), default=256, help="samples per call (default 256)")
     p.add_argument("--dtype", default=None, choices=("float32", "float64"), help="default: the file's dtype")
-    p.add_argument("--limit", type=_count(), default=None, metavar="N", help="use the first N test samples")
+    p.add_argument("--limit", type=count(), default=None, metavar="N", help="use the first N test samples")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_infer)
 
@@ -182,7 +165,7 @@ def add_parsers(subparsers) -> None:
                    help="a sparse network file written by `sclref export`, or a finished run's directory")
     p.add_argument("--batches", type=_batch_sizes, default=(1, 64, 256),
                    help=f"comma-separated batch sizes, each up to {MAX_BATCH:,} (default 1,64,256)")
-    p.add_argument("--reps", type=_count(MAX_REPS), default=50,
+    p.add_argument("--reps", type=count(MAX_REPS), default=50,
                    help=f"timed calls per backend and case, up to {MAX_REPS:,} (default 50)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"), help="dtype the backends compute in")
     p.add_argument("--no-break-even", action="store_true", help="skip the break-even density search")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -51,21 +52,15 @@ class TeacherConfig:
     score_init: float = 1.0
 
     def validate(self) -> None:
-        """Raise ValueError naming the first bad setting."""
-        for name in ("in_features", "out_features", "samples", "epochs", "batch_size"):
+        """Raise ValueError naming the first bad setting of the problem (`TrainConfig` checks the training's)."""
+        for name in ("in_features", "out_features", "samples"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if not 0 < self.density <= 1:
             raise ValueError(f"density must be in (0, 1], got {self.density}")
-        for name in ("lr", "mask_lr"):
-            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
-                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}")
-        for name in ("noise", "lam"):
-            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if not (math.isfinite(self.noise) and self.noise >= 0):
+            raise ValueError(f"noise must be a finite number >= 0, got {self.noise}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -89,36 +84,6 @@ def _scores(support: np.ndarray, kept: np.ndarray) -> dict:
     return {"kept": int(kept.sum()), "true": int(support.sum()), "connections": int(support.size), "hits": hits,
             "precision": hits / int(kept.sum()) if kept.any() else None,  # undefined: nothing kept
             "recall": hits / int(support.sum())}
-
-
-@dataclass(frozen=True)
-class _Planted:
-    """The teacher's labelled inputs in the shape `Trainer` takes data; the test split is the training set."""
-
-    x_train: np.ndarray
-    y_train: np.ndarray
-    identity: str  # what the data is made from: it is regenerated from these settings, not loaded
-
-    name = "planted teacher"
-
-    @property
-    def x_test(self):
-        return self.x_train
-
-    @property
-    def y_test(self):
-        return self.y_train
-
-    @property
-    def in_shape(self) -> tuple:
-        return self.x_train.shape[1:]
-
-    @property
-    def num_classes(self) -> int:
-        return self.y_train.shape[1]
-
-    def fingerprint(self) -> str:
-        return self.identity
 
 
 def planted_teacher(ste, seed: int = 0, config: TeacherConfig | None = None, replicate: int = 0) -> dict:
@@ -159,7 +124,6 @@ def planted_teacher(ste, seed: int = 0, config: TeacherConfig | None = None, rep
     if type(named) is not type(est) or vars(named) != vars(est):
         raise ValueError(f"planted_teacher trains through sclref.train, whose settings name an estimator by its "
                          f"registered name and alpha; {est!r} is not one of those")
-    support, _, x, y = _teacher(config, np.random.default_rng([seed, replicate, 3]))
     run = TrainConfig(
         model="linear", data="planted teacher", loss="mse", dtype="float64", ste=est.name, ste_alpha=alpha,
         lam=config.lam, lam_per="step", normalization=config.normalization, score_init=config.score_init,
@@ -167,7 +131,14 @@ def planted_teacher(ste, seed: int = 0, config: TeacherConfig | None = None, rep
         momentum=config.momentum, mask_lr=config.mask_lr,
         # One seed per (seed, replicate) pair: the student's initial weights and its batch order.
         seed=int(np.random.SeedSequence([seed, replicate]).generate_state(1)[0]))
-    trainer = Trainer(run, _Planted(x, y, f"planted teacher {seed}/{replicate} {config}"), log=lambda line: None)
+    run.validate()
+    support, _, x, y = _teacher(config, np.random.default_rng([seed, replicate, 3]))
+    # The fields of a dataset that `Trainer` reads. The test split is the training set; the data is
+    # regenerated from these settings, not loaded, so they are its fingerprint.
+    identity = f"planted teacher {seed}/{replicate} {config}"
+    planted = SimpleNamespace(name="planted teacher", x_train=x, y_train=y, x_test=x, y_test=y, in_shape=x.shape[1:],
+                              num_classes=y.shape[1], fingerprint=lambda: identity)
+    trainer = Trainer(run, planted, log=lambda line: None)
     (_, student), = masked_layers(trainer.model)
     on_steps = np.zeros(support.shape)  # last epoch: steps each connection was on, and its mask changes
     changes = np.zeros(support.shape, dtype=np.int64)
