@@ -14,11 +14,11 @@ sum, so their bits do not depend on numba's thread count, nor on whether the JIT
 
 What does change bits from one machine to another is recorded by `sclref.provenance`.
 
-The first `pinned` of a process also asks glibc's malloc to keep the memory a training
-step frees (`keep_freed_memory`): by default it hands arrays of a few MiB back to the
-system at every free and takes them again, page by page, at the next step (a ResNet-20
-step at batch 128 returned about 300 MiB each time, 40,000 page faults that took a fifth
-of its CPU time).
+The first `pinned` of a process, and the first sparse `Runtime`, also ask glibc's malloc
+to keep the memory a training step or an inference call frees (`keep_freed_memory`): by
+default it hands arrays of a few MiB back to the system at every free and takes them
+again, page by page, at the next step (a ResNet-20 step at batch 128 returned about
+300 MiB each time, 40,000 page faults that took a fifth of its CPU time).
 """
 
 from __future__ import annotations

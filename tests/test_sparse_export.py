@@ -13,6 +13,7 @@ from sclref.nn.masked import MaskedConv2d, MaskedLinear
 from sclref.optim import SGD
 from sclref.pruning import magnitude_prune
 from sclref.sparse import Residual, Runtime, SubsamplePad, export
+from sclref.sparse.runtime import CHWN_FROM
 from tests.strategies import SEEDS
 
 
@@ -164,9 +165,11 @@ def test_a_trained_resnet_exports_exactly(shortcut, sparsity):
     train_briefly(model, shape)
     if sparsity is not None:
         magnitude_prune(model, sparsity)
-    network = _check_exact(model, np.random.default_rng(2).standard_normal((4, *shape)))
+    network = _check_exact(model, np.random.default_rng(2).standard_normal((CHWN_FROM + 1, *shape)))
     assert [layer.kind for layer in network.layers] == ["conv2d", "relu"] + ["residual", "relu"] * 3 + [
         "global_avg_pool2d", "linear"]
+    # At this batch the sparse kernels run the whole network on CHWN activations, into the classifier's chain.
+    assert Runtime(network, backend="sclref")._chwn_steps(CHWN_FROM + 1)[1:] == (len(network.layers) - 1, True)
     block = network.layers[4]  # layer2.0: the first block whose shape changes
     assert isinstance(block, Residual) and block.name == "layer2.0"
     assert [layer.name for layer in block.body] == ["layer2.0.conv1", "layer2.0.relu1", "layer2.0.conv2"]

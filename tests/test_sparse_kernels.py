@@ -163,37 +163,38 @@ def test_csr_conv2d_matches_its_twin_and_the_dense_convolution(case):
 
 @st.composite
 def chwn_cases(draw):
-    """Stride-1 CSR filters of any density with an activation, and a CHWN batch of 1 to MAX_BATCH samples."""
-    n, c, f, h, wd, kh, kw, _, padding = draw(conv_geometry(max_n=MAX_BATCH, max_hw=9, max_k=5))
+    """CSR filters of any density and stride with an activation, and a CHWN batch of 1 to MAX_BATCH samples."""
+    n, c, f, h, wd, kh, kw, stride, padding = draw(conv_geometry(max_n=MAX_BATCH, max_hw=9, max_k=5))
     dtype = draw(st.sampled_from([np.float32, np.float64]))
     gen = np.random.default_rng(draw(SEEDS))
     w = _csr(gen, f, c * kh * kw, draw(DENSITIES), dtype)
     act, alpha = draw(st.sampled_from([0, 1, 2])), dtype(draw(st.sampled_from([0.1, 0.0, -0.5])))
     x = gen.standard_normal((c, h, wd, n)).astype(dtype)
-    return w, gen.standard_normal(f).astype(dtype), act, alpha, x, (kh, kw), padding
+    return w, gen.standard_normal(f).astype(dtype), act, alpha, x, (kh, kw), stride, padding
 
 
 def _chwn_conv(case, parallel=None):
-    w, bias, act, alpha, x, (kh, kw), (ph, pw) = case
-    out = np.full((w.shape[0], x.shape[1] + 2 * ph - kh + 1, x.shape[2] + 2 * pw - kw + 1, x.shape[3]), np.nan,
-                  x.dtype)
-    sparse_module.csr_conv2d_chwn(kh, kw, ph, pw, w.indptr, w.indices, w.data, bias, act, alpha, x, out,
+    w, bias, act, alpha, x, (kh, kw), (sh, sw), (ph, pw) = case
+    n, f, oh, ow = _conv_shape(x.transpose(3, 0, 1, 2), w.shape[0], (kh, kw), (sh, sw), (ph, pw))
+    out = np.full((f, oh, ow, n), np.nan, x.dtype)
+    sparse_module.csr_conv2d_chwn(kh, kw, sh, sw, ph, pw, w.indptr, w.indices, w.data, bias, act, alpha, x, out,
                                   parallel=parallel)
     return out
 
 
-@settings(deadline=None, max_examples=10 if kernels.JIT_DISABLED else 40)
+@settings(deadline=None, max_examples=10 if kernels.JIT_DISABLED else 60)
 @given(case=chwn_cases())
-@example(case=(sp.csr_array(np.ones((2, 9))), np.zeros(2), 1, 0.0, np.ones((1, 3, 3, 1)), (3, 3), (0, 0)))
+@example(case=(sp.csr_array(np.ones((2, 9))), np.zeros(2), 1, 0.0, np.ones((1, 3, 3, 1)), (3, 3), (1, 1), (0, 0)))
+@example(case=(sp.csr_array(np.ones((2, 9))), np.zeros(2), 0, 0.0, np.ones((1, 5, 5, 3)), (3, 3), (2, 2), (1, 1)))
 def test_csr_conv2d_chwn_matches_its_twin_and_gives_the_nchw_kernels_values(case):
-    w, bias, act, alpha, x, (kh, kw), (ph, pw) = case
+    w, bias, act, alpha, x, (kh, kw), (sh, sw), (ph, pw) = case
     got = _chwn_conv(case)
     twin = np.full_like(got, np.nan)
-    ref.csr_conv2d_chwn(kh, kw, ph, pw, w.indptr, w.indices, w.data, bias, act, alpha, x, twin)
+    ref.csr_conv2d_chwn(kh, kw, sh, sw, ph, pw, w.indptr, w.indices, w.data, bias, act, alpha, x, twin)
     tol = TOL[x.dtype.type] * max(1.0, float(np.abs(twin).max(initial=0.0)))
     np.testing.assert_allclose(got, twin, rtol=0, atol=tol)
     nchw = np.empty((x.shape[3], *got.shape[:3]), x.dtype)
-    kernels.csr_conv2d(kh, kw, 1, 1, w.indptr, w.indices, w.data, bias, _padded(x.transpose(3, 0, 1, 2), (ph, pw)),
+    kernels.csr_conv2d(kh, kw, sh, sw, w.indptr, w.indices, w.data, bias, _padded(x.transpose(3, 0, 1, 2), (ph, pw)),
                        nchw)
     if act == 1:
         nchw = np.maximum(nchw, 0)

@@ -150,7 +150,7 @@ def test_the_thread_rule_does_not_change_a_bit(monkeypatch, batch):
     gen = np.random.default_rng(14)
     network = _lenet_like(gen)
     x = gen.standard_normal((batch, 2, 10, 10)).astype(np.float32)
-    stride1 = _stride1_lenet(gen)
+    stride1 = _chwn_net(gen)
     x1 = gen.standard_normal((batch, 2, 10, 10)).astype(np.float32)
     outputs = []
     for min_work, threads in ((0, 2), (1 << 62, 2), (0, 1)):  # always parallel, never, parallel on one thread
@@ -166,8 +166,10 @@ def test_the_thread_rule_does_not_change_a_bit(monkeypatch, batch):
     assert outputs[0] == outputs[1] == outputs[2]
 
 
-def _stride1_lenet(gen, tail="chain", act="relu"):
-    """LeNet-5's order (conv - pool - act, padded conv - act) with stride 1, then a chain or another conv."""
+def _chwn_net(gen, tail="chain", act="relu"):
+    """LeNet-5's order (conv - pool - act, padded conv - act), then a chain ("chain"), a strided conv and a global
+    pooling ("conv"), or two residual blocks, the first with a strided conv and an option-A shortcut, a global
+    pooling and a linear layer ("residual")."""
     def conv(name, f, c, k, **geometry):
         nnz = max(1, round(0.4 * c * k * k))
         return Conv2d(name, _csr_with_density(f, c * k * k, nnz, gen), gen.standard_normal(f), in_channels=c,
@@ -179,8 +181,16 @@ def _stride1_lenet(gen, tail="chain", act="relu"):
     if tail == "chain":
         layers += [Flatten("flatten"), Linear("fc1", _csr_with_density(12, 5 * 4 * 2, 9, gen), gen.standard_normal(12)),
                    Activation("relu3", "relu"), Linear("fc2", _csr_with_density(3, 12, 6, gen), gen.standard_normal(3))]
-    else:
+    elif tail == "conv":
         layers += [conv("conv3", 3, 5, 2, stride=(2, 2)), GlobalAvgPool2d("gap")]
+    else:
+        down = Residual("res1", [conv("res1.conv1", 6, 5, 3, stride=(2, 2), padding=(1, 1)),
+                                 Activation("res1.act", act, alpha), conv("res1.conv2", 6, 6, 3, padding=(1, 1))],
+                        [SubsamplePad("res1.pad", (2, 2), (0, 1))])
+        same = Residual("res2", [conv("res2.conv1", 6, 6, 3, padding=(1, 1)), Activation("res2.act", act, alpha),
+                                 conv("res2.conv2", 6, 6, 1)], [])
+        layers += [down, Activation("act3", act, alpha), same, Activation("act4", "leaky_relu", 0.2),
+                   GlobalAvgPool2d("gap"), Linear("fc", _csr_with_density(3, 6, 4, gen), gen.standard_normal(3))]
     return SparseNetwork(layers, np.dtype(np.float64), input_shape=(2, 10, 10))
 
 
@@ -190,12 +200,13 @@ def _masked(network, x):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("tail, act", [("chain", "relu"), ("chain", "leaky_relu"), ("conv", "relu")])
+@pytest.mark.parametrize("tail, act", [("chain", "relu"), ("chain", "leaky_relu"), ("conv", "relu"),
+                                       ("residual", "relu"), ("residual", "leaky_relu")])
 def test_the_chwn_path_gives_the_nchw_path_and_the_masked_output(monkeypatch, dtype, tail, act):
     from sclref.sparse import runtime
 
     gen = np.random.default_rng(15)
-    network = _stride1_lenet(gen, tail, act)
+    network = _chwn_net(gen, tail, act)
     tol = 1e-5 if dtype == np.float32 else 1e-10
     for batch in (1, 3, 4, 9) if kernels.JIT_DISABLED else (1, 3, 4, 9, 64, 257, 300):
         x = gen.standard_normal((batch, 2, 10, 10))
@@ -207,7 +218,7 @@ def test_the_chwn_path_gives_the_nchw_path_and_the_masked_output(monkeypatch, dt
             run = Runtime(network, dtype, "sclref")
             covered = run._chwn_steps(batch)[1]
             chwn = chwn_from <= batch and batch >= kernels.sparse.TILE_MIN
-            assert covered == (0 if not chwn else 6 if tail == "chain" else 5)
+            assert covered == (0 if not chwn else {"chain": 6, "conv": 7, "residual": 10}[tail])
             outputs[chwn_from] = got = run(x)
             assert got.dtype == dtype and got.flags.c_contiguous and np.array_equal(run(x), got)
             np.testing.assert_allclose(got, want, rtol=0, atol=scale)
@@ -219,15 +230,17 @@ def test_the_chwn_path_stops_at_a_layer_it_does_not_cover(monkeypatch):
 
     monkeypatch.setattr(runtime, "CHWN_FROM", 1)
     gen = np.random.default_rng(16)
-    network = _stride1_lenet(gen, "conv")
-    run = Runtime(network, np.float64, "sclref")
-    assert run._chwn_steps(8)[1:] == (5, False)  # conv1, pool1, act1, conv2, act2; conv3 has stride 2
+    network = _chwn_net(gen, "conv")
+    assert Runtime(network, np.float64, "sclref")._chwn_steps(8)[1:] == (7, False)  # to the pooled (C, N) features
+    third_dense = Runtime(network, np.float64, {"conv3": "dense"})
+    assert third_dense._chwn_steps(8)[1:] == (5, False)  # conv1, pool1, act1, conv2, act2
     assert Runtime(network, np.float64, {"conv1": "dense"})._chwn_steps(8)[1] == 0  # a dense first conv
-    chained = _stride1_lenet(gen)
+    chained = _chwn_net(gen)
     dense_fc = Runtime(chained, np.float64, {**dict.fromkeys(Runtime(chained).backend, "sclref"), "fc1": "dense"})
     assert dense_fc._chwn_steps(8)[1:] == (5, False)  # the flatten then runs on NCHW, into a dense layer
     x = gen.standard_normal((8, 2, 10, 10))
     np.testing.assert_allclose(dense_fc(x), _masked(dense_fc.network, x), rtol=0, atol=1e-10)
+    np.testing.assert_allclose(third_dense(x), _masked(network, x), rtol=0, atol=1e-10)
 
 
 def test_auto_runs_a_layer_dense_from_its_table_density_on():

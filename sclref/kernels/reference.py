@@ -166,11 +166,11 @@ def csr_conv2d(kh, kw, sh, sw, indptr, indices, data, bias, xp, out):
 __all__ += ["csr_chain", "csr_conv2d"]
 
 
-def csr_conv2d_chwn(kh, kw, ph, pw, indptr, indices, data, bias, act, alpha, x, out):
+def csr_conv2d_chwn(kh, kw, sh, sw, ph, pw, indptr, indices, data, bias, act, alpha, x, out):
     """CHWN -> NCHW, zero padding, the CSR convolution twin, the activation, back to CHWN."""
     nchw = np.pad(x.transpose(3, 0, 1, 2), ((0, 0), (0, 0), (ph, ph), (pw, pw)))
     y = np.empty((x.shape[3], out.shape[0], out.shape[1], out.shape[2]), out.dtype)
-    csr_conv2d(kh, kw, 1, 1, indptr, indices, data, bias, nchw, y)
+    csr_conv2d(kh, kw, sh, sw, indptr, indices, data, bias, nchw, y)
     if act == 1:
         y = np.maximum(y, 0)
     elif act == 2:

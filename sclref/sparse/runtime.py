@@ -24,14 +24,15 @@ is built, `check_batch` checks every array the batch will need (padded inputs, i
 columns, dense weights, layer outputs) against `sclref.errors.check_allocation`, so a
 geometry from a file cannot ask for more memory than sclref allocates.
 
-Convolutions run on NCHW arrays, except the leading run of stride-1 sclref
-convolutions, max pooling and activations of a network, which from a batch of
-`CHWN_FROM` samples runs on CHWN arrays (batch innermost): the input is transposed
-once, each convolution applies its activation as it finishes an output row, and a
-following flatten and sclref chain read the last CHWN array as their feature-major
-input, so the batch is transposed back only in the chain's exit (`Runtime._chwn_steps`).
-A residual block runs its body and its shortcut (each planned like the
-network's own layers) on the same input and adds their outputs.
+Convolutions run on NCHW arrays, except the leading run of sclref convolutions, max
+pooling, activations, residual blocks, option-A shortcuts and a global average pooling
+of a network, which from a batch of `CHWN_FROM` samples runs on CHWN arrays (batch
+innermost): the input is transposed once, each convolution applies its activation as it
+finishes an output row, and a following sclref chain reads the last CHWN array (after a
+flatten) or the pooled (C, N) features as its feature-major input, so the batch is
+transposed back only in the chain's exit (`Runtime._chwn_steps`). A residual block runs
+its body and its shortcut (each planned like the network's own layers) on the same
+input, adds their outputs and applies the activation that follows the block in place.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import threading
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from sclref import kernels
+from sclref import kernels, threads
 from sclref.errors import InputError, check_allocation
 from sclref.sparse import network as net
 from sclref.sparse.format import FormatError, check_range
@@ -134,6 +135,11 @@ class Runtime:
             self._check_range()
         self.weights = {layer.name: _Weights(layer, self.dtype) for layer in network.weighted()}
         self._chains, self._plans = {}, {}
+        # Every call allocates its activations anew, megabytes each for a CNN: glibc
+        # returns such blocks to the system when they are freed and faults them in again
+        # on the next call (5-8 ms of system time per call of a pruned ResNet-20 at batch
+        # 64, about a tenth of the call), unless told to keep them, as training does.
+        threads.keep_freed_memory()
 
     def choose(self, name: str, batch: int) -> str:
         """The backend layer `name` runs with for a batch of `batch` samples."""
@@ -240,7 +246,9 @@ class Runtime:
                 if isinstance(layer, net.Flatten):
                     steps.append(_flatten)
                 elif isinstance(layer, net.Residual):
-                    steps.append(_Block(self._steps(batch, layer.body), self._steps(batch, layer.shortcut)))
+                    act = _activation_after(layers, i)
+                    steps.append(_Block(self._steps(batch, layer.body), self._steps(batch, layer.shortcut), act))
+                    i += act is not None
                 else:
                     steps.append(lambda x, layer=layer: self.step(layer, x))
                 i += 1
@@ -249,23 +257,43 @@ class Runtime:
     def _chwn_steps(self, batch: int) -> tuple[list, int, bool]:
         """The CHWN path through the network's first layers: (steps, layers covered, whether it ends feature-major).
 
-        It covers the leading run of stride-1 convolutions on the sclref backend, max
-        pooling and activations, from a batch of CHWN_FROM on, when that run holds a
-        convolution; otherwise ([], 0, False). An activation right after a convolution,
-        or after a convolution and its pooling (ReLU and a leaky ReLU of slope >= 0
-        commute with the max), runs inside the convolution. When a flatten and a linear
-        layer on the sclref backend follow, the CHWN output, read as (C*H*W, N), is the
-        feature-major input of that chain: the batch is transposed only on entry and in
-        the chain's exit. Otherwise the run ends with a transpose back to NCHW.
+        From a batch of CHWN_FROM on, it covers the leading run of layers that have a
+        CHWN form (`_chwn_run`) when that run holds a convolution; otherwise ([], 0,
+        False). When the run ends in a global average pooling, or in a flatten, and a
+        linear layer on the sclref backend follows, the last activation, read as
+        (features, N), is the feature-major input of that chain: the batch is
+        transposed only on entry and in the chain's exit. Otherwise the run ends with a
+        transpose back to NCHW, or to rows after a global average pooling.
         """
         layers, shape = self.network.layers, self.network.input_shape
         if batch < max(CHWN_FROM, kernels.sparse.TILE_MIN) or shape is None or len(shape) != 3:
             return [], 0, False
-        steps, i, convs = [_to_chwn], 0, 0
+        steps, i, convs = self._chwn_run(layers, batch)
+        if not convs:
+            return [], 0, False
+        steps.insert(0, _to_chwn)
+        pooled = isinstance(layers[i - 1], net.GlobalAvgPool2d)
+        chain_at = i if pooled else i + 1 if i < len(layers) and isinstance(layers[i], net.Flatten) else None
+        if (chain_at is not None and chain_at < len(layers) and isinstance(layers[chain_at], net.Linear)
+                and self.choose(layers[chain_at].name, batch) == "sclref"):
+            return steps, chain_at, True
+        steps.append(_to_rows if pooled else _to_nchw)
+        return steps, i, False
+
+    def _chwn_run(self, layers: list, batch: int) -> tuple[list, int, int]:
+        """The CHWN steps of the leading layers that have a CHWN form: (steps, layers covered, convolutions).
+
+        Covered: convolutions on the sclref backend, max pooling, activations, option-A
+        shortcuts, residual blocks whose body and shortcut are covered whole, and a
+        global average pooling, which ends the run. An activation right after a
+        convolution, after a convolution and its pooling (ReLU and a leaky ReLU of
+        slope >= 0 commute with the max) or after a residual block runs inside it.
+        """
+        steps, i, convs = [], 0, 0
         while i < len(layers):
             layer = layers[i]
             after = layers[i + 1:i + 3]
-            if isinstance(layer, net.Conv2d) and layer.stride == (1, 1) and self.choose(layer.name, batch) == "sclref":
+            if isinstance(layer, net.Conv2d) and self.choose(layer.name, batch) == "sclref":
                 act, pool = None, None
                 if after and isinstance(after[0], net.Activation):
                     act, i = after[0], i + 1
@@ -276,20 +304,28 @@ class Runtime:
                 if pool is not None:
                     steps.append(_PoolCHWN(pool))
                 convs += 1
+            elif isinstance(layer, net.Residual):
+                body, covered, body_convs = self._chwn_run(layer.body, batch)
+                shortcut, short_covered, short_convs = self._chwn_run(layer.shortcut, batch)
+                if covered < len(layer.body) or short_covered < len(layer.shortcut):
+                    break
+                act = _activation_after(layers, i)
+                steps.append(_Block(body, shortcut, act))
+                convs, i = convs + body_convs + short_convs, i + (act is not None)
             elif isinstance(layer, net.MaxPool2d):
                 steps.append(_PoolCHWN(layer))
             elif isinstance(layer, net.Activation):
                 steps.append(lambda x, layer=layer: self.step(layer, x))  # elementwise: any layout
+            elif isinstance(layer, net.SubsamplePad):
+                steps.append(lambda x, layer=layer: _subsample_pad(x, layer.stride, layer.channels, chwn=True))
+            elif isinstance(layer, net.GlobalAvgPool2d):
+                steps.append(_mean_chwn)
+                i += 1
+                break
             else:
                 break
             i += 1
-        if not convs:
-            return [], 0, False
-        if (i + 1 < len(layers) and isinstance(layers[i], net.Flatten) and isinstance(layers[i + 1], net.Linear)
-                and self.choose(layers[i + 1].name, batch) == "sclref"):
-            return steps, i + 1, True
-        steps.append(_to_nchw)
-        return steps, i, False
+        return steps, i, convs
 
     def _check_input(self, x) -> np.ndarray:
         shape = self.network.input_shape
@@ -323,17 +359,9 @@ class Runtime:
         if isinstance(layer, net.GlobalAvgPool2d):
             return _nchw(layer, x).mean(axis=(2, 3))
         if isinstance(layer, net.SubsamplePad):
-            x = _nchw(layer, x)
-            (sh, sw), (before, after) = layer.stride, layer.channels
-            kept = x[:, :, ::sh, ::sw]
-            out = np.zeros((x.shape[0], x.shape[1] + before + after, *kept.shape[2:]), x.dtype)
-            out[:, before:before + x.shape[1]] = kept
-            return out
+            return _subsample_pad(_nchw(layer, x), layer.stride, layer.channels)
         if isinstance(layer, net.Activation):
-            if layer.kind == "relu":
-                return np.maximum(x, 0)
-            alpha = self.dtype.type(layer.alpha)
-            return np.where(x > 0, x, alpha * x)
+            return _activate(layer, x)
         if isinstance(layer, net.MaxPool2d):
             x = _nchw(layer, x)
             (kh, kw), (sh, sw) = layer.kernel_size, layer.stride
@@ -397,10 +425,10 @@ class Runtime:
 
 
 class _Block:
-    """A residual block's planned steps: body and shortcut on the same input, outputs added."""
+    """A residual block's planned steps: body and shortcut on the same input, outputs added, then `act` (or None)."""
 
-    def __init__(self, body: list, shortcut: list):
-        self.body, self.shortcut = body, shortcut
+    def __init__(self, body: list, shortcut: list, act: net.Activation | None = None):
+        self.body, self.shortcut, self.act = body, shortcut, act
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         body, shortcut = x, x
@@ -408,7 +436,46 @@ class _Block:
             body = step(body)
         for step in self.shortcut:
             shortcut = step(shortcut)
-        return body + shortcut
+        if np.may_share_memory(body, x):  # a body of views (a flatten, say): its output is not ours to overwrite
+            body = body + shortcut
+        else:
+            body += shortcut
+        return body if self.act is None else _activate(self.act, body, in_place=True)
+
+
+def _activation_after(layers: list, i: int) -> net.Activation | None:
+    """The activation right after layers[i], or None."""
+    return layers[i + 1] if i + 1 < len(layers) and isinstance(layers[i + 1], net.Activation) else None
+
+
+def _activate(layer: net.Activation, x: np.ndarray, in_place: bool = False) -> np.ndarray:
+    """ReLU or leaky ReLU of `x`; a ReLU overwrites `x` when `in_place`."""
+    if layer.kind == "relu":
+        return np.maximum(x, x.dtype.type(0), out=x if in_place else None)
+    return np.where(x > 0, x, x.dtype.type(layer.alpha) * x)
+
+
+def _subsample_pad(x: np.ndarray, stride, channels, chwn: bool = False) -> np.ndarray:
+    """An option-A shortcut: every stride-th pixel, with zero channels before and after, on NCHW or CHWN."""
+    (sh, sw), (before, after) = stride, channels
+    if chwn:
+        kept = x[:, ::sh, ::sw]
+        out = np.zeros((x.shape[0] + before + after, *kept.shape[1:]), x.dtype)
+        out[before:before + x.shape[0]] = kept
+        return out
+    kept = x[:, :, ::sh, ::sw]
+    out = np.zeros((x.shape[0], x.shape[1] + before + after, *kept.shape[2:]), x.dtype)
+    out[:, before:before + x.shape[1]] = kept
+    return out
+
+
+def _mean_chwn(x: np.ndarray) -> np.ndarray:
+    """Global average pooling of CHWN activations: (C, N), the features of each sample as a column."""
+    return np.ascontiguousarray(x.mean(axis=(1, 2)))
+
+
+def _to_rows(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x.T)
 
 
 def _flatten(x: np.ndarray) -> np.ndarray:
@@ -431,19 +498,20 @@ def _to_nchw(x: np.ndarray) -> np.ndarray:
 
 
 class _ConvCHWN:
-    """A stride-1 sclref convolution on CHWN activations, with the activation after it (or None)."""
+    """A sclref convolution on CHWN activations, with the activation after it (or None)."""
 
     def __init__(self, w: _Weights, act, dtype):
         layer = w.layer
-        self.w, self.kernel, self.padding = w, layer.kernel_size, layer.padding
+        self.w, self.kernel, self.stride, self.padding = w, layer.kernel_size, layer.stride, layer.padding
         self.act = kernels.sparse.ACTIVATIONS[act and act.kind]
         self.alpha = np.dtype(dtype).type(act.alpha if act is not None and act.alpha is not None else 0)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        (kh, kw), (ph, pw), w = self.kernel, self.padding, self.w
+        (kh, kw), (sh, sw), (ph, pw), w = self.kernel, self.stride, self.padding, self.w
         c, h, wd, n = x.shape
-        out = np.empty((w.bias.shape[0], h + 2 * ph - kh + 1, wd + 2 * pw - kw + 1, n), x.dtype)
-        kernels.csr_conv2d_chwn(kh, kw, ph, pw, w.indptr, w.indices, w.data, w.bias, self.act, self.alpha, x, out)
+        out = np.empty((w.bias.shape[0], (h + 2 * ph - kh) // sh + 1, (wd + 2 * pw - kw) // sw + 1, n), x.dtype)
+        kernels.csr_conv2d_chwn(kh, kw, sh, sw, ph, pw, w.indptr, w.indices, w.data, w.bias, self.act, self.alpha, x,
+                                out)
         return out
 
 
