@@ -232,7 +232,7 @@ def test_the_chwn_path_stops_at_a_layer_it_does_not_cover(monkeypatch):
     gen = np.random.default_rng(16)
     network = _chwn_net(gen, "conv")
     assert Runtime(network, np.float64, "sclref")._chwn_steps(8)[1:] == (7, False)  # to the pooled (C, N) features
-    third_dense = Runtime(network, np.float64, {"conv3": "dense"})
+    third_dense = Runtime(network, np.float64, {**dict.fromkeys(Runtime(network).backend, "sclref"), "conv3": "dense"})
     assert third_dense._chwn_steps(8)[1:] == (5, False)  # conv1, pool1, act1, conv2, act2
     assert Runtime(network, np.float64, {"conv1": "dense"})._chwn_steps(8)[1] == 0  # a dense first conv
     chained = _chwn_net(gen)

@@ -486,18 +486,21 @@ def csr_conv2d(kh, kw, sh, sw, indptr, indices, data, bias, xp, out, parallel=No
     _CONV[bool(parallel)](kh, kw, sh, sw, indptr, indices, data, bias, xp, out)
 
 
-def _tap(col, khw, kw, a, sh, sw, ph, pw, h, wd, ow):
-    # Kept weight `col` (c, i, k) at output row a: its input channel, input row (-1 when
-    # the row falls in the padding), the output columns [b0, b1) whose input column
-    # b * sw + k - pw lies inside the image, and that column's offset k - pw.
-    c = col // khw
-    i = (col - c * khw) // kw
-    k = col - c * khw - i * kw
-    row = a * sh + i - ph
-    b0, b1 = max(0, -((k - pw) // sw)), min(ow, (wd + pw - k + sw - 1) // sw)
-    if row < 0 or row >= h or b1 <= b0:
-        row = -1
-    return c, row, b0, b1, k - pw
+def _taps(indices, kh, kw, sw, pw, wd, ow):
+    # Per kept weight (column c*KH*KW + i*KW + k): its input channel c, its row offset i,
+    # the output columns [b0, b1) whose input column b * sw + k - pw lies inside the
+    # image, and that column's offset k - pw. Decoded once per call, not per output row.
+    nnz = indices.shape[0]
+    taps = np.empty((5, nnz), np.int64)
+    khw = kh * kw
+    for p in range(nnz):
+        col = np.int64(indices[p])
+        c = col // khw
+        i = (col - c * khw) // kw
+        k = col - c * khw - i * kw
+        taps[0, p], taps[1, p], taps[4, p] = c, i, k - pw
+        taps[2, p], taps[3, p] = max(0, -((k - pw) // sw)), min(ow, (wd + pw - k + sw - 1) // sw)
+    return taps
 
 
 def _add_run(d, xrow, w, b0, b1, s, sw, n):
@@ -534,30 +537,32 @@ def _conv_chwn(kh, kw, sh, sw, ph, pw, indptr, indices, data, bias, act, alpha, 
     # order, then the bias, whatever the thread count.
     nch, h, wd, n = x.shape
     f, oh, ow = out.shape[0], out.shape[1], out.shape[2]
-    khw = kh * kw
     zero = out.dtype.type(0)
     xf = x.reshape((nch, h, wd * n))
     of = out.reshape((f, oh, ow * n))
     m = ow * n
+    taps = _taps(indices, kh, kw, sw, pw, wd, ow)
+    tc, ti, tb0, tb1, ts = taps[0], taps[1], taps[2], taps[3], taps[4]
     for a in prange(oh):
+        top = a * sh - ph  # the input row of i = 0
         for j in range(f):
             p0, p1 = indptr[j], indptr[j + 1]
-            bj = bias[j]
             d = of[j, a]
             for r in range(m):
                 d[r] = zero
             p = p0
             while p < p1:
-                c0, row0, b00, b10, s0 = _tap(indices[p], khw, kw, a, sh, sw, ph, pw, h, wd, ow)
-                if p + 4 <= p1 and row0 >= 0:
-                    c1, row1, b01, b11, s1 = _tap(indices[p + 1], khw, kw, a, sh, sw, ph, pw, h, wd, ow)
-                    c2, row2, b02, b12, s2 = _tap(indices[p + 2], khw, kw, a, sh, sw, ph, pw, h, wd, ow)
-                    c3, row3, b03, b13, s3 = _tap(indices[p + 3], khw, kw, a, sh, sw, ph, pw, h, wd, ow)
-                    lo, hi = max(max(b00, b01), max(b02, b03)), min(min(b10, b11), min(b12, b13))
-                    if row1 >= 0 and row2 >= 0 and row3 >= 0 and lo < hi:
+                row0 = top + ti[p]
+                if p + 4 <= p1 and 0 <= row0 < h:
+                    row1, row2, row3 = top + ti[p + 1], top + ti[p + 2], top + ti[p + 3]
+                    lo = max(max(tb0[p], tb0[p + 1]), max(tb0[p + 2], tb0[p + 3]))
+                    hi = min(min(tb1[p], tb1[p + 1]), min(tb1[p + 2], tb1[p + 3]))
+                    if 0 <= row1 < h and 0 <= row2 < h and 0 <= row3 < h and lo < hi:
                         w0, w1, w2, w3 = data[p], data[p + 1], data[p + 2], data[p + 3]
-                        x0, x1 = xf[c0, row0, (lo * sw + s0) * n:], xf[c1, row1, (lo * sw + s1) * n:]
-                        x2, x3 = xf[c2, row2, (lo * sw + s2) * n:], xf[c3, row3, (lo * sw + s3) * n:]
+                        r0, r1 = xf[tc[p], row0], xf[tc[p + 1], row1]
+                        r2, r3 = xf[tc[p + 2], row2], xf[tc[p + 3], row3]
+                        x0, x1 = r0[(lo * sw + ts[p]) * n:], r1[(lo * sw + ts[p + 1]) * n:]
+                        x2, x3 = r2[(lo * sw + ts[p + 2]) * n:], r3[(lo * sw + ts[p + 3]) * n:]
                         dst = d[lo * n:]
                         if sw == 1:
                             for r in range((hi - lo) * n):
@@ -569,23 +574,20 @@ def _conv_chwn(kh, kw, sh, sw, ph, pw, indptr, indices, data, bias, act, alpha, 
                                 for r in range(n):
                                     db[r] = (((db[r] + w0 * y0[r]) + w1 * y1[r]) + w2 * y2[r]) + w3 * y3[r]
                         # The columns left and right of [lo, hi) that each weight reaches, weight by weight.
-                        _add_run(d, xf[c0, row0], w0, b00, lo, s0, sw, n)
-                        _add_run(d, xf[c0, row0], w0, hi, b10, s0, sw, n)
-                        _add_run(d, xf[c1, row1], w1, b01, lo, s1, sw, n)
-                        _add_run(d, xf[c1, row1], w1, hi, b11, s1, sw, n)
-                        _add_run(d, xf[c2, row2], w2, b02, lo, s2, sw, n)
-                        _add_run(d, xf[c2, row2], w2, hi, b12, s2, sw, n)
-                        _add_run(d, xf[c3, row3], w3, b03, lo, s3, sw, n)
-                        _add_run(d, xf[c3, row3], w3, hi, b13, s3, sw, n)
+                        for t, rt, wt in ((p, r0, w0), (p + 1, r1, w1), (p + 2, r2, w2), (p + 3, r3, w3)):
+                            if tb0[t] < lo:
+                                _add_run(d, rt, wt, tb0[t], lo, ts[t], sw, n)
+                            if hi < tb1[t]:
+                                _add_run(d, rt, wt, hi, tb1[t], ts[t], sw, n)
                         p += 4
                         continue
-                if row0 >= 0:
-                    _add_run(d, xf[c0, row0], data[p], b00, b10, s0, sw, n)
+                if 0 <= row0 < h and tb0[p] < tb1[p]:
+                    _add_run(d, xf[tc[p], row0], data[p], tb0[p], tb1[p], ts[p], sw, n)
                 p += 1
-            _bias_act(d, m, bj, act, alpha)
+            _bias_act(d, m, bias[j], act, alpha)
 
 
-_tap = jit(_tap)
+_taps = jit(_taps)
 _add_run = jit(_add_run)
 _CONV_CHWN = {False: jit(_conv_chwn), True: _parallel(_conv_chwn)}
 

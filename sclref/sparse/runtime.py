@@ -72,15 +72,16 @@ DENSE_FROM = {1: 0.75, 32: math.inf}
 # sending conv1 too, and a LeNet-5 pruned by global magnitude keeps conv1 (nearly) dense:
 # with conv1 dense, auto took 1.4-2.7x the all-sclref time at batch 64 and 256.
 CONV_DENSE_FROM = {1: math.inf}
-# Batches from this size run the stride-1 sclref convolutions, pooling and activations
-# at the start of a network on CHWN activations (`Runtime._chwn_steps`): the input is
+# Batches from this size run the leading sclref convolutions, pooling, activations and
+# residual blocks of a network on CHWN activations (`Runtime._chwn_steps`): the input is
 # transposed once, and every kernel then runs over contiguous vectors of OW x N lanes
-# (N lanes for pooling). Smaller batches keep NCHW, whose flat planes give the
-# direct convolution longer vectors than OW x N. Measured on the 98.6 %-sparse LeNet-5
-# of `benchmarks/sparse_inference.py` (float32, serial kernels, load 1.2 from other
-# users), whole network, NCHW / CHWN: 0.28 / 0.32 ms at batch 4, 0.40 / 0.36 at 6,
-# 0.50 / 0.35 at 8, 0.99 / 0.44 at 16, 4.0 / 1.2 at 64, 31 / 11 at 256.
-CHWN_FROM = 8
+# (N lanes per output column at stride 2, and for pooling). Smaller batches keep NCHW,
+# whose flat planes give the direct convolution longer vectors than OW x N. Measured
+# whole-network, NCHW / CHWN time (float32, serial kernels, the machine shared with a
+# training run): the 98.6 %-sparse LeNet-5 of `benchmarks/sparse_inference.py` 0.68 at
+# batch 4, 0.98 at 8, 1.31 at 12, 1.63 at 16; a 92 %-sparse ResNet-20 (Fashion-MNIST)
+# 0.47 at 4, 0.80 at 8, 1.05 at 12, 1.36 at 16, 2.2 at 32.
+CHWN_FROM = 12
 
 
 class _Weights:
