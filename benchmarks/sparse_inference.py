@@ -14,7 +14,8 @@ median and 90th percentile:
    LeNet-300-100 and LeNet-5 pruned by magnitude (random weights, global and per-layer
    scope) to 88-99 % sparsity, at batch 1, 64 and 256.
 4. **peers**: a >= 98 %-sparse LeNet-300-100 and LeNet-5 trained on Fashion-MNIST (or
-   the run directories given), each peer in its own process taking turns: sclref auto,
+   the run directories given), and a ResNet-20 run directory when one is given (batch
+   1 and 64 only), each peer in its own process taking turns: sclref auto,
    sclref with serial kernels on every layer, dense NumPy and PyTorch dense on the
    masked network (the original shapes), scipy.sparse CSR, torch.sparse CSR and ONNX
    Runtime on the export (`sclref export --format onnx`). The floors: at batch 1 the
@@ -24,8 +25,8 @@ median and 90th percentile:
 Prints Markdown tables (times and peer/sclref(auto) ratios: above 1, sclref is faster)
 and writes benchmarks/out/sparse_inference.json.
 
-    python benchmarks/sparse_inference.py [--lenet300 RUN_DIR] [--lenet5 RUN_DIR] [--reps N]
-        [--parts threads break-even auto peers] [--models lenet300 lenet5]
+    python benchmarks/sparse_inference.py [--lenet300 RUN_DIR] [--lenet5 RUN_DIR] [--resnet20 RUN_DIR]
+        [--reps N] [--parts threads break-even auto peers] [--models lenet300 lenet5 resnet20]
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ import numpy as np  # noqa: E402
 
 FASHION = "fashion-mnist"
 BATCHES = (1, 64, 256)
+# A ResNet-20 call at batch 256 takes seconds dense: its peers are timed at 1 and 64 only.
+MODEL_BATCHES = {"resnet20": (1, 64)}
 PEERS = ("sclref auto", "sclref serial", "dense NumPy", "scipy CSR", "torch dense", "torch CSR", "onnxruntime")
 PHASES = {"quiet": contextlib.nullcontext, "load": common.competing_load}
 
@@ -88,40 +91,52 @@ def _torch_forward(network, sparse: bool):
                                            torch.from_numpy(w.indices.astype(np.int64)),
                                            torch.from_numpy(w.data.astype(np.float32)), size=w.shape)
 
-    steps = []
-    for layer in network.layers:
+    def run(steps, h):
+        for step in steps:
+            h = step(h)
+        return h
+
+    def build(layers):
+        return [step_of(layer) for layer in layers]
+
+    def step_of(layer):
+        if isinstance(layer, net.Residual):
+            body, shortcut = build(layer.body), build(layer.shortcut)
+            return lambda h: run(body, h) + run(shortcut, h)
+        if isinstance(layer, net.GlobalAvgPool2d):
+            return lambda h: h.mean(dim=(2, 3))
+        if isinstance(layer, net.SubsamplePad):
+            (sh, sw), (before, after) = layer.stride, layer.channels
+            return lambda h: F.pad(h[:, :, ::sh, ::sw], (0, 0, 0, 0, before, after))
         if isinstance(layer, net.Linear):
             w, b = weight(layer), torch.from_numpy(layer.bias.astype(np.float32))
-            steps.append((lambda h, w=w, b=b: (w @ h.T).T + b) if sparse else (lambda h, w=w, b=b: F.linear(h, w, b)))
-        elif isinstance(layer, net.Conv2d):
+            return (lambda h: (w @ h.T).T + b) if sparse else (lambda h: F.linear(h, w, b))
+        if isinstance(layer, net.Conv2d):
             w, b = weight(layer), torch.from_numpy(layer.bias.astype(np.float32))
             k, s, p, f = layer.kernel_size, layer.stride, layer.padding, layer.out_channels
             if sparse:
-                def conv(h, w=w, b=b, k=k, s=s, p=p, f=f):
+                def conv(h):
                     n, _, hh, ww = h.shape
                     oh, ow = (hh + 2 * p[0] - k[0]) // s[0] + 1, (ww + 2 * p[1] - k[1]) // s[1] + 1
                     cols = F.unfold(h, k, padding=p, stride=s)  # (N, C*KH*KW, OH*OW), the CSR column order
                     cols = cols.transpose(0, 1).reshape(cols.shape[1], -1)
                     return ((w @ cols).reshape(f, n, oh, ow) + b[:, None, None, None]).transpose(0, 1)
-                steps.append(conv)
-            else:
-                w4 = w.reshape(f, layer.in_channels, *k)
-                steps.append(lambda h, w=w4, b=b, s=s, p=p: F.conv2d(h, w, b, s, p))
-        elif isinstance(layer, net.MaxPool2d):
-            steps.append(lambda h, k=layer.kernel_size, s=layer.stride: F.max_pool2d(h, k, s))
-        elif isinstance(layer, net.Activation):
-            steps.append(F.relu if layer.kind == "relu" else (lambda h, a=layer.alpha: F.leaky_relu(h, a)))
-        elif isinstance(layer, net.Flatten):
-            steps.append(lambda h: h.reshape(h.shape[0], -1))
-        else:
-            raise ValueError(f"the torch peer does not run {layer.kind} layers")
+                return conv
+            w4 = w.reshape(f, layer.in_channels, *k)
+            return lambda h: F.conv2d(h, w4, b, s, p)
+        if isinstance(layer, net.MaxPool2d):
+            return lambda h: F.max_pool2d(h, layer.kernel_size, layer.stride)
+        if isinstance(layer, net.Activation):
+            return F.relu if layer.kind == "relu" else (lambda h: F.leaky_relu(h, layer.alpha))
+        if isinstance(layer, net.Flatten):
+            return lambda h: h.reshape(h.shape[0], -1)
+        raise ValueError(f"the torch peer does not run {layer.kind} layers")
+
+    steps = build(network.layers)
 
     def forward(x):
         with torch.inference_mode():
-            h = x
-            for step in steps:
-                h = step(h)
-            return h.contiguous().numpy()
+            return run(steps, x).contiguous().numpy()
 
     return torch, forward
 
@@ -167,31 +182,44 @@ def _peers_available() -> tuple:
     return tuple(peers)
 
 
-def floors(network, masked, bandwidth: float, gflops: float) -> dict:
+def floors(network, masked, bandwidth: float, gflops: float, batches=BATCHES) -> dict:
     """Seconds below which no implementation can go: bytes at batch 1, dense FLOPs per batch."""
-    shapes = masked.shapes()
     read, macs = 0, 0
-    for layer, before in zip(network.layers, network.shapes()):
-        if hasattr(layer, "weight"):
-            w = layer.weight
-            read += 4 * w.nnz + w.indices.itemsize * w.nnz + w.indptr.nbytes + 4 * int(np.prod(before))
-    for layer, after in zip(masked.layers, shapes[1:]):
-        if hasattr(layer, "weight"):
-            f, k = layer.weight.shape
-            macs += f * k * (int(np.prod(after[1:])) if len(after) == 3 else 1)
+    for layer, (before, _) in _weight_shapes(network.layers, network.shapes()[0]).values():
+        w = layer.weight
+        read += 4 * w.nnz + w.indices.itemsize * w.nnz + w.indptr.nbytes + 4 * int(np.prod(before))
+    for layer, (_, after) in _weight_shapes(masked.layers, masked.shapes()[0]).values():
+        f, k = layer.weight.shape
+        macs += f * k * (int(np.prod(after[1:])) if len(after) == 3 else 1)
     return {"bytes_batch1": read, "dense_macs_per_sample": macs,
             "batch1_bytes_s": read / bandwidth,
-            "dense_flops_s": {str(b): 2 * macs * b / (gflops * 1e9) for b in BATCHES}}
+            "dense_flops_s": {str(b): 2 * macs * b / (gflops * 1e9) for b in batches}}
 
 
-def time_peers(name: str, network, masked, reps: int) -> dict:
+def _weight_shapes(layers: list, shape: tuple, found: dict | None = None) -> dict:
+    """{name: (weight layer, (its per-sample input shape, its output shape))}, inside residual blocks too."""
+    from sclref.sparse import network as net
+
+    found = {} if found is None else found
+    for layer in layers:
+        if isinstance(layer, net.Residual):
+            _weight_shapes(layer.body, shape, found)
+            _weight_shapes(layer.shortcut, shape, found)
+        after = net.output_shape(layer, shape)
+        if isinstance(layer, net.WeightLayer):
+            found[layer.name] = (layer, (shape, after))
+        shape = after
+    return found
+
+
+def time_peers(name: str, network, masked, reps: int, batches=BATCHES) -> dict:
     """Per batch and phase, the median and p90 seconds of every peer; outputs checked against sclref auto."""
     from sclref.sparse.onnx_export import to_onnx_bytes
 
     peers = _peers_available()
     model = to_onnx_bytes(network) if "onnxruntime" in peers else None
     result = {}
-    for batch in BATCHES:
+    for batch in batches:
         builders = {p: (build_peer, (p, network, masked, batch, model)) for p in peers}
         samples, first = common.samples_in_workers(builders, reps, block=10, pause=0.2, phases=PHASES)
         want = first["sclref auto"]
@@ -424,10 +452,11 @@ def auto_table(rows: list) -> str:
 
 
 def peers_table(result: dict, floor: dict) -> str:
-    peers = [p for p in PEERS if p in result[str(BATCHES[0])]["quiet"]]
+    batches = [int(b) for b in result]
+    peers = [p for p in PEERS if p in result[str(batches[0])]["quiet"]]
     table = []
     for phase in PHASES:
-        for b in BATCHES:
+        for b in batches:
             t = result[str(b)][phase]
             auto = t["sclref auto"]
             cells = [phase, b] + [_us(t[p]) for p in peers]
@@ -465,12 +494,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lenet300", default=None, help="a finished LeNet-300-100 run directory")
     parser.add_argument("--lenet5", default=None, help="a finished LeNet-5 run directory")
+    parser.add_argument("--resnet20", default=None,
+                        help="a finished ResNet-20 run directory (timed only when given; never trained here)")
     parser.add_argument("--runs", default=str(Path(__file__).resolve().parent.parent / "runs"),
                         help="where to train (and find again) the networks when no run directory is given")
     parser.add_argument("--reps", type=int, default=60, help="timed calls per peer, case and phase")
     parser.add_argument("--parts", nargs="+", default=["threads", "break-even", "auto", "peers"],
                         choices=["threads", "break-even", "auto", "peers"])
-    parser.add_argument("--models", nargs="+", default=["lenet300", "lenet5"], choices=["lenet300", "lenet5"],
+    parser.add_argument("--models", nargs="+", default=None, choices=["lenet300", "lenet5", "resnet20"],
                         help="the networks the peers part times")
     parser.add_argument("--threads", type=int, default=THREADS, help="BLAS, numba, torch and ORT threads")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "out" / "sparse_inference.json"))
@@ -495,10 +526,13 @@ def main() -> int:
     if "peers" in args.parts:
         from sclref.sparse import export_run
 
-        given = {"lenet300": args.lenet300, "lenet5": args.lenet5}
+        given = {"lenet300": args.lenet300, "lenet5": args.lenet5, "resnet20": args.resnet20}
+        models = args.models or ["lenet300", "lenet5"] + (["resnet20"] if args.resnet20 else [])
+        if "resnet20" in models and not args.resnet20:
+            parser.error("--models resnet20 needs --resnet20 RUN_DIR (a ResNet-20 run takes hours to train)")
         trained = {"lenet300": (98.5, 6, 20000), "lenet5": (98.0, 3, 10000)}
         runs = {m: Path(given[m]) if given[m] else _train(m, Path(args.runs) / f"bench-sparse-{m}", *trained[m])
-                for m in args.models}
+                for m in models}
         bw, gflops = bench.bandwidth(), common.gemm_gflops()
         report["bandwidth_bytes_per_s"], report["gemm_gflops"] = bw, gflops
         report["peers"] = {}
@@ -506,14 +540,15 @@ def main() -> int:
         for name, run in runs.items():
             network, masked = export_run(run), export_run(run, prune_dead=False)
             total = sum(int(np.prod(layer.weight.shape)) for layer in masked.weighted())
-            floor = floors(network, masked, bw, gflops)
+            batches = MODEL_BATCHES.get(name, BATCHES)
+            floor = floors(network, masked, bw, gflops, batches)
             entry = {"run": str(run), "sparsity": 1 - network.nnz / total, "floor": floor,
                      "density": {layer.name: layer.weight.nnz / np.prod(layer.weight.shape)
                                  for layer in masked.weighted()},
-                     "times": time_peers(name, network, masked, args.reps)}
+                     "times": time_peers(name, network, masked, args.reps, batches)}
             report["peers"][name] = entry
             plan = {b: "".join(v[0] for v in entry_plan.values()) for b, entry_plan in
-                    ((b, _plan(network, b)) for b in BATCHES)}
+                    ((b, _plan(network, b)) for b in batches)}
             print(f"\n## {name}: {100 * entry['sparsity']:.2f} % sparse (run {run}); auto's plan per layer "
                   f"(s = sclref, d = dense) {plan}\n")
             print(peers_table(entry["times"], floor))
