@@ -405,25 +405,46 @@ def csr_chain(layers, ints, vals, x, out, scratch, feature_major=False):
     chain_kernel(scratch, feature_major)(layers, ints, vals, x, out, scratch)
 
 
+def _taps(indices, kh, kw):
+    # Per kept weight (column c*KH*KW + i*KW + k): rows c, i and k of a (3, nnz) table,
+    # decoded once per call rather than per image, filter or output row.
+    nnz = indices.shape[0]
+    taps = np.empty((3, nnz), np.int64)
+    khw = kh * kw
+    for p in range(nnz):
+        col = np.int64(indices[p])
+        c = col // khw
+        i = (col - c * khw) // kw
+        taps[0, p], taps[1, p], taps[2, p] = c, i, col - c * khw - i * kw
+    return taps
+
+
 def _conv(kh, kw, sh, sw, indptr, indices, data, bias, xp, out):
     # Direct sparse convolution: each kept weight w[j, c, i, k] adds w times a window of
     # input plane c to output plane j. At stride 1 the planes are taken flat: output
     # pixel (a, b) sits at a * Wp + b of a row-wide accumulator, and every kept weight is
     # one contiguous multiply-add of (OH - 1) * Wp + OW lanes, input shifted by
-    # i * Wp + k (the Wp - OW wrapped lanes of each row are computed and dropped). One
-    # long loop instead of OH loops of OW lanes: LeNet-5's conv2 has OW = 8, a single
-    # float32 vector. Strided convolutions update row by row. Parallel over fixed
-    # chunks of (image, filter) planes; each plane's sum runs over the kept weights in
-    # index order, then the bias, whatever the chunking.
+    # c * Hp * Wp + i * Wp + k (the Wp - OW wrapped lanes of each row are computed and
+    # dropped). One long loop instead of OH loops of OW lanes: LeNet-5's conv2 has OW =
+    # 8, a single float32 vector. Four weights are added per pass over the accumulator,
+    # one after the other (the order of the sum is unchanged), and each weight's (c, i,
+    # k) is decoded once per call (`_taps`), not once per image and filter: against one
+    # weight per pass and decoding in the loop, 1.2-1.3x faster on a pruned ResNet-20's
+    # stride-1 convolutions at batch 1, 1.1-1.25x on LeNet-5's at batch 1 and 1.25-1.8x at
+    # batch 8. Strided convolutions update row by row. Parallel over fixed chunks of
+    # (image, filter) planes; each plane's sum runs over the kept weights in index order,
+    # then the bias, whatever the chunking.
     nimg, nch, hp, wp = xp.shape
     f, oh, ow = out.shape[1], out.shape[2], out.shape[3]
-    khw = kh * kw
     zero = out.dtype.type(0)
     planes = nimg * f
     chunks = min(planes, 64)
     flat = sh == 1 and sw == 1
     span = (oh - 1) * wp + ow
-    xf = xp.reshape((nimg, nch, hp * wp))
+    xf = xp.reshape((nimg, nch * hp * wp))
+    taps = _taps(indices, kh, kw)
+    tc, ti, tk = taps[0], taps[1], taps[2]
+    start = (tc * hp + ti) * wp + tk  # where each weight's window starts in the flat image
     for t in prange(chunks):
         acc = np.empty(span if flat else 1, out.dtype)
         for q in range(t * planes // chunks, (t + 1) * planes // chunks):
@@ -431,17 +452,23 @@ def _conv(kh, kw, sh, sw, indptr, indices, data, bias, xp, out):
             j = q - n * f
             o = out[n, j]
             bj = bias[j]
+            image = xf[n]
             if flat:
                 for r in range(span):
                     acc[r] = zero
-                for p in range(indptr[j], indptr[j + 1]):
-                    col = indices[p]
-                    c = col // khw
-                    i = (col - c * khw) // kw
-                    src = xf[n, c, i * wp + col - c * khw - i * kw:]
+                p, p1 = indptr[j], indptr[j + 1]
+                while p + 4 <= p1:  # four weights per pass, added one after the other: the same sum
+                    s0, s1, s2, s3 = image[start[p]:], image[start[p + 1]:], image[start[p + 2]:], image[start[p + 3]:]
+                    w0, w1, w2, w3 = data[p], data[p + 1], data[p + 2], data[p + 3]
+                    for r in range(span):
+                        acc[r] = (((acc[r] + w0 * s0[r]) + w1 * s1[r]) + w2 * s2[r]) + w3 * s3[r]
+                    p += 4
+                while p < p1:
+                    src = image[start[p]:]
                     w = data[p]
                     for r in range(span):
                         acc[r] += w * src[r]
+                    p += 1
                 for a in range(oh):
                     dst = o[a]
                     for b in range(ow):
@@ -451,12 +478,9 @@ def _conv(kh, kw, sh, sw, indptr, indices, data, bias, xp, out):
                 for b in range(ow):
                     o[a, b] = zero
             for p in range(indptr[j], indptr[j + 1]):
-                col = indices[p]
-                c = col // khw
-                i = (col - c * khw) // kw
-                k = col - c * khw - i * kw
+                i, k = ti[p], tk[p]  # locals: loads from the table would repeat in the loops below
                 w = data[p]
-                plane = xp[n, c]
+                plane = xp[n, tc[p]]
                 for a in range(oh):
                     src = plane[a * sh + i]
                     dst = o[a]
@@ -467,6 +491,7 @@ def _conv(kh, kw, sh, sw, indptr, indices, data, bias, xp, out):
                     o[a, b] += bj
 
 
+_taps = jit(_taps)
 _CONV = {False: jit(_conv), True: _parallel(_conv)}
 
 
@@ -484,23 +509,6 @@ def csr_conv2d(kh, kw, sh, sw, indptr, indices, data, bias, xp, out, parallel=No
     if parallel is None:
         parallel = parallel_pays(n * oh * ow * max(data.shape[0], f))
     _CONV[bool(parallel)](kh, kw, sh, sw, indptr, indices, data, bias, xp, out)
-
-
-def _taps(indices, kh, kw, sw, pw, wd, ow):
-    # Per kept weight (column c*KH*KW + i*KW + k): its input channel c, its row offset i,
-    # the output columns [b0, b1) whose input column b * sw + k - pw lies inside the
-    # image, and that column's offset k - pw. Decoded once per call, not per output row.
-    nnz = indices.shape[0]
-    taps = np.empty((5, nnz), np.int64)
-    khw = kh * kw
-    for p in range(nnz):
-        col = np.int64(indices[p])
-        c = col // khw
-        i = (col - c * khw) // kw
-        k = col - c * khw - i * kw
-        taps[0, p], taps[1, p], taps[4, p] = c, i, k - pw
-        taps[2, p], taps[3, p] = max(0, -((k - pw) // sw)), min(ow, (wd + pw - k + sw - 1) // sw)
-    return taps
 
 
 def _add_run(d, xrow, w, b0, b1, s, sw, n):
@@ -541,8 +549,17 @@ def _conv_chwn(kh, kw, sh, sw, ph, pw, indptr, indices, data, bias, act, alpha, 
     xf = x.reshape((nch, h, wd * n))
     of = out.reshape((f, oh, ow * n))
     m = ow * n
-    taps = _taps(indices, kh, kw, sw, pw, wd, ow)
-    tc, ti, tb0, tb1, ts = taps[0], taps[1], taps[2], taps[3], taps[4]
+    taps = _taps(indices, kh, kw)
+    tc, ti = taps[0], taps[1]
+    # Per weight: the output columns [b0, b1) whose input column b * sw + k - pw lies inside
+    # the image, and that column's offset k - pw.
+    ts = taps[2] - pw
+    tb0, tb1 = np.empty_like(ts), np.empty_like(ts)
+    for p in range(ts.shape[0]):
+        if sw == 1:
+            tb0[p], tb1[p] = max(0, -ts[p]), min(ow, wd - ts[p])
+        else:
+            tb0[p], tb1[p] = max(0, -(ts[p] // sw)), min(ow, (wd - ts[p] + sw - 1) // sw)
     for a in prange(oh):
         top = a * sh - ph  # the input row of i = 0
         for j in range(f):
@@ -587,7 +604,6 @@ def _conv_chwn(kh, kw, sh, sw, ph, pw, indptr, indices, data, bias, act, alpha, 
             _bias_act(d, m, bias[j], act, alpha)
 
 
-_taps = jit(_taps)
 _add_run = jit(_add_run)
 _CONV_CHWN = {False: jit(_conv_chwn), True: _parallel(_conv_chwn)}
 
