@@ -421,74 +421,73 @@ def _taps(indices, kh, kw):
 
 def _conv(kh, kw, sh, sw, indptr, indices, data, bias, xp, out):
     # Direct sparse convolution: each kept weight w[j, c, i, k] adds w times a window of
-    # input plane c to output plane j. At stride 1 the planes are taken flat: output
-    # pixel (a, b) sits at a * Wp + b of a row-wide accumulator, and every kept weight is
-    # one contiguous multiply-add of (OH - 1) * Wp + OW lanes, input shifted by
+    # input plane c to output plane j. The planes are taken flat: output pixel (a, b)
+    # sits at a * Wp + b of a row-wide accumulator, and every kept weight is one
+    # contiguous multiply-add of (OH - 1) * Wp + OW lanes, input shifted by
     # c * Hp * Wp + i * Wp + k (the Wp - OW wrapped lanes of each row are computed and
     # dropped). One long loop instead of OH loops of OW lanes: LeNet-5's conv2 has OW =
-    # 8, a single float32 vector. Four weights are added per pass over the accumulator,
-    # one after the other (the order of the sum is unchanged), and each weight's (c, i,
-    # k) is decoded once per call (`_taps`), not once per image and filter: against one
-    # weight per pass and decoding in the loop, 1.2-1.3x faster on a pruned ResNet-20's
-    # stride-1 convolutions at batch 1, 1.1-1.25x on LeNet-5's at batch 1 and 1.25-1.8x at
-    # batch 8. Strided convolutions update row by row. Parallel over fixed chunks of
-    # (image, filter) planes; each plane's sum runs over the kept weights in index order,
-    # then the bias, whatever the chunking.
+    # 8, a single float32 vector. A strided convolution first splits each padded plane
+    # into its SH * SW phases (rows r, r + SH, ...; columns s, s + SW, ...): weight
+    # (c, i, k) then reads phase (i % SH, k % SW) of plane c at stride 1, shifted by
+    # (i // SH, k // SW), so it too is one contiguous multiply-add (against a gather of
+    # every SW-th value row by row, 2.0-3.3x faster on a pruned ResNet-20's strided
+    # convolutions at batch 1 and 3.6-4.4x at batch 8). Four weights are added per pass
+    # over the accumulator, one after the other (the order of the sum is unchanged), and
+    # each weight's (c, i, k) is decoded once per call (`_taps`), not once per image and
+    # filter: against one weight per pass and decoding in the loop, 1.2-1.3x faster on
+    # ResNet-20's stride-1 convolutions at batch 1, 1.1-1.25x on LeNet-5's at batch 1 and
+    # 1.25-1.8x at batch 8. Parallel over fixed chunks of (image, filter) planes; each
+    # plane's sum runs over the kept weights in index order, then the bias, whatever the
+    # chunking.
     nimg, nch, hp, wp = xp.shape
     f, oh, ow = out.shape[1], out.shape[2], out.shape[3]
     zero = out.dtype.type(0)
     planes = nimg * f
     chunks = min(planes, 64)
-    flat = sh == 1 and sw == 1
-    span = (oh - 1) * wp + ow
-    xf = xp.reshape((nimg, nch * hp * wp))
     taps = _taps(indices, kh, kw)
     tc, ti, tk = taps[0], taps[1], taps[2]
-    start = (tc * hp + ti) * wp + tk  # where each weight's window starts in the flat image
+    if sh == 1 and sw == 1:
+        hq, wq, xq = hp, wp, xp
+    else:
+        hq, wq = (hp + sh - 1) // sh, (wp + sw - 1) // sw
+        xq = np.zeros((nimg, nch * sh * sw, hq, wq), xp.dtype)
+        for n in range(nimg):
+            for c in range(nch):
+                for r in range(sh):
+                    for s in range(sw):
+                        phase = xp[n, c, r::sh, s::sw]
+                        xq[n, (c * sh + r) * sw + s, :phase.shape[0], :phase.shape[1]] = phase
+        tc = (tc * sh + ti % sh) * sw + tk % sw
+        ti, tk = ti // sh, tk // sw
+    start = (tc * hq + ti) * wq + tk  # where each weight's window starts in the flat image
+    span = (oh - 1) * wq + ow
+    xf = xq.reshape((nimg, xq.shape[1] * hq * wq))
     for t in prange(chunks):
-        acc = np.empty(span if flat else 1, out.dtype)
+        acc = np.empty(span, out.dtype)
         for q in range(t * planes // chunks, (t + 1) * planes // chunks):
             n = q // f
             j = q - n * f
-            o = out[n, j]
-            bj = bias[j]
             image = xf[n]
-            if flat:
+            for r in range(span):
+                acc[r] = zero
+            p, p1 = indptr[j], indptr[j + 1]
+            while p + 4 <= p1:  # four weights per pass, added one after the other: the same sum
+                s0, s1, s2, s3 = image[start[p]:], image[start[p + 1]:], image[start[p + 2]:], image[start[p + 3]:]
+                w0, w1, w2, w3 = data[p], data[p + 1], data[p + 2], data[p + 3]
                 for r in range(span):
-                    acc[r] = zero
-                p, p1 = indptr[j], indptr[j + 1]
-                while p + 4 <= p1:  # four weights per pass, added one after the other: the same sum
-                    s0, s1, s2, s3 = image[start[p]:], image[start[p + 1]:], image[start[p + 2]:], image[start[p + 3]:]
-                    w0, w1, w2, w3 = data[p], data[p + 1], data[p + 2], data[p + 3]
-                    for r in range(span):
-                        acc[r] = (((acc[r] + w0 * s0[r]) + w1 * s1[r]) + w2 * s2[r]) + w3 * s3[r]
-                    p += 4
-                while p < p1:
-                    src = image[start[p]:]
-                    w = data[p]
-                    for r in range(span):
-                        acc[r] += w * src[r]
-                    p += 1
-                for a in range(oh):
-                    dst = o[a]
-                    for b in range(ow):
-                        dst[b] = acc[a * wp + b] + bj
-                continue
-            for a in range(oh):
-                for b in range(ow):
-                    o[a, b] = zero
-            for p in range(indptr[j], indptr[j + 1]):
-                i, k = ti[p], tk[p]  # locals: loads from the table would repeat in the loops below
+                    acc[r] = (((acc[r] + w0 * s0[r]) + w1 * s1[r]) + w2 * s2[r]) + w3 * s3[r]
+                p += 4
+            while p < p1:
+                src = image[start[p]:]
                 w = data[p]
-                plane = xp[n, tc[p]]
-                for a in range(oh):
-                    src = plane[a * sh + i]
-                    dst = o[a]
-                    for b in range(ow):
-                        dst[b] += w * src[b * sw + k]
+                for r in range(span):
+                    acc[r] += w * src[r]
+                p += 1
+            o, bj = out[n, j], bias[j]
             for a in range(oh):
+                dst = o[a]
                 for b in range(ow):
-                    o[a, b] += bj
+                    dst[b] = acc[a * wq + b] + bj
 
 
 _taps = jit(_taps)
@@ -502,8 +501,9 @@ def csr_conv2d(kh, kw, sh, sw, indptr, indices, data, bias, xp, out, parallel=No
     ``c*KH*KW + i*KW + k`` is w[:, c, i, k] (the im2col order). xp (N, C, Hp, Wp) is
     the already padded input, out (N, F, OH, OW) with OH = (Hp - KH) // sh + 1.
     out[n, j, a, b] = sum_{c,i,k} w[j, c, i, k] * xp[n, c, a*sh + i, b*sw + k] + bias[j].
-    O(N*nnz*OH*Wp + N*F*OH*OW) time, scratch of OH*Wp values per chunk of planes. `parallel`
-    defaults to `parallel_pays` for the N * OH * OW * max(nnz, F) multiply-adds.
+    O(N*nnz*OH*Wp/SW + N*F*OH*OW + N*C*Hp*Wp) time, scratch of OH*Wp/SW values per chunk of
+    planes (and a phase-split copy of the input when strided). `parallel` defaults to
+    `parallel_pays` for the N * OH * OW * max(nnz, F) multiply-adds.
     """
     n, f, oh, ow = out.shape
     if parallel is None:
