@@ -448,7 +448,8 @@ def plot(summary: list[dict], settings: Settings, out_dir) -> list[Path]:
         sparse_rows = [r for r in rows if r["method"] != "dense"]
         if sparse_rows:
             names = list(sparse_rows[0]["layers"])
-            fig, ax = plt.subplots(figsize=(7, 5.2))
+            many = len(names) > 6  # a deep network's layer names, upright, would run into each other
+            fig, ax = plt.subplots(figsize=(max(7.0, 0.45 * len(names)), 6.2 if many else 5.2))
             width = 0.8 / len(sparse_rows)
             # Kept share on a log axis: at 97 % and 99 % sparsity, bars of sparsity would look alike.
             for i, r in enumerate(sparse_rows):
@@ -457,7 +458,7 @@ def plot(summary: list[dict], settings: Settings, out_dir) -> list[Path]:
                 bars = ax.bar(x, [max(100 - sp, 1e-2) for sp in sparsities], width, color=colors[r["method"]],
                               label=r["label"])
                 ax.bar_label(bars, [f"{sp:.1f}" for sp in sparsities], fontsize=6, rotation=90, padding=2)
-            ax.set_xticks(np.arange(len(names)), names)
+            ax.set_xticks(np.arange(len(names)), names, rotation=90 if many else 0, fontsize=7 if many else None)
             _log_axis(ax.yaxis, ax.set_yscale)
             ax.set_ylim(top=300)
             ax.set_ylabel("connections kept % (log) = 100 − sparsity")
