@@ -50,8 +50,11 @@ def _reset_peak_rss() -> None:
         pass
 
 
-def _worker(conn, build, args):
-    # Runs in its own process: build the workload once, then time blocks of calls on request.
+def _worker(conn, build, args, warm: float = 0.0):
+    # Runs in its own process: build the workload once, then time blocks of calls on request,
+    # each block after `warm` seconds of untimed calls (see `samples_in_workers`).
+    import time
+
     from sclref.sparse.bench import call_times
 
     step = build(*args)
@@ -66,6 +69,9 @@ def _worker(conn, build, args):
         count = conn.recv()
         if not count:
             break
+        until = time.perf_counter() + warm
+        while time.perf_counter() < until:
+            step()
         conn.send(call_times(step, count))
     peak = _rss_kib("VmHWM")
     usage = None if base is None or peak is None else {"resident_mib": base / 1024,
@@ -158,7 +164,7 @@ def quantiles(samples) -> dict:
 
 
 def samples_in_workers(builders: dict, reps: int, block: int = 5, pause: float = 0.05, phases=None,
-                       memory: bool = False):
+                       memory: bool = False, warm: float = 0.0):
     """Every timed call of each workload, each in its own process, taken in turn, in one or more phases.
 
     `builders` maps a name to ``(build, args)``: ``build(*args)`` runs in a fresh process
@@ -169,16 +175,21 @@ def samples_in_workers(builders: dict, reps: int, block: int = 5, pause: float =
     `phases` maps a phase name to a zero-argument factory of the context manager the
     phase runs in (e.g. ``{"quiet": contextlib.nullcontext, "load": competing_load}``;
     default: one phase "quiet"); the workers are built once and timed in every phase,
-    each phase starting with a warm-up block. Returns ``({phase: {name: [seconds, ...]}},
+    each phase starting with a warm-up block. With `warm` > 0 every block is preceded by
+    that many seconds of untimed calls: after the pause this 2-vCPU machine runs slowly for
+    a few milliseconds (a 0.25 ms sparse call took 0.87 ms first, then 0.47, 0.40, ...,
+    0.21 ms ten calls later, against 0.18 ms in a steady loop), which a block of short
+    calls would otherwise report as their speed. Returns ``({phase: {name: [seconds, ...]}},
     {name: first result})``, and with `memory` also each workload's memory: the resident
     size after its first call and the peak the later calls added on top (MiB, from the
     kernel's high-water mark; Linux only).
     """
-    samples, first, mem = _run_in_workers(builders, reps, block, pause, phases or {"quiet": contextlib.nullcontext})
+    samples, first, mem = _run_in_workers(builders, reps, block, pause, phases or {"quiet": contextlib.nullcontext},
+                                          warm)
     return (samples, first, mem) if memory else (samples, first)
 
 
-def _run_in_workers(builders: dict, reps: int, block: int, pause: float, phases: dict):
+def _run_in_workers(builders: dict, reps: int, block: int, pause: float, phases: dict, warm: float):
     """The timing loop of `samples_in_workers`: (samples by phase, first results, memory)."""
     import multiprocessing as mp
 
@@ -188,7 +199,7 @@ def _run_in_workers(builders: dict, reps: int, block: int, pause: float, phases:
     try:
         for name, (build, args) in builders.items():
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker, args=(child, build, args), daemon=True)
+            proc = ctx.Process(target=_worker, args=(child, build, args, warm), daemon=True)
             proc.start()
             workers[name] = (proc, parent)
         for name, (proc, conn) in workers.items():

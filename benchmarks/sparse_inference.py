@@ -221,7 +221,7 @@ def time_peers(name: str, network, masked, reps: int, batches=BATCHES) -> dict:
     result = {}
     for batch in batches:
         builders = {p: (build_peer, (p, network, masked, batch, model)) for p in peers}
-        samples, first = common.samples_in_workers(builders, reps, block=10, pause=0.2, phases=PHASES)
+        samples, first = common.samples_in_workers(builders, reps, block=10, pause=0.2, phases=PHASES, warm=0.01)
         want = first["sclref auto"]
         scale = float(np.abs(want).max()) or 1.0
         mismatch = {p: float(np.abs(out - want).max() / scale) for p, out in first.items()}
