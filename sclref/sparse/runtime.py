@@ -230,7 +230,7 @@ class Runtime:
             chain = []
             while (i < len(layers) and isinstance(layers[i], net.Linear)
                    and self.choose(layers[i].name, batch) == "sclref"):
-                act = layers[i + 1] if i + 1 < len(layers) and isinstance(layers[i + 1], net.Activation) else None
+                act = _activation_after(layers, i)
                 chain.append((self.weights[layers[i].name], act))
                 i += 1 + (act is not None)
             if chain:
@@ -295,9 +295,9 @@ class Runtime:
             layer = layers[i]
             after = layers[i + 1:i + 3]
             if isinstance(layer, net.Conv2d) and self.choose(layer.name, batch) == "sclref":
-                act, pool = None, None
-                if after and isinstance(after[0], net.Activation):
-                    act, i = after[0], i + 1
+                act, pool = _activation_after(layers, i), None
+                if act is not None:
+                    i += 1
                 elif (len(after) == 2 and isinstance(after[0], net.MaxPool2d) and isinstance(after[1], net.Activation)
                       and (after[1].kind == "relu" or after[1].alpha >= 0)):
                     pool, act, i = after[0], after[1], i + 2
@@ -316,7 +316,7 @@ class Runtime:
             elif isinstance(layer, net.MaxPool2d):
                 steps.append(_PoolCHWN(layer))
             elif isinstance(layer, net.Activation):
-                steps.append(lambda x, layer=layer: self.step(layer, x))  # elementwise: any layout
+                steps.append(lambda x, layer=layer: _activate(layer, x))  # elementwise: any layout
             elif isinstance(layer, net.SubsamplePad):
                 steps.append(lambda x, layer=layer: _subsample_pad(x, layer.stride, layer.channels, chwn=True))
             elif isinstance(layer, net.GlobalAvgPool2d):
