@@ -92,3 +92,26 @@ def test_a_batch_beyond_the_memory_limit_is_refused_before_any_timing(monkeypatc
     monkeypatch.setenv("SCLREF_MAX_ALLOC_BYTES", str(1 << 16))
     with pytest.raises(LimitError, match=r"a batch of 5000 inputs of shape \[16\]"):
         bench.bench(network, (1, 5000), 5)  # 5000 x 16 float32 inputs: 320,000 bytes
+
+
+@pytest.mark.parametrize("batch", [1, 13])
+def test_a_convolution_row_times_the_layout_a_network_runs_it_in_at_that_batch(batch):
+    import numpy as np
+    import scipy.sparse as sp
+
+    from sclref.sparse import Conv2d, Runtime, SparseNetwork
+    from sclref.sparse.runtime import CHWN_FROM
+
+    gen = np.random.default_rng(3)
+    w = sp.random_array((4, 3 * 9), density=0.3, format="csr", rng=gen)
+    w = sp.csr_array((w.data, w.indices.astype(np.int32), w.indptr.astype(np.int32)), shape=w.shape)
+    w.sort_indices()
+    layer = Conv2d("conv", w, gen.standard_normal(4), in_channels=3, kernel_size=(3, 3), stride=(2, 2),
+                   padding=(1, 1))
+    run = Runtime(SparseNetwork([layer], np.dtype(np.float64), input_shape=(3, 9, 9)), np.float32, "sclref")
+    x = gen.standard_normal((batch, 3, 9, 9)).astype(np.float32)
+    got, want = bench._fns(run, layer, x, None)["sclref"](), run.conv2d("conv", x, "sclref")
+    if batch >= CHWN_FROM:
+        assert got.shape == (4, 5, 5, batch)  # CHWN: the batch innermost
+        got = got.transpose(3, 0, 1, 2)
+    np.testing.assert_array_equal(got, want)

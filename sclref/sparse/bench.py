@@ -3,7 +3,10 @@ and torch.sparse (when installed), at several batch sizes, with the memory-bound
 
 Each backend runs in its own process (so thread pools of BLAS, numba and torch never
 fight over the cores) and the processes take turns in short blocks after a warm-up call;
-figures are medians, so the backends of one row are comparable. The floor of a layer at batch 1 is the bytes it
+figures are medians, so the backends of one row are comparable. A convolution's sclref
+row times the layout the network runs it in: NCHW below
+`sclref.sparse.runtime.CHWN_FROM` samples, CHWN from there on (the transposes, done
+once per network, are not in the row). The floor of a layer at batch 1 is the bytes it
 must read (CSR values, indices, row pointer, input) over the copy bandwidth measured in
 the same run. The break-even density is where the sclref kernel, run on random CSR
 weights of the layer's shape, becomes as slow as dense BLAS (interpolated in density).
@@ -20,7 +23,7 @@ import scipy.sparse as sp
 
 from sclref.errors import InputError
 from sclref.sparse import network as net
-from sclref.sparse.runtime import Runtime
+from sclref.sparse.runtime import CHWN_FROM, Runtime, _ConvCHWN, _to_chwn
 
 __all__ = ["BREAK_EVEN_GRID", "MAX_BATCH", "MAX_BATCH_SIZES", "MAX_REPS", "bandwidth", "bench", "break_even_density",
            "call_times", "check_counts", "format_report", "median_times"]
@@ -97,7 +100,8 @@ def _record(run: Runtime, layers: list, x: np.ndarray, seen: dict) -> np.ndarray
 def _fns(run: Runtime, layer, x, torch):
     name = layer.name
     if isinstance(layer, net.Conv2d):
-        fns = {b: (lambda b=b: run.conv2d(name, x, b)) for b in ("dense", "scipy", "sclref")}
+        fns = {b: (lambda b=b: run.conv2d(name, x, b)) for b in ("dense", "scipy")}
+        fns["sclref"] = _sclref_conv(run, name, x)
     else:
         fns = {b: (lambda b=b: run.linear(name, x, b)) for b in ("dense", "scipy", "sclref")}
         if torch is not None:
@@ -110,6 +114,19 @@ def _fns(run: Runtime, layer, x, torch):
             xt, bias = torch.from_numpy(x), torch.from_numpy(w.bias)[:, None]
             fns["torch"] = lambda: a @ xt.T + bias
     return fns
+
+
+def _sclref_conv(run: Runtime, name: str, x: np.ndarray):
+    """The sclref convolution `name` on NCHW input `x` in the layout a network runs it in at this batch.
+
+    From `CHWN_FROM` samples, a network's leading sclref convolutions run on CHWN
+    activations, transposed once on the network's entry: the call timed is the CHWN
+    kernel on an input already in that layout. Smaller batches run on NCHW.
+    """
+    if x.shape[0] < CHWN_FROM:
+        return lambda: run.conv2d(name, x, "sclref")
+    conv, chwn = _ConvCHWN(run.weights[name], None, run.dtype), _to_chwn(x)
+    return lambda: conv(chwn)
 
 
 def _random_like(layer, dtype, density: float, seed: int = 1):
