@@ -4,9 +4,10 @@ Four parts, each timed on the machine as it is ("quiet") and beside two busy pro
 that the script starts and kills itself ("load", `common.competing_load`), reporting
 median and 90th percentile:
 
-1. **threads**: the serial and the parallel sparse kernels on the same work, over a
-   range of work sizes (multiply-adds per call), in one process, alternating: the
-   measurement behind the kernels' default (`sclref.kernels.sparse`).
+1. **threads**: the sparse kernels serial and split into tasks over numba's threads
+   (`sclref.kernels.run_tasks`) on the same work, over a range of work sizes
+   (multiply-adds per call), in one process, alternating: the measurement behind
+   `sclref.kernels.sparse.SPLIT_MIN_WORK`.
 2. **break-even**: every LeNet-300-100 and LeNet-5 layer with random weights, the sclref
    kernels against dense BLAS over densities, at batch 1, 64 and 256: the measurement
    behind `sclref.sparse.runtime.DENSE_FROM` and `CONV_DENSE_FROM`.
@@ -150,7 +151,13 @@ def build_peer(peer: str, network, masked, batch: int, onnx_model: bytes | None)
         if peer == "sclref serial":
             import numba
 
-            numba.set_num_threads(1)  # the kernels' thread rule then never goes parallel
+            numba.set_num_threads(1)  # the kernels' thread rule then never splits a call
+        if peer == "dense NumPy":
+            from sclref import threads
+
+            # NumPy as a user calls it, BLAS on its own (--threads) threads: the runtime's
+            # dense backend runs on one, inside sclref.threads.pinned, which this process does without.
+            threads.pinned = contextlib.nullcontext
         run = Runtime(masked if peer == "dense NumPy" else network, np.float32,
                       {"sclref auto": "auto", "sclref serial": "sclref", "dense NumPy": "dense",
                        "scipy CSR": "scipy"}[peer])
@@ -232,14 +239,16 @@ def time_peers(name: str, network, masked, reps: int, batches=BATCHES) -> dict:
     return result
 
 
-# -- threads: serial against parallel kernels over work sizes ------------------------------------
+# -- threads: serial against split kernels over work sizes ---------------------------------------
 
 
-def _alternate(fns: dict, reps: int, block: int = 5, pause: float = 0.05) -> dict:
+def _alternate(fns: dict, reps: int, block: int = 5, pause: float = 0.05, warm: float = 0.01) -> dict:
     """Every timed call of each function, in blocks taking turns, after one warm-up block each.
 
     The `pause` before each block lets the thread pool of the previous one (BLAS's spins
-    after a product) go to sleep, so no function is timed against another's threads.
+    after a product) go to sleep, so no function is timed against another's threads; then
+    `warm` seconds of untimed calls, as `common.samples_in_workers` does (this machine runs
+    slowly for milliseconds after a pause, and a split call's pool thread is asleep).
     """
     from sclref.sparse.bench import call_times
 
@@ -247,6 +256,9 @@ def _alternate(fns: dict, reps: int, block: int = 5, pause: float = 0.05) -> dic
     for turn in range(1 + -(-reps // block)):
         for name, fn in fns.items():
             time.sleep(pause)
+            until = time.perf_counter() + warm
+            while time.perf_counter() < until:
+                fn()
             times = call_times(fn, block)
             if turn:
                 samples[name] += times
@@ -263,40 +275,51 @@ def _random_csr(rng, shape, density, dtype=np.float32):
 
 
 def time_threads(reps: int) -> list:
-    """Serial and parallel kernels on the same inputs: LeNet-300-100-shaped chains and LeNet-5 convolutions."""
+    """Serial and split (`run_tasks` on numba's threads) kernels on the same inputs: LeNet-300-100-shaped chains
+    (split into batch tiles here, to show what a split would gain) and CHWN convolutions of LeNet-5's and
+    ResNet-20's shapes (split by the kernel itself from `SPLIT_MIN_WORK`)."""
     import numba
 
     from sclref import kernels
 
+    threads = numba.get_num_threads()
     rng = np.random.default_rng(0)
     cases = []
-    for density, batch in ((0.02, 64), (0.02, 256), (0.02, 1024), (0.1, 256), (0.1, 1024), (0.3, 1024)):
+    for density, batch in ((0.02, 256), (0.02, 1024), (0.1, 256), (0.1, 1024)):
         ws = [_random_csr(rng, s, density) for s in ((300, 784), (100, 300), (10, 100))]
         packed = kernels.pack_chain(ws, [np.zeros(w.shape[0], np.float32) for w in ws], ["relu", "relu", None],
                                     [None] * 3, np.float32)
         x = rng.standard_normal((batch, 784)).astype(np.float32)
         out = np.empty((batch, 10), np.float32)
-        fns = {}
-        for threads in (1, numba.get_num_threads()):
-            scratch = kernels.chain_scratch(packed[0], batch, np.float32, threads=threads)
-            fns[threads] = (lambda s=scratch, a=(*packed, x, out): kernels.csr_chain(*a, s))
+        parts = 2 * threads
+        rows = batch // parts
+        scratch = kernels.chain_scratch(packed[0], batch, np.float32)
+        scratches = [kernels.chain_scratch(packed[0], rows, np.float32) for _ in range(threads)]
+
+        def split(a=(*packed,), x=x, out=out, rows=rows, parts=parts, scratches=scratches):
+            kernels.run_tasks(parts, lambda i, slot: kernels.csr_chain(
+                *a, x[i * rows:(i + 1) * rows], out[i * rows:(i + 1) * rows], scratches[slot]), threads)
+
+        fns = {1: (lambda a=(*packed, x, out, scratch): kernels.csr_chain(*a)), threads: split}
         cases.append(("chain 784-300-100-10", density, batch, batch * sum(w.nnz for w in ws), fns))
-    for (c, f, side, density), batch in (((1, 20, 28, 0.5), 64), ((20, 50, 12, 0.05), 64), ((20, 50, 12, 0.05), 256),
-                                         ((1, 20, 28, 0.5), 256), ((20, 50, 12, 0.3), 256)):
-        w = _random_csr(rng, (f, c * 25), density)
+    for (c, f, side, k, pad, density), batch in (((1, 20, 28, 5, 0, 0.5), 64), ((20, 50, 12, 5, 0, 0.05), 64),
+                                                 ((1, 20, 28, 5, 0, 0.5), 256), ((20, 50, 12, 5, 0, 0.05), 256),
+                                                 ((16, 16, 28, 3, 1, 0.1), 64), ((64, 64, 7, 3, 1, 0.08), 64)):
+        w = _random_csr(rng, (f, c * k * k), density)
         b = np.zeros(f, np.float32)
-        x = rng.standard_normal((batch, c, side, side)).astype(np.float32)
-        out = np.empty((batch, f, side - 4, side - 4), np.float32)
-        a = (5, 5, 1, 1, w.indptr, w.indices, w.data, b, x, out)
-        fns = {threads: (lambda p=threads > 1, a=a: kernels.csr_conv2d(*a, parallel=p))
-               for threads in (1, numba.get_num_threads())}
-        cases.append((f"conv {c}->{f} 5x5 on {side}x{side}", density, batch, batch * (side - 4) ** 2 * w.nnz, fns))
+        x = rng.standard_normal((c, side, side, batch)).astype(np.float32)
+        o = side + 2 * pad - k + 1
+        out = np.empty((f, o, o, batch), np.float32)
+        a = (k, k, 1, 1, pad, pad, w.indptr, w.indices, w.data, b, 1, np.float32(0), x, out)
+        fns = {t: (lambda t=t, a=a: kernels.csr_conv2d_chwn(*a, threads=t)) for t in (1, threads)}
+        cases.append((f"CHWN conv {c}->{f} {k}x{k} on {side}x{side}", density, batch,
+                      batch * o * o * max(w.nnz, f), fns))
     rows = []
     for kind, density, batch, work, fns in cases:
         row = {"kernel": kind, "density": density, "batch": batch, "work": work}
         for phase, during in PHASES.items():
             with during():
-                samples = _alternate({"serial" if t == 1 else "parallel": fn for t, fn in fns.items()}, reps)
+                samples = _alternate({"serial" if t == 1 else "split": fn for t, fn in fns.items()}, reps)
             row[phase] = {name: common.quantiles(s) for name, s in samples.items()}
         rows.append(row)
         print(f"  threads: {kind}, density {density}, batch {batch} done", file=sys.stderr)
@@ -427,12 +450,12 @@ def threads_table(rows: list) -> str:
     for r in rows:
         cells = [r["kernel"], f"{100 * r['density']:g}%", r["batch"], f"{r['work'] / 1e6:.2f}"]
         for phase in PHASES:
-            s, p = r[phase]["serial"], r[phase]["parallel"]
+            s, p = r[phase]["serial"], r[phase]["split"]
             cells += [_us(s), _us(p), f"{s['median'] / p['median']:.2f} / {s['p90'] / p['p90']:.2f}"]
         table.append(cells)
     return common.markdown_table(["kernel", "density", "batch", "M mult-adds", "quiet serial µs (med/p90)",
-                                  "quiet parallel µs", "quiet serial/parallel", "load serial µs", "load parallel µs",
-                                  "load serial/parallel"], table)
+                                  "quiet split µs", "quiet serial/split", "load serial µs", "load split µs",
+                                  "load serial/split"], table)
 
 
 def auto_table(rows: list) -> str:
@@ -513,7 +536,7 @@ def main() -> int:
               "load_average_start": os.getloadavg()}
     if "threads" in args.parts:
         report["threads_sweep"] = time_threads(args.reps)
-        print("\n## serial against parallel kernels (µs, median / p90)\n")
+        print("\n## serial against split kernels (µs, median / p90)\n")
         print(threads_table(report["threads_sweep"]))
     if "break-even" in args.parts:
         report["break_even"] = time_break_even(max(10, args.reps // 4))

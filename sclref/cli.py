@@ -31,8 +31,9 @@ def _info(args: argparse.Namespace) -> int:
     print(f"training tasks (conv chunks, batch norm, pooling, elementwise): up to {kernels.numba_threads()} threads "
           f"(NUMBA_NUM_THREADS) while BLAS is pinned")
     print(f"training kernels: {'parallel' if kernels.num_threads() > 1 else 'serial'} (SCLREF_NUMBA_PARALLEL=1 "
-          f"for parallel); sparse inference kernels: {'parallel' if kernels.sparse.SPARSE_PARALLEL else 'serial'} "
-          f"(SCLREF_SPARSE_PARALLEL=1 for parallel from {kernels.sparse.PARALLEL_MIN_WORK:,} multiply-adds a call)")
+          f"for parallel); sparse inference: CHWN convolutions of {kernels.sparse.SPLIT_MIN_WORK:,} multiply-adds "
+          f"or more split over up to {kernels.numba_threads()} threads as tasks, other kernels on the caller's "
+          f"thread; dense layers on {threads.PINNED_THREADS} BLAS thread")
     return 0
 
 

@@ -37,16 +37,15 @@ def test_info_runs_as_a_module():
     assert out.startswith(f"sclref {__version__}") and "numba" in out
 
 
-@pytest.mark.parametrize("env, training, sparse", [({}, "serial", "serial"),
-                                                   ({"SCLREF_NUMBA_PARALLEL": "1", "SCLREF_SPARSE_PARALLEL": "1"},
-                                                    "parallel", "parallel")])
-def test_info_states_which_kernels_run_in_parallel(env, training, sparse):
-    environ = {k: v for k, v in os.environ.items() if k not in ("SCLREF_NUMBA_PARALLEL", "SCLREF_SPARSE_PARALLEL",
-                                                                 "NUMBA_DISABLE_JIT")}
+@pytest.mark.parametrize("env, training, threads", [({}, "serial", 2), ({"SCLREF_NUMBA_PARALLEL": "1"}, "parallel", 2),
+                                                    ({"NUMBA_NUM_THREADS": "1"}, "serial", 1)])
+def test_info_states_which_kernels_run_in_parallel(env, training, threads):
+    environ = {k: v for k, v in os.environ.items() if k not in ("SCLREF_NUMBA_PARALLEL", "NUMBA_DISABLE_JIT")}
     out = subprocess.run([sys.executable, "-m", "sclref", "info"], capture_output=True, text=True, check=True,
                          env={**environ, "NUMBA_NUM_THREADS": "2", **env}).stdout
-    assert "jit enabled, 2 numba threads" in out
-    assert f"training kernels: {training}" in out and f"sparse inference kernels: {sparse}" in out
+    assert f"jit enabled, {threads} numba threads" in out
+    assert f"training kernels: {training}" in out
+    assert f"split over up to {threads} threads as tasks, other kernels on the caller's thread" in out
 
 
 @pytest.mark.parametrize("threads", ["1", "2"])

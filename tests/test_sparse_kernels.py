@@ -1,9 +1,6 @@
 """The sparse kernels against their NumPy twins and scipy.sparse on hypothesis geometries, and the same bits
 at any thread count and whichever thread rule applies."""
 
-import os
-import subprocess
-import sys
 
 import numba
 import numpy as np
@@ -74,18 +71,18 @@ def test_csr_chain_matches_scipy(impl, case):
     np.testing.assert_allclose(out, expect, rtol=TOL[dtype], atol=TOL[dtype])
 
 
-@given(case=chain_cases(), tile=st.sampled_from([8, 16, 24]), threads=st.integers(1, 3))
-def test_chain_results_do_not_depend_on_batch_tiles_threads_or_a_feature_major_input(case, tile, threads):
+@given(case=chain_cases(), tile=st.sampled_from([8, 16, 24]))
+def test_chain_results_do_not_depend_on_batch_tiles_or_a_feature_major_input(case, tile):
     weights, biases, acts, alphas, x, dtype = case
     layers, ints, vals = kernels.pack_chain(weights, biases, acts, alphas, dtype)
     width = max(kernels.chain_scratch(layers, 1, dtype).shape[1], 1)
     tiled = np.empty((x.shape[0], weights[-1].shape[0]), dtype)
-    kernels.csr_chain(layers, ints, vals, x, tiled, np.empty((threads, 2, width, tile), dtype))
+    kernels.csr_chain(layers, ints, vals, x, tiled, np.empty((2, width, tile), dtype))
     columns = np.ascontiguousarray(x.T)
     if x.shape[0] >= kernels.sparse.TILE_MIN:  # scratch with tiles for a batch wider, narrower or as wide
         fm = np.empty_like(tiled)
-        kernels.chain_kernel(np.empty((threads, 2, width, tile), dtype), True)(
-            layers, ints, vals, columns, fm, np.empty((threads, 2, width, tile), dtype))
+        kernels.chain_kernel(np.empty((2, width, tile), dtype), True)(
+            layers, ints, vals, columns, fm, np.empty((2, width, tile), dtype))
         assert fm.tobytes() == tiled.tobytes()
     fm = np.empty_like(tiled)  # the scratch `chain_scratch` gives, dot products below TILE_MIN rows
     kernels.csr_chain(layers, ints, vals, columns, fm, kernels.chain_scratch(layers, x.shape[0], dtype),
@@ -173,12 +170,12 @@ def chwn_cases(draw):
     return w, gen.standard_normal(f).astype(dtype), act, alpha, x, (kh, kw), stride, padding
 
 
-def _chwn_conv(case, parallel=None):
+def _chwn_conv(case, threads=None):
     w, bias, act, alpha, x, (kh, kw), (sh, sw), (ph, pw) = case
     n, f, oh, ow = _conv_shape(x.transpose(3, 0, 1, 2), w.shape[0], (kh, kw), (sh, sw), (ph, pw))
     out = np.full((f, oh, ow, n), np.nan, x.dtype)
     sparse_module.csr_conv2d_chwn(kh, kw, sh, sw, ph, pw, w.indptr, w.indices, w.data, bias, act, alpha, x, out,
-                                  parallel=parallel)
+                                  threads=threads)
     return out
 
 
@@ -226,51 +223,29 @@ needs_two_threads = pytest.mark.skipif(kernels.JIT_DISABLED or numba.config.NUMB
 
 @needs_two_threads
 @settings(deadline=None, max_examples=15)
-@given(chain=chain_cases(), conv=conv_cases(), chwn=chwn_cases())
-def test_parallel_kernels_give_the_serial_bits_on_one_and_two_threads(chain, conv, chwn):
-    weights, biases, acts, alphas, x, dtype = chain
-    packed = kernels.pack_chain(weights, biases, acts, alphas, dtype)
-    w, bias, xc, (kh, kw), (sh, sw), padding = conv
-    xp = _padded(xc, padding)
-    conv_shape = _conv_shape(xc, w.shape[0], (kh, kw), (sh, sw), padding)
-    w = sp.csr_array((w.data.astype(xc.dtype), w.indices.astype(np.int32), w.indptr.astype(np.int32)), shape=w.shape)
-
-    def run(threads, parallel):
-        out, conv_out = np.empty((x.shape[0], weights[-1].shape[0]), dtype), np.empty(conv_shape, xc.dtype)
-        with numba_threads(threads):
-            scratch = kernels.chain_scratch(packed[0], x.shape[0], dtype, threads=2 if parallel else 1)
-            kernels.csr_chain(*packed, x, out, scratch)
-            kernels.csr_conv2d(kh, kw, sh, sw, w.indptr, w.indices, w.data, bias, xp, conv_out, parallel=parallel)
-            chwn_out = _chwn_conv(chwn, parallel=parallel)
-        return out.tobytes(), conv_out.tobytes(), chwn_out.tobytes()
-
-    serial = run(1, False)
-    assert run(1, True) == serial and run(2, True) == serial and run(2, False) == serial
+@given(chwn=chwn_cases())
+def test_a_convolution_split_over_threads_gives_the_serial_bits(chwn):
+    serial = _chwn_conv(chwn, threads=1)
+    with numba_threads(2):
+        for threads in (2, 3):
+            assert _chwn_conv(chwn, threads=threads).tobytes() == serial.tobytes()
 
 
 @needs_two_threads
-def test_the_thread_rule_goes_parallel_only_from_the_work_threshold(monkeypatch):
-    monkeypatch.setattr(sparse_module, "PARALLEL_MIN_WORK", 1000)
-    monkeypatch.setattr(sparse_module, "SPARSE_PARALLEL", True)
+def test_only_convolutions_from_the_work_threshold_split(monkeypatch):
+    monkeypatch.setattr(sparse_module, "SPLIT_MIN_WORK", 10_000)
     with numba_threads(2):
-        assert not sparse_module.parallel_pays(999) and sparse_module.parallel_pays(1000)
-        gen = np.random.default_rng(0)
-        packed = kernels.pack_chain([_csr(gen, 10, 20, 1.0, np.float64)], [np.zeros(10)], [None], [None], np.float64)
-        assert kernels.chain_scratch(packed[0], 40, np.float64).shape[0] == 2  # 40 rows x 200 nnz
-        assert kernels.chain_scratch(packed[0], 4, np.float64).shape[0] == 1  # 800 multiply-adds
+        assert sparse_module.split_threads(9_999, 8) == 1 and sparse_module.split_threads(10_000, 8) == 2
+        assert sparse_module.split_threads(10_000, 1) == 1  # one output row: nothing to split
     with numba_threads(1):
-        assert not sparse_module.parallel_pays(10**9)  # one thread: never the pool
-    monkeypatch.setattr(sparse_module, "SPARSE_PARALLEL", False)
-    with numba_threads(2):
-        assert not sparse_module.parallel_pays(10**9)  # the default: serial whatever the work
-
-
-@pytest.mark.skipif(kernels.JIT_DISABLED, reason="with the JIT off every kernel is serial")
-@pytest.mark.parametrize("value, parallel", [(None, False), ("0", False), ("1", True)])
-def test_kernels_are_serial_unless_sclref_sparse_parallel_is_1(value, parallel):
-    env = {k: v for k, v in os.environ.items() if k != "SCLREF_SPARSE_PARALLEL"}
-    if value is not None:
-        env["SCLREF_SPARSE_PARALLEL"] = value
-    out = subprocess.run([sys.executable, "-c", "from sclref.kernels import sparse; print(sparse.SPARSE_PARALLEL)"],
-                         env=env, capture_output=True, text=True, check=True).stdout
-    assert out.strip() == str(parallel)
+        assert sparse_module.split_threads(10**9, 8) == 1
+    calls = []
+    monkeypatch.setattr(sparse_module.tasks, "run_tasks", lambda count, run, threads: calls.append((count, threads)))
+    gen = np.random.default_rng(0)
+    w = _csr(gen, 4, 9, 1.0, np.float64)
+    x = gen.standard_normal((1, 12, 12, 8))
+    for n in (1, 8):  # 10 x 10 x n outputs x 36 weights: 3,600 multiply-adds (serial), 28,800 (split)
+        with numba_threads(2):
+            sparse_module.csr_conv2d_chwn(3, 3, 1, 1, 0, 0, w.indptr, w.indices, w.data, np.zeros(4), 0, 0.0,
+                                          np.ascontiguousarray(x[..., :n]), np.empty((4, 10, 10, n)))
+    assert calls == [(8, 2)]  # four tasks of output rows per thread

@@ -9,6 +9,7 @@ import numba
 import numpy as np
 import pytest
 import scipy.sparse as sp
+import threadpoolctl
 
 from sclref import kernels
 from sclref.errors import InputError, LimitError
@@ -150,17 +151,16 @@ def test_the_thread_rule_does_not_change_a_bit(monkeypatch, batch):
     gen = np.random.default_rng(14)
     network = _lenet_like(gen)
     x = gen.standard_normal((batch, 2, 10, 10)).astype(np.float32)
-    stride1 = _chwn_net(gen)
+    chwn, residual = _chwn_net(gen), _chwn_net(gen, "residual")
     x1 = gen.standard_normal((batch, 2, 10, 10)).astype(np.float32)
     outputs = []
-    for min_work, threads in ((0, 2), (1 << 62, 2), (0, 1)):  # always parallel, never, parallel on one thread
-        monkeypatch.setattr(kernels.sparse, "SPARSE_PARALLEL", True)
-        monkeypatch.setattr(kernels.sparse, "PARALLEL_MIN_WORK", min_work)
+    for min_work, threads in ((0, 2), (1 << 62, 2), (0, 1)):  # always split, never, split on one thread
+        monkeypatch.setattr(kernels.sparse, "SPLIT_MIN_WORK", min_work)
         old = numba.get_num_threads()
         numba.set_num_threads(threads)
         try:
-            outputs.append(Runtime(network, np.float32, "sclref")(x).tobytes()
-                           + Runtime(stride1, np.float32, "sclref")(x1).tobytes())
+            outputs.append(b"".join(Runtime(net, np.float32, "sclref")(inp).tobytes()
+                                    for net, inp in ((network, x), (chwn, x1), (residual, x1))))
         finally:
             numba.set_num_threads(old)
     assert outputs[0] == outputs[1] == outputs[2]
@@ -404,3 +404,19 @@ def test_a_residual_block_whose_outputs_overflow_float32_does_not_run_in_float32
     assert np.isfinite(Runtime(network)(np.ones((1, 2, 3, 5)))).all()
     with pytest.raises(InputError, match=r"cannot run this network in float32: layer 'fc4'"):
         Runtime(network, dtype=np.float32)
+
+
+def test_dense_layers_give_the_same_bits_whatever_blas_threads_the_process_has():
+    # OpenBLAS splits (128, 784) @ (784, 300) into other blocks on 2 threads, whose float32 sums round differently.
+    gen = np.random.default_rng(21)
+    network = SparseNetwork([Linear("fc1", _csr_with_density(300, 784, 784, gen), gen.standard_normal(300)),
+                             Activation("relu", "relu"),
+                             Linear("fc2", _csr_with_density(10, 300, 300, gen), gen.standard_normal(10))],
+                            np.dtype(np.float64))
+    x = gen.standard_normal((128, 784)).astype(np.float32)
+    outputs = []
+    for limit in (1, 2):
+        with threadpoolctl.threadpool_limits(limit, user_api="blas"):
+            run = Runtime(network, np.float32, "dense")
+            outputs.append((run(x).tobytes(), run.linear("fc1", x, "dense").tobytes()))
+    assert outputs[0] == outputs[1]

@@ -20,41 +20,30 @@ XNNPACK's SpMM over CHW). A CHWN activation read as (C*H*W, N) is the feature-ma
 layout a chain's batch tiles use inside, so a chain takes it as it is
 (``feature_major``). Every kernel's NumPy twin is in `sclref.kernels.reference`.
 
-The kernels run serially unless ``SCLREF_SPARSE_PARALLEL=1``. A numba parallel region
-waits for its slowest thread, and on a machine whose cores are busy with other work
-(CI, notebooks, servers) that thread may not run until the scheduler's next tick or
-two. `benchmarks/sparse_inference.py` timed each kernel serial and parallel on the
-same work, quiet and beside two busy processes it starts (2 cores, load 5-7 from other
-users during the run): at the 90th percentile the parallel kernel was no faster at any
-work size from 0.3 to 82 M multiply-adds, and 10-200x slower below 7 M (a stall of
-8-40 ms where a serial call takes 0.1-3 ms); it came out ahead only for convolutions of
-37 M and 123 M multiply-adds under load (1.05x and 1.3x), while losing on the same
-work quiet (0.64x, 0.87x). Serial calls cannot stall on a
-late worker, so they are the default. With ``SCLREF_SPARSE_PARALLEL=1`` (for idle
-machines with cores to spare) a call goes to numba's thread pool when its work is at
-least `PARALLEL_MIN_WORK` (`parallel_pays`): on 2 idle cores a 98.5 %-sparse
-LeNet-300-100 at batch 256 took 48 µs in parallel against 98 µs serial.
-
-Parallel loops split the outputs (batch tiles, chunks of (image, filter) planes, or filters),
-never a sum, so threads write disjoint slices and every output has the same bits at
-any thread count, serial or parallel.
+Threads: a CHWN convolution of at least `SPLIT_MIN_WORK` multiply-adds splits its
+output rows into tasks for `sclref.kernels.tasks.run_tasks`, where the calling thread
+takes its share and a thread that a busy core starts late finds the tasks taken, so a
+call never waits for a worker that has not begun (numba's parallel loops, which the
+kernels used before, wait for their slowest thread: beside two busy processes a
+parallel LeNet-300-100 chain at batch 64-256 took 24-36 ms against 0.1-0.6 ms serial).
+Every other call runs on the caller's thread alone: waking a thread costs 30-180 µs on
+the 2-core machine these were measured on, more than the chains and the NCHW
+convolutions (small batches) gain from a second core (`benchmarks/sparse_inference.py
+--parts threads`: LeNet-300-100-shaped chains of 1-7 M multiply-adds at batch 256-1024,
+split into batch tiles, took 1.2-2.1x their serial time on the quiet machine). Tasks
+split the outputs, never a sum, so every output has the same bits at any thread count.
 """
 
-import os
-
-import numba
 import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from sclref.kernels._jit import JIT_DISABLED, _decorate, jit, prange
+from sclref.kernels import tasks
+from sclref.kernels._jit import JIT_DISABLED, jit
 
-__all__ = ["ACTIVATIONS", "CHAIN_COLUMNS", "PARALLEL_MIN_WORK", "SPARSE_PARALLEL", "TILE", "TILE_MIN",
-           "chain_kernel", "chain_scratch", "csr_chain", "csr_conv2d", "csr_conv2d_chwn", "maxpool_chwn", "pack_chain",
-           "parallel_pays"]
-
-SPARSE_PARALLEL = os.environ.get("SCLREF_SPARSE_PARALLEL") == "1" and not JIT_DISABLED
+__all__ = ["ACTIVATIONS", "CHAIN_COLUMNS", "SPLIT_MIN_WORK", "TILE", "TILE_MIN", "chain_kernel", "chain_scratch",
+           "csr_chain", "csr_conv2d", "csr_conv2d_chwn", "maxpool_chwn", "pack_chain", "split_threads"]
 
 # The widest batch tile of `csr_chain`. A tile runs feature-major, (features, lanes):
 # each kept connection is a vector multiply-add over the tile's lanes, so wide tiles
@@ -67,10 +56,17 @@ TILE = 256
 # transposes, and the scratch is two feature vectors.
 TILE_MIN = 4
 
-# With SCLREF_SPARSE_PARALLEL=1, below this many multiply-adds (batch rows x nnz, or
-# output pixels x nnz) a call still runs serially: waking the worker threads costs
-# several microseconds, more than a small call takes.
-PARALLEL_MIN_WORK = 1 << 19
+# From this many multiply-adds (output pixels x max(nnz, filters)) a CHWN convolution
+# splits its output rows over threads (`split_threads`). Measured on 2 cores, whole
+# networks, medians against the same run with no split (alternating, 10 ms of warm-up
+# calls before each block), quiet and beside two busy processes:
+#   threshold   92 %-sparse ResNet-20, batch 64   98.6 %-sparse LeNet-5, batch 256
+#   8 M         1.17x quiet, 1.08x load          1.17x, 1.24x
+#   0 (all)     1.28-1.38x, 0.76-0.94x           1.35x, 1.35x
+# Below 8 M (ResNet-20's first and last-stage convolutions, LeNet-5's at batch 64: 3-8 M,
+# calls under a millisecond) the pool thread's wake-up, and under load its preemption in
+# the middle of a task, which the caller then waits for, cost what the split gains.
+SPLIT_MIN_WORK = 8_000_000
 
 # Activation codes in the "act" column of a chain's layer table.
 ACTIVATIONS = {None: 0, "relu": 1, "leaky_relu": 2}
@@ -89,11 +85,6 @@ _F, _K, _NNZ, _PTR, _IDX, _BLK, _NBLK, _W, _B, _ALPHA, _ACT = range(len(CHAIN_CO
 # there with shuffles and stored column by column (2.3x faster than an element-wise
 # copy of LeNet-300-100's input).
 BLOCK_BYTES = 32
-
-
-def _parallel(fn):
-    """`fn` compiled with its `prange` loops running on numba's thread pool."""
-    return _decorate(fn, parallel=True)
 
 
 def pack_chain(weights, biases, activations, alphas, dtype):
@@ -141,28 +132,24 @@ def pack_chain(weights, biases, activations, alphas, dtype):
     return layers, np.concatenate(ints or [np.zeros(0, itype)]).astype(itype), np.concatenate(vals)
 
 
-def parallel_pays(work: int) -> bool:
-    """Whether a call of `work` multiply-adds runs on numba's thread pool (see the module doc)."""
-    return SPARSE_PARALLEL and work >= PARALLEL_MIN_WORK and numba.get_num_threads() > 1
+def split_threads(work: int, parts: int) -> int:
+    """Threads a call of `work` multiply-adds whose outputs split into `parts` tasks runs on (see the module doc)."""
+    return tasks.threads_for(parts) if work >= SPLIT_MIN_WORK else 1
 
 
-def chain_scratch(layers, n, dtype, threads=None):
+def chain_scratch(layers, n, dtype):
     """A scratch buffer for `csr_chain` on a batch of `n` rows (reusable for every call with `n` rows).
 
-    (2, W) below TILE_MIN rows, else (threads, 2, W, tile); W is the widest vector the
-    chain holds (its input or any layer's outputs). `threads` defaults to numba's thread
-    count when `parallel_pays` for the call's n * nnz multiply-adds, else 1; the tiles are
-    the fewest of at most TILE lanes (a multiple of 8) that give every thread one.
+    (2, W) below TILE_MIN rows, else (2, W, tile); W is the widest vector the chain holds
+    (its input or any layer's outputs); the tiles are the fewest of at most TILE lanes (a
+    multiple of 8) that cover the batch.
     """
     width = int(max(layers[0, _K], layers[:, _F].max())) if layers.shape[0] else 0
     if n < TILE_MIN:
         return np.empty((2, width), dtype)
-    if threads is None:
-        threads = numba.get_num_threads() if parallel_pays(n * int(layers[:, _NNZ].sum())) else 1
-    tiles = max(min(threads, -(-n // 8)), -(-n // TILE))
-    tile = -(-n // tiles)
+    tile = -(-n // -(-n // TILE))
     tile += -tile % 8  # whole vectors of lanes
-    return np.empty((min(threads, tiles), 2, width, tile), dtype)
+    return np.empty((2, width, tile), dtype)
 
 
 def _rows_layer(ip, ix, w, b, act, alpha, src, dst):
@@ -301,9 +288,9 @@ def _make_tiles(feature_major):
     # already feature-major (K, N): the constant is frozen into the compiled code.
 
     def tiles(layers, ints, vals, x, out, scratch):
-        # Batch tiles of `tile` rows; thread t takes tiles t, t + threads, ... with its
-        # own scratch[t]. Row-major input: the blocks of input columns the first layer
-        # reads are transposed into scratch (the only transpose of the input).
+        # Batch tiles of `tile` rows, one after the other. Row-major input: the blocks of
+        # input columns the first layer reads are transposed into scratch (the only
+        # transpose of the input).
         # Feature-major input: a batch that is one tile is read in place, a tile of a
         # wider batch has the rows the first layer reads copied into scratch. Every layer
         # then stays feature-major in scratch, and the last layer's tile is transposed,
@@ -311,57 +298,56 @@ def _make_tiles(feature_major):
         n, k = out.shape[0], layers[0, _K]
         rows = x.reshape((k, n)) if feature_major else x.reshape((n, k))
         nl = layers.shape[0]
-        threads, tile = scratch.shape[0], scratch.shape[3]
+        tile = scratch.shape[2]
         ntiles = (n + tile - 1) // tile
         nblocks, blocks = layers[0, _NBLK], layers[0, _BLK]
         bw = BLOCK_BYTES // rows.itemsize
-        for t in prange(threads):
-            a, b = scratch[t, 0], scratch[t, 1]
-            for q in range(t, ntiles, threads):
-                r0 = q * tile
-                nb = min(tile, n - r0)
-                full = nb - nb % bw
-                first = a
-                if feature_major and nb == n:
-                    first = rows
-                elif feature_major:
-                    for e in range(nblocks):
-                        c0 = np.int64(ints[blocks + e])
-                        for c in range(c0, min(c0 + bw, k)):
-                            xr, ar = rows[c], a[c]
-                            for r in range(nb):
-                                ar[r] = xr[r0 + r]
-                else:
-                    # Block columns outermost: the stores fill a few scratch rows at a
-                    # time (rows outermost measured 2.3x slower).
-                    for e in range(nblocks):
-                        c0 = np.int64(ints[blocks + e])
-                        if c0 + bw <= k:
-                            for r in range(0, full, bw):
-                                _transpose_block(rows, (r0 + r) * k + c0, k, a, c0 * tile + r, tile)
-                            rest = full
-                        else:
-                            rest = 0
-                        for c in range(c0, min(c0 + bw, k)):
-                            dst = a[c]
-                            for r in range(rest, nb):
-                                dst[r] = rows[r0 + r, c]
-                src = first
-                for li in range(nl):
-                    dst = b if li % 2 == 0 else a
-                    f, nnz, ptr, idx = layers[li, _F], layers[li, _NNZ], layers[li, _PTR], layers[li, _IDX]
-                    _lanes_layer(ints[ptr:ptr + f + 1], ints[idx:idx + nnz], vals[layers[li, _W]:layers[li, _W] + nnz],
-                                 vals[layers[li, _B]:layers[li, _B] + f], layers[li, _ACT], vals[layers[li, _ALPHA]],
-                                 src, dst, nb)
-                    src = dst
-                fo = out.shape[1]
-                for j0 in range(0, fo - fo % bw, bw):
-                    for r in range(0, full, bw):
-                        _transpose_block(src, j0 * tile + r, tile, out, (r0 + r) * fo + j0, fo)
-                for r in range(nb):
-                    o = out[r0 + r]
-                    for j in range(fo - fo % bw if r < full else 0, fo):
-                        o[j] = src[j, r]
+        a, b = scratch[0], scratch[1]
+        for q in range(ntiles):
+            r0 = q * tile
+            nb = min(tile, n - r0)
+            full = nb - nb % bw
+            first = a
+            if feature_major and nb == n:
+                first = rows
+            elif feature_major:
+                for e in range(nblocks):
+                    c0 = np.int64(ints[blocks + e])
+                    for c in range(c0, min(c0 + bw, k)):
+                        xr, ar = rows[c], a[c]
+                        for r in range(nb):
+                            ar[r] = xr[r0 + r]
+            else:
+                # Block columns outermost: the stores fill a few scratch rows at a
+                # time (rows outermost measured 2.3x slower).
+                for e in range(nblocks):
+                    c0 = np.int64(ints[blocks + e])
+                    if c0 + bw <= k:
+                        for r in range(0, full, bw):
+                            _transpose_block(rows, (r0 + r) * k + c0, k, a, c0 * tile + r, tile)
+                        rest = full
+                    else:
+                        rest = 0
+                    for c in range(c0, min(c0 + bw, k)):
+                        dst = a[c]
+                        for r in range(rest, nb):
+                            dst[r] = rows[r0 + r, c]
+            src = first
+            for li in range(nl):
+                dst = b if li % 2 == 0 else a
+                f, nnz, ptr, idx = layers[li, _F], layers[li, _NNZ], layers[li, _PTR], layers[li, _IDX]
+                _lanes_layer(ints[ptr:ptr + f + 1], ints[idx:idx + nnz], vals[layers[li, _W]:layers[li, _W] + nnz],
+                             vals[layers[li, _B]:layers[li, _B] + f], layers[li, _ACT], vals[layers[li, _ALPHA]],
+                             src, dst, nb)
+                src = dst
+            fo = out.shape[1]
+            for j0 in range(0, fo - fo % bw, bw):
+                for r in range(0, full, bw):
+                    _transpose_block(src, j0 * tile + r, tile, out, (r0 + r) * fo + j0, fo)
+            for r in range(nb):
+                o = out[r0 + r]
+                for j in range(fo - fo % bw if r < full else 0, fo):
+                    o[j] = src[j, r]
 
     return tiles
 
@@ -370,8 +356,7 @@ _bias_act = jit(_bias_act)
 _rows_layer = jit(_rows_layer)
 _lanes_layer = jit(_lanes_layer)
 _ROWS = jit(_chain_rows)
-_TILES = {(parallel, fm): (_parallel if parallel else jit)(_make_tiles(fm)) for parallel in (False, True)
-          for fm in (False, True)}
+_TILES = {fm: jit(_make_tiles(fm)) for fm in (False, True)}
 
 
 def chain_kernel(scratch, feature_major=False):
@@ -384,7 +369,7 @@ def chain_kernel(scratch, feature_major=False):
         if feature_major:
             raise ValueError(f"a feature-major chain input needs at least {TILE_MIN} rows")
         return _ROWS
-    return _TILES[scratch.shape[0] > 1, bool(feature_major)]
+    return _TILES[bool(feature_major)]
 
 
 def csr_chain(layers, ints, vals, x, out, scratch, feature_major=False):
@@ -396,9 +381,9 @@ def csr_chain(layers, ints, vals, x, out, scratch, feature_major=False):
     With `feature_major`, x holds the samples as columns instead: (K_0, N), or any
     C-contiguous (..., N) read as (K_0, N) (a CHWN activation); the result is the same.
     O(N * (nnz + K_0 + F_last)) time. Below TILE_MIN rows: gathered dot products,
-    sample by sample (a feature-major x is transposed first). Otherwise batch tiles
-    (parallel over tiles when scratch has a thread axis longer than 1), feature-major
-    inside the tile, with the bias and the activation applied as each output row is finished.
+    sample by sample (a feature-major x is transposed first). Otherwise batch tiles,
+    feature-major inside the tile, with the bias and the activation applied as each
+    output row is finished.
     """
     if feature_major and scratch.ndim == 2:
         x, feature_major = np.ascontiguousarray(x.reshape(-1, out.shape[0]).T), False
@@ -436,14 +421,11 @@ def _conv(kh, kw, sh, sw, indptr, indices, data, bias, xp, out):
     # each weight's (c, i, k) is decoded once per call (`_taps`), not once per image and
     # filter: against one weight per pass and decoding in the loop, 1.2-1.3x faster on
     # ResNet-20's stride-1 convolutions at batch 1, 1.1-1.25x on LeNet-5's at batch 1 and
-    # 1.25-1.8x at batch 8. Parallel over fixed chunks of (image, filter) planes; each
-    # plane's sum runs over the kept weights in index order, then the bias, whatever the
-    # chunking.
+    # 1.25-1.8x at batch 8. Each plane's sum runs over the kept weights in index order,
+    # then the bias.
     nimg, nch, hp, wp = xp.shape
     f, oh, ow = out.shape[1], out.shape[2], out.shape[3]
     zero = out.dtype.type(0)
-    planes = nimg * f
-    chunks = min(planes, 64)
     taps = _taps(indices, kh, kw)
     tc, ti, tk = taps[0], taps[1], taps[2]
     if sh == 1 and sw == 1:
@@ -462,12 +444,10 @@ def _conv(kh, kw, sh, sw, indptr, indices, data, bias, xp, out):
     start = (tc * hq + ti) * wq + tk  # where each weight's window starts in the flat image
     span = (oh - 1) * wq + ow
     xf = xq.reshape((nimg, xq.shape[1] * hq * wq))
-    for t in prange(chunks):
-        acc = np.empty(span, out.dtype)
-        for q in range(t * planes // chunks, (t + 1) * planes // chunks):
-            n = q // f
-            j = q - n * f
-            image = xf[n]
+    acc = np.empty(span, out.dtype)
+    for n in range(nimg):
+        image = xf[n]
+        for j in range(f):
             for r in range(span):
                 acc[r] = zero
             p, p1 = indptr[j], indptr[j + 1]
@@ -491,24 +471,20 @@ def _conv(kh, kw, sh, sw, indptr, indices, data, bias, xp, out):
 
 
 _taps = jit(_taps)
-_CONV = {False: jit(_conv), True: _parallel(_conv)}
+_CONV = jit(_conv)
 
 
-def csr_conv2d(kh, kw, sh, sw, indptr, indices, data, bias, xp, out, parallel=None):
+def csr_conv2d(kh, kw, sh, sw, indptr, indices, data, bias, xp, out):
     """Cross-correlate a zero-padded input with CSR filters, then add the bias.
 
     The filters W (F, C, KH, KW) are a CSR matrix of shape (F, C*KH*KW) whose column
     ``c*KH*KW + i*KW + k`` is w[:, c, i, k] (the im2col order). xp (N, C, Hp, Wp) is
     the already padded input, out (N, F, OH, OW) with OH = (Hp - KH) // sh + 1.
     out[n, j, a, b] = sum_{c,i,k} w[j, c, i, k] * xp[n, c, a*sh + i, b*sw + k] + bias[j].
-    O(N*nnz*OH*Wp/SW + N*F*OH*OW + N*C*Hp*Wp) time, scratch of OH*Wp/SW values per chunk of
-    planes (and a phase-split copy of the input when strided). `parallel` defaults to
-    `parallel_pays` for the N * OH * OW * max(nnz, F) multiply-adds.
+    O(N*nnz*OH*Wp/SW + N*F*OH*OW + N*C*Hp*Wp) time, scratch of OH*Wp/SW values (and a
+    phase-split copy of the input when strided); on the calling thread.
     """
-    n, f, oh, ow = out.shape
-    if parallel is None:
-        parallel = parallel_pays(n * oh * ow * max(data.shape[0], f))
-    _CONV[bool(parallel)](kh, kw, sh, sw, indptr, indices, data, bias, xp, out)
+    _CONV(kh, kw, sh, sw, indptr, indices, data, bias, xp, out)
 
 
 def _add_run(d, xrow, w, b0, b1, s, sw, n):
@@ -526,7 +502,7 @@ def _add_run(d, xrow, w, b0, b1, s, sw, n):
                 db[r] += w * sb[r]
 
 
-def _conv_chwn(kh, kw, sh, sw, ph, pw, indptr, indices, data, bias, act, alpha, x, out):
+def _conv_chwn(kh, kw, sh, sw, ph, pw, indptr, indices, data, bias, act, alpha, x, out, a0, a1):
     # Direct sparse convolution on CHWN activations: an output row (OW, N) of filter j is
     # OW * N contiguous lanes. At column stride 1 a kept weight adds w times one
     # contiguous run of its input row, shifted by k - pw columns of N lanes (padding only
@@ -541,8 +517,8 @@ def _conv_chwn(kh, kw, sh, sw, ph, pw, indptr, indices, data, bias, act, alpha, 
     # per filter. Measured on a pruned ResNet-20 at batch 64 against filters outermost:
     # 1.1-1.2x faster on the 16-channel 28x28 convolutions and 1.1-1.3x on the strided
     # one that reads them, 0.85-0.97x on the 64-channel 7x7 ones, even on LeNet-5's two.
-    # Parallel over output rows; each output's sum runs over the kept weights in index
-    # order, then the bias, whatever the thread count.
+    # Computes output rows [a0, a1); each output's sum runs over the kept weights in
+    # index order, then the bias, however the rows are split.
     nch, h, wd, n = x.shape
     f, oh, ow = out.shape[0], out.shape[1], out.shape[2]
     zero = out.dtype.type(0)
@@ -560,7 +536,7 @@ def _conv_chwn(kh, kw, sh, sw, ph, pw, indptr, indices, data, bias, act, alpha, 
             tb0[p], tb1[p] = max(0, -ts[p]), min(ow, wd - ts[p])
         else:
             tb0[p], tb1[p] = max(0, -(ts[p] // sw)), min(ow, (wd - ts[p] + sw - 1) // sw)
-    for a in prange(oh):
+    for a in range(a0, a1):
         top = a * sh - ph  # the input row of i = 0
         for j in range(f):
             p0, p1 = indptr[j], indptr[j + 1]
@@ -605,10 +581,10 @@ def _conv_chwn(kh, kw, sh, sw, ph, pw, indptr, indices, data, bias, act, alpha, 
 
 
 _add_run = jit(_add_run)
-_CONV_CHWN = {False: jit(_conv_chwn), True: _parallel(_conv_chwn)}
+_CONV_CHWN = jit(_conv_chwn)
 
 
-def csr_conv2d_chwn(kh, kw, sh, sw, ph, pw, indptr, indices, data, bias, act, alpha, x, out, parallel=None):
+def csr_conv2d_chwn(kh, kw, sh, sw, ph, pw, indptr, indices, data, bias, act, alpha, x, out, threads=None):
     """A convolution with CSR filters on CHWN activations, then the bias and an activation.
 
     x (C, H, W, N) unpadded, out (F, OH, OW, N) with OH = (H + 2*PH - KH) // SH + 1 (OW
@@ -617,13 +593,19 @@ def csr_conv2d_chwn(kh, kw, sh, sw, ph, pw, indptr, indices, data, bias, act, al
     out[j, a, b, n] = act(sum_{c,i,k} w[j, c, i, k] * xpad[c, a*SH + i, b*SW + k, n] + bias[j]),
     xpad the zero-padded input, summed over the kept weights in index order (the
     padding's zeros are skipped, not added): the values of `csr_conv2d`, sample by sample.
-    O(nnz * OH * OW * N + F * OH * OW * N) time, no scratch. `parallel` defaults to
-    `parallel_pays` for the N * OH * OW * max(nnz, F) multiply-adds.
+    O(nnz * OH * OW * N + F * OH * OW * N) time, no scratch. The output rows are cut into
+    up to four tasks per thread for `sclref.kernels.tasks.run_tasks`; `threads` defaults
+    to `split_threads` for the N * OH * OW * max(nnz, F) multiply-adds.
     """
     f, oh, ow, n = out.shape
-    if parallel is None:
-        parallel = parallel_pays(n * oh * ow * max(data.shape[0], f))
-    _CONV_CHWN[bool(parallel)](kh, kw, sh, sw, ph, pw, indptr, indices, data, bias, act, alpha, x, out)
+    if threads is None:
+        threads = split_threads(n * oh * ow * max(data.shape[0], f), oh)
+    args = (kh, kw, sh, sw, ph, pw, indptr, indices, data, bias, act, alpha, x, out)
+    if threads <= 1 or oh < 2:
+        _CONV_CHWN(*args, 0, oh)
+        return
+    parts = min(oh, 4 * threads)
+    tasks.run_tasks(parts, lambda i, slot: _CONV_CHWN(*args, i * oh // parts, (i + 1) * oh // parts), threads)
 
 
 def _maxpool_chwn(kh, kw, sh, sw, x, out):
@@ -631,7 +613,7 @@ def _maxpool_chwn(kh, kw, sh, sw, x, out):
     # lanes at a time. np.maximum on scalars: NaN wins as in NumPy, and it vectorizes
     # (a compare and a select written out measured 3-7x slower).
     nch, oh, ow, n = out.shape
-    for ch in prange(nch):
+    for ch in range(nch):
         for a in range(oh):
             o = out[ch, a]
             for i in range(kh):

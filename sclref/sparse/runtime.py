@@ -1,11 +1,13 @@
 """Run an exported `SparseNetwork` on a CPU with one of three backends per weight layer.
 
-* ``sclref``: the numba kernels of `sclref.kernels.sparse`, on one thread unless
-  ``SCLREF_SPARSE_PARALLEL=1`` (a parallel call stalls when another process holds a
-  core; that module's doc gives the measurements).
+* ``sclref``: the numba kernels of `sclref.kernels.sparse`, on the caller's thread
+  except large CHWN convolutions, whose output rows are split into tasks that the
+  caller's thread takes its share of (that module's doc gives the measurements).
 * ``scipy``: scipy.sparse products (the reference sparse implementation).
 * ``dense``: NumPy/BLAS on the dense form of the same weights (a reference, and the
-  fastest choice for dense-enough layers).
+  fastest choice for dense-enough layers), on one BLAS thread (`sclref.threads.pinned`,
+  once per call): OpenBLAS rounds a product differently on 2 threads than on 1, and a
+  2-thread product waits for its second thread whenever another process holds a core.
 
 ``auto`` picks per layer and batch size: dense when the layer's density is at least the
 measured break-even density (`DENSE_FROM`, `CONV_DENSE_FROM`), otherwise the sclref kernels (scipy when JIT is
@@ -215,7 +217,8 @@ class Runtime:
             if len(self._plans) >= 16:  # bounded: a stream of new batch sizes does not keep every plan and buffer
                 self._plans.clear()
             self.check_batch(x.shape)
-            run = self._plans[x.shape] = _plan(self._steps(x.shape[0], entry=True))
+            dense = "dense" in self.plan(x.shape[0]).values()
+            run = self._plans[x.shape] = _plan(self._steps(x.shape[0], entry=True), pin=dense)
         return run(x)
 
     def _steps(self, batch: int, layers: list | None = None, entry: bool = False) -> list:
@@ -388,7 +391,8 @@ class Runtime:
         if x.ndim != 2 or x.shape[1] != k:
             raise ValueError(f"{name}: expected (N, {k}) input, got shape {x.shape}")
         if backend == "dense":
-            return x @ w.dense.T + w.bias
+            with threads.pinned():
+                return x @ w.dense.T + w.bias
         if backend == "scipy":
             # (N, F) as a transposed view: a following scipy layer reads it without a copy.
             return (w.csr @ x.T).T + w.bias
@@ -421,7 +425,12 @@ class Runtime:
         # im2col: rows c*KH*KW + i*KW + k (the CSR column order), columns (image, pixel).
         windows = sliding_window_view(xp, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw]
         cols = windows.transpose(1, 4, 5, 0, 2, 3).reshape(c * kh * kw, n * oh * ow)
-        y = (w.dense if backend == "dense" else w.csr) @ cols + w.bias[:, None]
+        if backend == "dense":
+            with threads.pinned():
+                y = w.dense @ cols
+        else:
+            y = w.csr @ cols
+        y += w.bias[:, None]
         return np.ascontiguousarray(y.reshape(f, n, oh, ow).transpose(1, 0, 2, 3))
 
 
@@ -573,8 +582,8 @@ class _ChainRun:
         return out
 
 
-def _plan(steps: list):
-    """One call running `steps` in order and returning a C-ordered array."""
+def _plan(steps: list, pin: bool = False):
+    """One call running `steps` in order and returning a C-ordered array; with `pin`, inside `threads.pinned`."""
     if len(steps) == 1 and isinstance(steps[0], _ChainRun):
         return steps[0]  # its output is a new C-ordered array
 
@@ -583,4 +592,11 @@ def _plan(steps: list):
             x = step(x)
         return x if x.flags.c_contiguous else np.ascontiguousarray(x)
 
-    return run
+    if not pin:
+        return run
+
+    def pinned_run(x: np.ndarray) -> np.ndarray:
+        with threads.pinned():  # one pin for the call, not one per dense layer (the outermost costs ~20 µs)
+            return run(x)
+
+    return pinned_run
