@@ -50,10 +50,16 @@ def _reset_peak_rss() -> None:
         pass
 
 
+def warm_up(fn, seconds: float) -> None:
+    """Call `fn` untimed for `seconds` (see `samples_in_workers`' `warm`)."""
+    until = time.perf_counter() + seconds
+    while time.perf_counter() < until:
+        fn()
+
+
 def _worker(conn, build, args, warm: float = 0.0):
     # Runs in its own process: build the workload once, then time blocks of calls on request,
     # each block after `warm` seconds of untimed calls (see `samples_in_workers`).
-    import time
 
     from sclref.sparse.bench import call_times
 
@@ -69,9 +75,7 @@ def _worker(conn, build, args, warm: float = 0.0):
         count = conn.recv()
         if not count:
             break
-        until = time.perf_counter() + warm
-        while time.perf_counter() < until:
-            step()
+        warm_up(step, warm)
         conn.send(call_times(step, count))
     peak = _rss_kib("VmHWM")
     usage = None if base is None or peak is None else {"resident_mib": base / 1024,

@@ -256,9 +256,7 @@ def _alternate(fns: dict, reps: int, block: int = 5, pause: float = 0.05, warm: 
     for turn in range(1 + -(-reps // block)):
         for name, fn in fns.items():
             time.sleep(pause)
-            until = time.perf_counter() + warm
-            while time.perf_counter() < until:
-                fn()
+            common.warm_up(fn, warm)
             times = call_times(fn, block)
             if turn:
                 samples[name] += times

@@ -420,3 +420,16 @@ def test_dense_layers_give_the_same_bits_whatever_blas_threads_the_process_has()
             run = Runtime(network, np.float32, "dense")
             outputs.append((run(x).tobytes(), run.linear("fc1", x, "dense").tobytes()))
     assert outputs[0] == outputs[1]
+
+
+def test_one_chwn_convolution_gives_the_nchw_bits_and_refuses_other_input():
+    gen = np.random.default_rng(22)
+    network = _chwn_net(gen, tail="residual")
+    run = Runtime(network, np.float32, "sclref")
+    x = gen.standard_normal((13, 5, 8, 8)).astype(np.float32)  # the input of res1.conv1 (stride 2, padding 1)
+    got = run.conv2d_chwn("res1.conv1", np.ascontiguousarray(x.transpose(1, 2, 3, 0)))
+    assert got.tobytes() == np.ascontiguousarray(run.conv2d("res1.conv1", x, "sclref").transpose(1, 2, 3, 0)).tobytes()
+    with pytest.raises(ValueError, match="expected 5 input channels, got 4"):
+        run.conv2d_chwn("res1.conv1", np.zeros((4, 8, 8, 13), np.float32))
+    with pytest.raises(ValueError, match=r"expected C-contiguous \(C, H, W, N\) float32 input"):
+        run.conv2d_chwn("res1.conv1", np.zeros((5, 8, 8, 13)))

@@ -147,7 +147,8 @@ def chain_scratch(layers, n, dtype):
     width = int(max(layers[0, _K], layers[:, _F].max())) if layers.shape[0] else 0
     if n < TILE_MIN:
         return np.empty((2, width), dtype)
-    tile = -(-n // -(-n // TILE))
+    tiles = -(-n // TILE)
+    tile = -(-n // tiles)
     tile += -tile % 8  # whole vectors of lanes
     return np.empty((2, width, tile), dtype)
 
@@ -601,7 +602,7 @@ def csr_conv2d_chwn(kh, kw, sh, sw, ph, pw, indptr, indices, data, bias, act, al
     if threads is None:
         threads = split_threads(n * oh * ow * max(data.shape[0], f), oh)
     args = (kh, kw, sh, sw, ph, pw, indptr, indices, data, bias, act, alpha, x, out)
-    if threads <= 1 or oh < 2:
+    if threads <= 1:
         _CONV_CHWN(*args, 0, oh)
         return
     parts = min(oh, 4 * threads)

@@ -23,7 +23,7 @@ import scipy.sparse as sp
 
 from sclref.errors import InputError
 from sclref.sparse import network as net
-from sclref.sparse.runtime import CHWN_FROM, Runtime, _ConvCHWN, _to_chwn
+from sclref.sparse.runtime import CHWN_FROM, Runtime
 
 __all__ = ["BREAK_EVEN_GRID", "MAX_BATCH", "MAX_BATCH_SIZES", "MAX_REPS", "bandwidth", "bench", "break_even_density",
            "call_times", "check_counts", "format_report", "median_times"]
@@ -125,8 +125,8 @@ def _sclref_conv(run: Runtime, name: str, x: np.ndarray):
     """
     if x.shape[0] < CHWN_FROM:
         return lambda: run.conv2d(name, x, "sclref")
-    conv, chwn = _ConvCHWN(run.weights[name], None, run.dtype), _to_chwn(x)
-    return lambda: conv(chwn)
+    chwn = np.ascontiguousarray(x.transpose(1, 2, 3, 0))
+    return lambda: run.conv2d_chwn(name, chwn)
 
 
 def _random_like(layer, dtype, density: float, seed: int = 1):

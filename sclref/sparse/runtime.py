@@ -407,10 +407,7 @@ class Runtime:
         layer = w.layer
         (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
         n, c, h, wd = x.shape
-        if c != layer.in_channels:
-            raise ValueError(f"{name}: expected {layer.in_channels} input channels, got {c}")
-        if h + 2 * ph < kh or wd + 2 * pw < kw:
-            raise ValueError(f"{name}: kernel {layer.kernel_size} is larger than the padded input")
+        _check_conv(layer, c, h, wd)
         if ph or pw:
             xp = np.zeros((n, c, h + 2 * ph, wd + 2 * pw), self.dtype)
             xp[:, :, ph:ph + h, pw:pw + wd] = x
@@ -432,6 +429,25 @@ class Runtime:
             y = w.csr @ cols
         y += w.bias[:, None]
         return np.ascontiguousarray(y.reshape(f, n, oh, ow).transpose(1, 0, 2, 3))
+
+
+    def conv2d_chwn(self, name: str, x: np.ndarray) -> np.ndarray:
+        """One sclref convolution, without its activation, on C-contiguous CHWN input (C, H, W, N) of the run's
+        dtype, as a batch of `CHWN_FROM` or more runs it; returns (F, OH, OW, N)."""
+        if x.ndim != 4 or x.dtype != self.dtype or not x.flags.c_contiguous:
+            raise ValueError(f"{name}: expected C-contiguous (C, H, W, N) {self.dtype} input, got {x.dtype} "
+                             f"{x.shape}")
+        _check_conv(self.weights[name].layer, *x.shape[:3])
+        return _ConvCHWN(self.weights[name], None, self.dtype)(x)
+
+
+def _check_conv(layer: net.Conv2d, c: int, h: int, wd: int) -> None:
+    """Raise ValueError unless a per-sample input of c channels, h x wd pixels, fits the convolution `layer`."""
+    (kh, kw), (ph, pw) = layer.kernel_size, layer.padding
+    if c != layer.in_channels:
+        raise ValueError(f"{layer.name}: expected {layer.in_channels} input channels, got {c}")
+    if h + 2 * ph < kh or wd + 2 * pw < kw:
+        raise ValueError(f"{layer.name}: kernel {layer.kernel_size} is larger than the padded input")
 
 
 class _Block:
