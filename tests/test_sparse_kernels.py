@@ -75,7 +75,7 @@ def test_csr_chain_matches_scipy(impl, case):
 def test_chain_results_do_not_depend_on_batch_tiles_or_a_feature_major_input(case, tile):
     weights, biases, acts, alphas, x, dtype = case
     layers, ints, vals = kernels.pack_chain(weights, biases, acts, alphas, dtype)
-    width = max(kernels.chain_scratch(layers, 1, dtype).shape[1], 1)
+    width = max(x.shape[1], *(w.shape[0] for w in weights), 1)
     tiled = np.empty((x.shape[0], weights[-1].shape[0]), dtype)
     kernels.csr_chain(layers, ints, vals, x, tiled, np.empty((2, width, tile), dtype))
     columns = np.ascontiguousarray(x.T)

@@ -53,7 +53,7 @@ __all__ = ["ACTIVATIONS", "CHAIN_COLUMNS", "SPLIT_MIN_WORK", "TILE", "TILE_MIN",
 TILE = 256
 
 # Batches narrower than this run sample by sample (gathered dot products): no
-# transposes, and the scratch is two feature vectors.
+# transposes, and the only scratch is two feature vectors, which the kernel allocates.
 TILE_MIN = 4
 
 # From this many multiply-adds (output pixels x max(nnz, filters)) a CHWN convolution
@@ -140,17 +140,26 @@ def split_threads(work: int, parts: int) -> int:
 def chain_scratch(layers, n, dtype):
     """A scratch buffer for `csr_chain` on a batch of `n` rows (reusable for every call with `n` rows).
 
-    (2, W) below TILE_MIN rows, else (2, W, tile); W is the widest vector the chain holds
-    (its input or any layer's outputs); the tiles are the fewest of at most TILE lanes (a
-    multiple of 8) that cover the batch.
+    None below TILE_MIN rows: sample by sample, a chain needs two feature vectors, which
+    the kernel allocates itself (cheaper at batch 1 than a lock that guards a shared
+    buffer). Otherwise (2, W, tile), W the widest vector the chain holds (its input or
+    any layer's outputs), the tiles the fewest of at most TILE lanes (a multiple of 8)
+    that cover the batch.
     """
-    width = int(max(layers[0, _K], layers[:, _F].max())) if layers.shape[0] else 0
     if n < TILE_MIN:
-        return np.empty((2, width), dtype)
+        return None
     tiles = -(-n // TILE)
     tile = -(-n // tiles)
     tile += -tile % 8  # whole vectors of lanes
-    return np.empty((2, width, tile), dtype)
+    return np.empty((2, _width(layers), tile), dtype)
+
+
+def _width(layers):
+    # The widest vector a chain holds: its input or any layer's outputs.
+    width = layers[0, _K] if layers.shape[0] else 0
+    for li in range(layers.shape[0]):
+        width = max(width, layers[li, _F])
+    return width
 
 
 def _rows_layer(ip, ix, w, b, act, alpha, src, dst):
@@ -170,9 +179,10 @@ def _rows_layer(ip, ix, w, b, act, alpha, src, dst):
         dst[j] = v
 
 
-def _chain_rows(layers, ints, vals, x, out, scratch):
+def _chain_rows(layers, ints, vals, x, out):
     # Sample by sample, layer by layer; hidden vectors alternate between scratch[0] and scratch[1].
     nl = layers.shape[0]
+    scratch = np.empty((2, _width(layers)), out.dtype)
     rows = x.reshape((x.shape[0], layers[0, _K]))
     for r in range(rows.shape[0]):
         src = rows[r]
@@ -353,6 +363,7 @@ def _make_tiles(feature_major):
     return tiles
 
 
+_width = jit(_width)
 _bias_act = jit(_bias_act)
 _rows_layer = jit(_rows_layer)
 _lanes_layer = jit(_lanes_layer)
@@ -361,34 +372,39 @@ _TILES = {fm: jit(_make_tiles(fm)) for fm in (False, True)}
 
 
 def chain_kernel(scratch, feature_major=False):
-    """The compiled loop `csr_chain` runs with this scratch buffer; callers on a hot path call it directly.
+    """The compiled loop `csr_chain` runs with a scratch from `chain_scratch`; callers on a hot path call it directly.
 
-    With `feature_major` the loop reads its input as (K_0, N); the scratch must then be
-    a tiled one (at least TILE_MIN rows).
+    Without scratch (None) the loop is ``kernel(layers, ints, vals, x, out)``, sample by
+    sample, on row-major input; with one, ``kernel(layers, ints, vals, x, out, scratch)``
+    in batch tiles, reading its input as (K_0, N) with `feature_major`.
     """
-    if scratch.ndim == 2:
+    if scratch is None:
         if feature_major:
             raise ValueError(f"a feature-major chain input needs at least {TILE_MIN} rows")
         return _ROWS
     return _TILES[bool(feature_major)]
 
 
-def csr_chain(layers, ints, vals, x, out, scratch, feature_major=False):
+def csr_chain(layers, ints, vals, x, out, scratch=None, feature_major=False):
     """out = the chain's output for the rows of x: h_{l+1} = act_l(h_l @ W_l.T + b_l), h_0 = x.
 
     layers, ints, vals from `pack_chain`; x (N, K_0), or any C-contiguous (N, ...) holding K_0
     values per sample (read as (N, K_0): flattening costs no Python call), out (N, F_last),
-    C-contiguous, of vals' dtype; scratch from `chain_scratch` for N rows (its contents are overwritten).
+    C-contiguous, of vals' dtype; scratch from `chain_scratch` for N rows (its contents are
+    overwritten; None below TILE_MIN rows).
     With `feature_major`, x holds the samples as columns instead: (K_0, N), or any
     C-contiguous (..., N) read as (K_0, N) (a CHWN activation); the result is the same.
-    O(N * (nnz + K_0 + F_last)) time. Below TILE_MIN rows: gathered dot products,
-    sample by sample (a feature-major x is transposed first). Otherwise batch tiles,
+    O(N * (nnz + K_0 + F_last)) time. Without scratch: gathered dot products, sample by
+    sample (a feature-major x is transposed first). Otherwise batch tiles,
     feature-major inside the tile, with the bias and the activation applied as each
     output row is finished.
     """
-    if feature_major and scratch.ndim == 2:
-        x, feature_major = np.ascontiguousarray(x.reshape(-1, out.shape[0]).T), False
-    chain_kernel(scratch, feature_major)(layers, ints, vals, x, out, scratch)
+    if scratch is None:
+        if feature_major:
+            x = np.ascontiguousarray(x.reshape(-1, out.shape[0]).T)
+        _ROWS(layers, ints, vals, x, out)
+    else:
+        _TILES[bool(feature_major)](layers, ints, vals, x, out, scratch)
 
 
 def _taps(indices, kh, kw):

@@ -242,8 +242,8 @@ class Runtime:
                 key = tuple((w.layer.name, act and act.name) for w, act in chain)
                 if key not in self._chains:
                     self._chains[key] = _Chain(chain, self.dtype)
-                steps.append(_ChainRun(self._chains[key], batch, contiguous=entry and not steps,
-                                       feature_major=feature_major))
+                steps.append(_chain_run(self._chains[key], batch, contiguous=entry and not steps,
+                                        feature_major=feature_major))
                 feature_major = False
             else:
                 layer = layers[i]
@@ -399,7 +399,7 @@ class Runtime:
         key = ((name, None),)
         if key not in self._chains:
             self._chains[key] = _Chain([(w, None)], self.dtype)
-        return _ChainRun(self._chains[key], x.shape[0])(x)
+        return _chain_run(self._chains[key], x.shape[0])(x)
 
     def conv2d(self, name: str, x: np.ndarray, backend: str) -> np.ndarray:
         """One convolution on NCHW input."""
@@ -565,42 +565,50 @@ class _Chain:
         self.features, self.dtype = chain[-1][0].csr.shape[0], dtype
 
 
-class _ChainRun:
-    """A chain's `csr_chain` call on batches of `n` samples: kernel, scratch and output shape decided once.
+def _chain_run(chain: _Chain, n: int, contiguous: bool = False, feature_major: bool = False):
+    """A chain's `csr_chain` call on batches of `n` samples, kernel, scratch and output shape decided once: x -> out.
 
-    `contiguous`: its inputs are known to be C-ordered. `feature_major`: its input is
-    a CHWN activation, read as (K, N) (at least TILE_MIN samples). The scratch is the run's; a call
-    from a second thread while the first is inside the kernel (which releases the GIL)
-    takes a scratch of its own for that call.
+    `contiguous`: its inputs are known to be C-ordered. `feature_major`: its input is a
+    CHWN activation, read as (K, N) (at least TILE_MIN samples). A closure over locals,
+    not an object: at batch 1 the call's Python overhead is most of its time. Below
+    TILE_MIN samples the kernel allocates its own scratch; otherwise the scratch is the
+    run's, and a call from a second thread while the first is inside the kernel (which
+    releases the GIL) takes a scratch of its own for that call. Its output is a new
+    C-ordered array (`fresh`).
     """
+    layers, ints, vals, dtype = chain.layers, chain.ints, chain.vals, chain.dtype
+    scratch = kernels.chain_scratch(layers, n, dtype)
+    kernel = kernels.chain_kernel(scratch, feature_major)
+    shape, empty, ordered = (n, chain.features), np.empty, np.ascontiguousarray
 
-    __slots__ = ("kernel", "layers", "ints", "vals", "scratch", "shape", "dtype", "lock", "contiguous")
+    if scratch is None:
+        def run(x: np.ndarray) -> np.ndarray:
+            out = empty(shape, dtype)
+            kernel(layers, ints, vals, x if contiguous else ordered(x), out)
+            return out
+    else:
+        lock = threading.Lock()
 
-    def __init__(self, chain: _Chain, n: int, contiguous: bool = False, feature_major: bool = False):
-        self.layers, self.ints, self.vals, self.dtype = chain.layers, chain.ints, chain.vals, chain.dtype
-        self.scratch = kernels.chain_scratch(self.layers, n, self.dtype)
-        self.kernel = kernels.chain_kernel(self.scratch, feature_major)
-        self.shape = (n, chain.features)
-        self.lock = threading.Lock()
-        self.contiguous = contiguous
+        def run(x: np.ndarray) -> np.ndarray:
+            if not contiguous:
+                x = ordered(x)
+            out = empty(shape, dtype)
+            if lock.acquire(False):
+                try:
+                    kernel(layers, ints, vals, x, out, scratch)
+                finally:
+                    lock.release()
+            else:
+                kernel(layers, ints, vals, x, out, np.empty_like(scratch))
+            return out
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        if not self.contiguous:
-            x = np.ascontiguousarray(x)
-        out = np.empty(self.shape, self.dtype)
-        if self.lock.acquire(False):
-            try:
-                self.kernel(self.layers, self.ints, self.vals, x, out, self.scratch)
-            finally:
-                self.lock.release()
-        else:
-            self.kernel(self.layers, self.ints, self.vals, x, out, np.empty_like(self.scratch))
-        return out
+    run.fresh = True
+    return run
 
 
 def _plan(steps: list, pin: bool = False):
     """One call running `steps` in order and returning a C-ordered array; with `pin`, inside `threads.pinned`."""
-    if len(steps) == 1 and isinstance(steps[0], _ChainRun):
+    if len(steps) == 1 and getattr(steps[0], "fresh", False):
         return steps[0]  # its output is a new C-ordered array
 
     def run(x: np.ndarray) -> np.ndarray:
