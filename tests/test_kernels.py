@@ -1072,8 +1072,6 @@ def test_sparse_conv_gives_the_same_bits_interpreted(seed, dtype, stride, densit
     _assert_same_bits(*_jit_and_interpreted(run))
 
 
-# -- numba's thread count --------------------------------------------------------------------
-
 _JIT_OFF_SCRIPT = """
 import numpy as np
 from sclref import kernels
@@ -1095,6 +1093,9 @@ def test_a_process_with_the_jit_off_gives_the_same_bits(tmp_path):
     assert len(got.files) == len(want)
     for i, b in enumerate(want):
         assert got[f"arr_{i}"].tobytes() == b.tobytes(), f"array {i} differs"
+
+
+# -- numba's thread count --------------------------------------------------------------------
 
 
 @needs_jit

@@ -1,7 +1,6 @@
 """The sparse kernels against their NumPy twins and scipy.sparse on hypothesis geometries, and the same bits
 at any thread count and whichever thread rule applies."""
 
-
 import numba
 import numpy as np
 import pytest
@@ -92,6 +91,23 @@ def test_chain_results_do_not_depend_on_batch_tiles_or_a_feature_major_input(cas
         one = np.empty((1, tiled.shape[1]), dtype)
         kernels.csr_chain(layers, ints, vals, x[r:r + 1], one, kernels.chain_scratch(layers, 1, dtype))
         assert np.array_equal(one[0], tiled[r])
+
+
+@given(case=chain_cases())
+def test_below_tile_min_a_chain_needs_no_scratch_and_its_kernel_takes_none(case):
+    weights, biases, acts, alphas, x, dtype = case
+    packed = kernels.pack_chain(weights, biases, acts, alphas, dtype)
+    rows = min(x.shape[0], kernels.sparse.TILE_MIN - 1)
+    assert kernels.chain_scratch(packed[0], rows, dtype) is None
+    assert kernels.chain_scratch(packed[0], kernels.sparse.TILE_MIN, dtype).ndim == 3
+    want, got = (np.full((rows, weights[-1].shape[0]), np.nan, dtype) for _ in range(2))
+    kernels.csr_chain(*packed, x[:rows], want)
+    kernels.chain_kernel(None)(*packed, np.ascontiguousarray(x[:rows]), got)  # the hot-path call: no scratch
+    assert got.tobytes() == want.tobytes()
+    np.testing.assert_allclose(got, _scipy_chain(weights, biases, acts, alphas, x[:rows]), rtol=TOL[dtype],
+                               atol=TOL[dtype])
+    with pytest.raises(ValueError, match="feature-major chain input needs at least"):
+        kernels.chain_kernel(None, feature_major=True)
 
 
 @given(case=chain_cases())

@@ -430,7 +430,6 @@ class Runtime:
         y += w.bias[:, None]
         return np.ascontiguousarray(y.reshape(f, n, oh, ow).transpose(1, 0, 2, 3))
 
-
     def conv2d_chwn(self, name: str, x: np.ndarray) -> np.ndarray:
         """One sclref convolution, without its activation, on C-contiguous CHWN input (C, H, W, N) of the run's
         dtype, as a batch of `CHWN_FROM` or more runs it; returns (F, OH, OW, N)."""
