@@ -849,8 +849,9 @@ def _is_dispatcher(value):
 def interpreted():
     """Run the public kernels on the plain Python functions their jitted loops are compiled from."""
     factory = pool_module._maxpool_fwd_kernel
-    swaps = {(pool_module, "_maxpool_fwd_kernel"): lambda kh, kw: factory(kh, kw).py_func,
-             (sparse_module, "_transpose_block"): sparse_module._transpose_block_py}
+    swaps = {(pool_module, "_maxpool_fwd_kernel"): lambda kh, kw: factory(kh, kw).py_func}
+    # An LLVM intrinsic `_name_ir` has a plain twin `_name_py`; the loops call it as `_name`.
+    swaps.update({(sparse_module, name[:-3]): f for name, f in vars(sparse_module).items() if name.endswith("_py")})
     for module in _KERNEL_MODULES:
         for name, value in vars(module).items():
             if _is_dispatcher(value):

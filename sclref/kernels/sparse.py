@@ -37,20 +37,23 @@ split the outputs, never a sum, so every output has the same bits at any thread 
 import numpy as np
 from llvmlite import ir
 from numba import types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from sclref.kernels import tasks
 from sclref.kernels._jit import JIT_DISABLED, jit
 
-__all__ = ["ACTIVATIONS", "CHAIN_COLUMNS", "SPLIT_MIN_WORK", "TILE", "TILE_MIN", "chain_kernel", "chain_scratch",
+__all__ = ["ACTIVATIONS", "CHAIN_COLUMNS", "SPLIT_MIN_WORK", "TILE_BYTES", "TILE_MIN", "chain_kernel", "chain_scratch",
            "csr_chain", "csr_conv2d", "csr_conv2d_chwn", "maxpool_chwn", "pack_chain", "split_threads"]
 
-# The widest batch tile of `csr_chain`. A tile runs feature-major, (features, lanes):
-# each kept connection is a vector multiply-add over the tile's lanes, so wide tiles
-# spread the per-connection cost (index, weight, loop set-up) over more lanes; 256
-# float32 lanes of LeNet-300-100's input (784 features) take 0.8 MiB per buffer,
-# inside L2 (tiles of 16 to 128 lanes measured 1.1x to 2x slower).
-TILE = 256
+# The widest batch tile of `csr_chain`, in bytes of lanes (64 float32 or 32 float64
+# samples), and the most lanes one `_dot_lanes` call sums. A tile runs feature-major,
+# (features, lanes): each output row's partial sums stay in eight vector registers
+# while its kept connections stream past (a wider scratch is summed in such groups),
+# and the tile's rows of LeNet-300-100's input (784 features x 256 bytes) stay in L2.
+# Against 256-float32 tiles that loaded and stored the sums every eight connections,
+# LeNet-300-100 at batch 256 ran 1.5x faster (same sums in the same order, same bits).
+TILE_BYTES = 256
 
 # Batches narrower than this run sample by sample (gathered dot products): no
 # transposes, and the only scratch is two feature vectors, which the kernel allocates.
@@ -143,15 +146,17 @@ def chain_scratch(layers, n, dtype):
     None below TILE_MIN rows: sample by sample, a chain needs two feature vectors, which
     the kernel allocates itself (cheaper at batch 1 than a lock that guards a shared
     buffer). Otherwise (2, W, tile), W the widest vector the chain holds (its input or
-    any layer's outputs), the tiles the fewest of at most TILE lanes (a multiple of 8)
-    that cover the batch.
+    any layer's outputs), the tiles the fewest of at most TILE_BYTES of lanes (a whole
+    number of SIMD widths) that cover the batch.
     """
     if n < TILE_MIN:
         return None
-    tiles = -(-n // TILE)
+    dtype = np.dtype(dtype)
+    width = BLOCK_BYTES // dtype.itemsize
+    tiles = -(-n // (TILE_BYTES // dtype.itemsize))
     tile = -(-n // tiles)
-    tile += -tile % 8  # whole vectors of lanes
-    return np.empty((2, _width(layers), tile), dtype)
+    tile += -tile % width
+    return np.zeros((2, _width(layers), tile), dtype)  # lanes past the batch are summed too: keep them finite
 
 
 def _width(layers):
@@ -210,40 +215,76 @@ def _bias_act(d, m, bj, act, alpha):
             d[r] = v if v > zero else alpha * v
 
 
-def _lanes_layer(ip, ix, w, b, act, alpha, src, dst, nb):
-    # Feature-major: dst[j, :nb] = act(sum_p w[p] * src[ix[p], :nb] + b[j]). Eight, then
-    # four connections per pass over the lanes, added one after the other (the order of
-    # the sum is unchanged), so each lane is loaded and stored once per eight products
-    # (eight measured 1.2x faster than four on LeNet-300-100 at batch 256). Positions p
-    # stay unsigned (see `pack_chain`).
-    zero = dst.dtype.type(0)
-    one, four, eight = np.uint64(1), np.uint64(4), np.uint64(8)
+def _lanes_layer(ip, ix, w, b, act, alpha, src, s0, ss, dst, nb):
+    # Feature-major: dst[j, :nb] = act(sum_p w[p] * src.flat[s0 + ix[p] * ss :][:nb] + b[j]),
+    # in groups of at most TILE_BYTES of lanes, each summed in registers by `_dot_lanes`.
+    group = TILE_BYTES // dst.itemsize
     for j in range(ip.shape[0] - 1):
         d = dst[j]
-        p, p1 = np.uint64(ip[j]), np.uint64(ip[j + 1])
-        for r in range(nb):
-            d[r] = zero
-        while p + eight <= p1:
-            w0, w1, w2, w3 = w[p], w[p + one], w[p + 2 * one], w[p + 3 * one]
-            w4, w5, w6, w7 = w[p + 4 * one], w[p + 5 * one], w[p + 6 * one], w[p + 7 * one]
-            s0, s1, s2, s3 = src[ix[p]], src[ix[p + one]], src[ix[p + 2 * one]], src[ix[p + 3 * one]]
-            s4, s5, s6, s7 = src[ix[p + 4 * one]], src[ix[p + 5 * one]], src[ix[p + 6 * one]], src[ix[p + 7 * one]]
-            for r in range(nb):
-                d[r] = (((((((d[r] + w0 * s0[r]) + w1 * s1[r]) + w2 * s2[r]) + w3 * s3[r]) + w4 * s4[r]) + w5 * s5[r])
-                        + w6 * s6[r]) + w7 * s7[r]
-            p += eight
-        while p + four <= p1:
-            w0, w1, w2, w3 = w[p], w[p + one], w[p + 2 * one], w[p + 3 * one]
-            s0, s1, s2, s3 = src[ix[p]], src[ix[p + one]], src[ix[p + 2 * one]], src[ix[p + 3 * one]]
-            for r in range(nb):
-                d[r] = (((d[r] + w0 * s0[r]) + w1 * s1[r]) + w2 * s2[r]) + w3 * s3[r]
-            p += four
-        while p < p1:
-            w0, s0 = w[p], src[ix[p]]
-            for r in range(nb):
-                d[r] += w0 * s0[r]
-            p += one
+        for g in range(0, nb, group):
+            _dot_lanes(ix, w, np.int64(ip[j]), np.int64(ip[j + 1]), src, s0 + g, ss, d, g, min(group, nb - g))
         _bias_act(d, nb, b[j], act, alpha)
+
+
+def _dot_lanes_py(ix, w, p0, p1, src, s0, ss, dst, d0, lanes):
+    # dst.flat[d0:][:lanes] = sum over p0 <= p < p1, in order, of w[p] * src.flat[s0 + ix[p] * ss:][:lanes].
+    s, acc = src.reshape(-1), np.zeros(lanes, dst.dtype)
+    for p in range(p0, p1):
+        k = s0 + int(ix[p]) * ss
+        acc = acc + w[p] * s[k:k + lanes]
+    dst.reshape(-1)[d0:d0 + lanes] = acc
+
+
+@intrinsic
+def _dot_lanes_ir(typingctx, ix, w, p0, p1, src, s0, ss, dst, d0, lanes):
+    # `_dot_lanes_py` with its partial sums held in vector registers, one per SIMD width
+    # of lanes (at most TILE_BYTES // BLOCK_BYTES of them), loaded, multiplied and added
+    # once per connection and stored once: a multiply-add costs one vector load of the
+    # source and no load or store of the sum. A switch on the register count picks one
+    # of the loops; the lanes round up to whole registers, so the source rows and dst
+    # must hold that many.
+    def codegen(context, builder, signature, args):
+        ix_v, w_v, p0_v, p1_v, src_v, s0_v, ss_v, dst_v, d0_v, lanes_v = args
+        data = [context.make_array(signature.args[i])(context, builder, v).data
+                for i, v in ((0, ix_v), (1, w_v), (4, src_v), (7, dst_v))]
+        ixd, wd, sd, dd = data
+        elt = context.get_data_type(signature.args[4].dtype)
+        size = context.get_abi_sizeof(elt)
+        width = BLOCK_BYTES // size
+        vec, i64, i32 = ir.VectorType(elt, width), ir.IntType(64), ir.IntType(32)
+        zero = ir.Constant(vec, [ir.Constant(elt, 0.0)] * width)
+
+        def at(data, offset):
+            return builder.bitcast(builder.gep(data, [offset]), vec.as_pointer())
+
+        regs = builder.udiv(builder.add(lanes_v, ir.Constant(i64, width - 1)), ir.Constant(i64, width))
+        end = builder.append_basic_block("dot.end")
+        switch = builder.switch(regs, end)
+        for count in range(1, TILE_BYTES // BLOCK_BYTES + 1):
+            block = builder.append_basic_block(f"dot.{count}")
+            switch.add_case(ir.Constant(i64, count), block)
+            builder.position_at_end(block)
+            sums = [cgutils.alloca_once_value(builder, zero) for _ in range(count)]
+            with cgutils.for_range_slice(builder, p0_v, p1_v, ir.Constant(i64, 1), inc=True) as (p, _):
+                k = builder.add(s0_v, builder.mul(builder.zext(builder.load(builder.gep(ixd, [p])), i64), ss_v))
+                one = builder.insert_element(ir.Constant(vec, ir.Undefined), builder.load(builder.gep(wd, [p])),
+                                             ir.Constant(i32, 0))
+                wv = builder.shuffle_vector(one, ir.Constant(vec, ir.Undefined),
+                                            ir.Constant(ir.VectorType(i32, width), [0] * width))
+                for r, acc in enumerate(sums):
+                    sv = builder.load(at(sd, builder.add(k, ir.Constant(i64, r * width))), align=size)
+                    builder.store(builder.fadd(builder.load(acc), builder.fmul(wv, sv)), acc)
+            for r, acc in enumerate(sums):
+                builder.store(builder.load(acc), at(dd, builder.add(d0_v, ir.Constant(i64, r * width))), align=size)
+            builder.branch(end)
+        builder.position_at_end(end)
+        return context.get_dummy_value()
+
+    return types.void(ix, w, types.int64, types.int64, src, types.int64, types.int64, dst, types.int64,
+                      types.int64), codegen
+
+
+_dot_lanes = _dot_lanes_py if JIT_DISABLED else _dot_lanes_ir
 
 
 def _transpose_block_py(src, s0, ss, dst, d0, ds):
@@ -302,10 +343,10 @@ def _make_tiles(feature_major):
         # Batch tiles of `tile` rows, one after the other. Row-major input: the blocks of
         # input columns the first layer reads are transposed into scratch (the only
         # transpose of the input).
-        # Feature-major input: a batch that is one tile is read in place, a tile of a
-        # wider batch has the rows the first layer reads copied into scratch. Every layer
-        # then stays feature-major in scratch, and the last layer's tile is transposed,
-        # in blocks too, into its rows of `out`.
+        # Feature-major input: read in place when whole registers of lanes fit in its rows
+        # (N a multiple of the SIMD width), else the rows the first layer reads are copied
+        # into scratch. Every layer then stays feature-major in scratch, and the last
+        # layer's tile is transposed, in blocks too, into its rows of `out`.
         n, k = out.shape[0], layers[0, _K]
         rows = x.reshape((k, n)) if feature_major else x.reshape((n, k))
         nl = layers.shape[0]
@@ -318,9 +359,9 @@ def _make_tiles(feature_major):
             r0 = q * tile
             nb = min(tile, n - r0)
             full = nb - nb % bw
-            first = a
-            if feature_major and nb == n:
-                first = rows
+            src, s0, ss = a, 0, tile
+            if feature_major and n % bw == 0:
+                src, s0, ss = rows, r0, n  # read in place: whole registers of lanes stay inside a row
             elif feature_major:
                 for e in range(nblocks):
                     c0 = np.int64(ints[blocks + e])
@@ -343,14 +384,13 @@ def _make_tiles(feature_major):
                         dst = a[c]
                         for r in range(rest, nb):
                             dst[r] = rows[r0 + r, c]
-            src = first
             for li in range(nl):
                 dst = b if li % 2 == 0 else a
                 f, nnz, ptr, idx = layers[li, _F], layers[li, _NNZ], layers[li, _PTR], layers[li, _IDX]
                 _lanes_layer(ints[ptr:ptr + f + 1], ints[idx:idx + nnz], vals[layers[li, _W]:layers[li, _W] + nnz],
                              vals[layers[li, _B]:layers[li, _B] + f], layers[li, _ACT], vals[layers[li, _ALPHA]],
-                             src, dst, nb)
-                src = dst
+                             src, s0, ss, dst, nb)
+                src, s0, ss = dst, 0, tile
             fo = out.shape[1]
             for j0 in range(0, fo - fo % bw, bw):
                 for r in range(0, full, bw):
