@@ -99,7 +99,8 @@ def test_below_tile_min_a_chain_needs_no_scratch_and_its_kernel_takes_none(case)
     packed = kernels.pack_chain(weights, biases, acts, alphas, dtype)
     rows = min(x.shape[0], kernels.sparse.TILE_MIN - 1)
     assert kernels.chain_scratch(packed[0], rows, dtype) is None
-    assert kernels.chain_scratch(packed[0], kernels.sparse.TILE_MIN, dtype).ndim == 3
+    scratch = kernels.chain_scratch(packed[0], kernels.sparse.TILE_MIN, dtype)
+    assert scratch.ndim == 3 and scratch.ctypes.data % 64 == 0 and not scratch.any()
     want, got = (np.full((rows, weights[-1].shape[0]), np.nan, dtype) for _ in range(2))
     kernels.csr_chain(*packed, x[:rows], want)
     kernels.chain_kernel(None)(*packed, np.ascontiguousarray(x[:rows]), got)  # the hot-path call: no scratch

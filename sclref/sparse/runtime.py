@@ -598,7 +598,7 @@ def _chain_run(chain: _Chain, n: int, contiguous: bool = False, feature_major: b
                 finally:
                     lock.release()
             else:
-                kernel(layers, ints, vals, x, out, np.empty_like(scratch))
+                kernel(layers, ints, vals, x, out, kernels.chain_scratch(layers, n, dtype))
             return out
 
     run.fresh = True
