@@ -266,3 +266,12 @@ def test_only_convolutions_from_the_work_threshold_split(monkeypatch):
             sparse_module.csr_conv2d_chwn(3, 3, 1, 1, 0, 0, w.indptr, w.indices, w.data, np.zeros(4), 0, 0.0,
                                           np.ascontiguousarray(x[..., :n]), np.empty((4, 10, 10, n)))
     assert calls == [(8, 2)]  # four tasks of output rows per thread
+
+
+@given(shape=st.lists(st.integers(0, 9), min_size=1, max_size=4), dtype=st.sampled_from([np.float32, np.float64]))
+def test_aligned_empty_starts_on_a_cache_line_and_holds_the_shape(shape, dtype):
+    a = kernels.sparse.aligned_empty(tuple(shape), dtype)
+    assert a.shape == tuple(shape) and a.dtype == dtype and a.flags.c_contiguous and a.flags.writeable
+    assert a.ctypes.data % 64 == 0 or not a.size
+    a[...] = 1  # the whole extent is its own
+    assert a.sum() == a.size

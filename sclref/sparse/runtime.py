@@ -515,7 +515,9 @@ def _nchw(layer, x) -> np.ndarray:
 
 def _to_chwn(x: np.ndarray) -> np.ndarray:
     n = x.shape[0]
-    return np.ascontiguousarray(x.reshape(n, -1).T).reshape(*x.shape[1:], n)
+    out = kernels.sparse.aligned_empty((*x.shape[1:], n), x.dtype)
+    np.copyto(out.reshape(-1, n), x.reshape(n, -1).T)
+    return out
 
 
 def _to_nchw(x: np.ndarray) -> np.ndarray:
@@ -534,7 +536,8 @@ class _ConvCHWN:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         (kh, kw), (sh, sw), (ph, pw), w = self.kernel, self.stride, self.padding, self.w
         c, h, wd, n = x.shape
-        out = np.empty((w.bias.shape[0], (h + 2 * ph - kh) // sh + 1, (wd + 2 * pw - kw) // sw + 1, n), x.dtype)
+        out = kernels.sparse.aligned_empty((w.bias.shape[0], (h + 2 * ph - kh) // sh + 1, (wd + 2 * pw - kw) // sw + 1,
+                                            n), x.dtype)
         kernels.csr_conv2d_chwn(kh, kw, sh, sw, ph, pw, w.indptr, w.indices, w.data, w.bias, self.act, self.alpha, x,
                                 out)
         return out
@@ -549,7 +552,7 @@ class _PoolCHWN:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         (kh, kw), (sh, sw) = self.kernel, self.stride
         c, h, wd, n = x.shape
-        out = np.empty((c, (h - kh) // sh + 1, (wd - kw) // sw + 1, n), x.dtype)
+        out = kernels.sparse.aligned_empty((c, (h - kh) // sh + 1, (wd - kw) // sw + 1, n), x.dtype)
         kernels.maxpool_chwn(kh, kw, sh, sw, x, out)
         return out
 
