@@ -275,3 +275,16 @@ def test_aligned_empty_starts_on_a_cache_line_and_holds_the_shape(shape, dtype):
     assert a.ctypes.data % 64 == 0 or not a.size
     a[...] = 1  # the whole extent is its own
     assert a.sum() == a.size
+
+
+@given(case=chain_cases())
+def test_a_chain_refuses_a_scratch_its_registers_would_overrun(case):
+    weights, biases, acts, alphas, x, dtype = case
+    packed = kernels.pack_chain(weights, biases, acts, alphas, dtype)
+    width = max(x.shape[1], *(w.shape[0] for w in weights), 1)
+    simd = 32 // np.dtype(dtype).itemsize
+    out = np.empty((x.shape[0], weights[-1].shape[0]), dtype)
+    for bad in (np.empty((2, width, simd + simd // 2), dtype), np.empty((2, width - 1, simd), dtype),
+                np.empty((2, width, simd), np.float16), np.empty((2, width, 2 * simd), dtype)[:, :, ::2]):
+        with pytest.raises(ValueError, match="a chain's scratch must be"):
+            kernels.csr_chain(*packed, x, out, bad)

@@ -471,14 +471,21 @@ def csr_chain(layers, ints, vals, x, out, scratch=None, feature_major=False):
     O(N * (nnz + K_0 + F_last)) time. Without scratch: gathered dot products, sample by
     sample (a feature-major x is transposed first). Otherwise batch tiles,
     feature-major inside the tile, with the bias and the activation applied as each
-    output row is finished.
+    output row is finished. A scratch of another shape than (2, >= W, a whole number of
+    SIMD widths) C-ordered in vals' dtype raises ValueError: the kernel reads and writes
+    whole registers of lanes.
     """
     if scratch is None:
         if feature_major:
             x = np.ascontiguousarray(x.reshape(-1, out.shape[0]).T)
         _ROWS(layers, ints, vals, x, out)
-    else:
-        _TILES[bool(feature_major)](layers, ints, vals, x, out, scratch)
+        return
+    width, simd = _width(layers), BLOCK_BYTES // vals.itemsize
+    if (scratch.dtype != vals.dtype or not scratch.flags.c_contiguous or scratch.ndim != 3 or scratch.shape[0] != 2
+            or scratch.shape[1] < width or scratch.shape[2] % simd):
+        raise ValueError(f"a chain's scratch must be C-ordered {vals.dtype} (2, >= {width}, a multiple of {simd}), "
+                         f"got {scratch.dtype} {scratch.shape}")
+    _TILES[bool(feature_major)](layers, ints, vals, x, out, scratch)
 
 
 def _taps(indices, kh, kw):
