@@ -25,6 +25,7 @@ from sclref.sparse import (
     SparseNetwork,
     SubsamplePad,
 )
+from sclref.sparse.runtime import to_chwn
 
 
 def _network():
@@ -427,7 +428,9 @@ def test_one_chwn_convolution_gives_the_nchw_bits_and_refuses_other_input():
     network = _chwn_net(gen, tail="residual")
     run = Runtime(network, np.float32, "sclref")
     x = gen.standard_normal((13, 5, 8, 8)).astype(np.float32)  # the input of res1.conv1 (stride 2, padding 1)
-    got = run.conv2d_chwn("res1.conv1", np.ascontiguousarray(x.transpose(1, 2, 3, 0)))
+    chwn = to_chwn(x)
+    assert np.array_equal(chwn, x.transpose(1, 2, 3, 0)) and chwn.flags.c_contiguous and chwn.ctypes.data % 64 == 0
+    got = run.conv2d_chwn("res1.conv1", chwn)
     assert got.tobytes() == np.ascontiguousarray(run.conv2d("res1.conv1", x, "sclref").transpose(1, 2, 3, 0)).tobytes()
     with pytest.raises(ValueError, match="expected 5 input channels, got 4"):
         run.conv2d_chwn("res1.conv1", np.zeros((4, 8, 8, 13), np.float32))

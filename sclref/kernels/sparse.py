@@ -156,10 +156,9 @@ def chain_scratch(layers, n, dtype):
     if n < TILE_MIN:
         return None
     dtype = np.dtype(dtype)
-    width = BLOCK_BYTES // dtype.itemsize
     tiles = -(-n // (TILE_BYTES // dtype.itemsize))
     tile = -(-n // tiles)
-    tile += -tile % width
+    tile += -tile % (BLOCK_BYTES // dtype.itemsize)  # whole SIMD registers
     # Zeros: lanes past the batch are summed too, so keep them finite.
     scratch = aligned_empty((2, _width(layers), tile), dtype)
     scratch[...] = 0

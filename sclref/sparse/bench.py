@@ -23,7 +23,7 @@ import scipy.sparse as sp
 
 from sclref.errors import InputError
 from sclref.sparse import network as net
-from sclref.sparse.runtime import CHWN_FROM, Runtime
+from sclref.sparse.runtime import CHWN_FROM, Runtime, to_chwn
 
 __all__ = ["BREAK_EVEN_GRID", "MAX_BATCH", "MAX_BATCH_SIZES", "MAX_REPS", "bandwidth", "bench", "break_even_density",
            "call_times", "check_counts", "format_report", "median_times"]
@@ -125,7 +125,7 @@ def _sclref_conv(run: Runtime, name: str, x: np.ndarray):
     """
     if x.shape[0] < CHWN_FROM:
         return lambda: run.conv2d(name, x, "sclref")
-    chwn = np.ascontiguousarray(x.transpose(1, 2, 3, 0))
+    chwn = to_chwn(x)
     return lambda: run.conv2d_chwn(name, chwn)
 
 

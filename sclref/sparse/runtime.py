@@ -50,7 +50,7 @@ from sclref.errors import InputError, check_allocation
 from sclref.sparse import network as net
 from sclref.sparse.format import FormatError, check_range
 
-__all__ = ["BACKENDS", "CHWN_FROM", "CONV_DENSE_FROM", "DENSE_FROM", "Runtime"]
+__all__ = ["BACKENDS", "CHWN_FROM", "CONV_DENSE_FROM", "DENSE_FROM", "Runtime", "to_chwn"]
 
 BACKENDS = ("auto", "sclref", "scipy", "dense")
 
@@ -275,7 +275,7 @@ class Runtime:
         steps, i, convs = self._chwn_run(layers, batch)
         if not convs:
             return [], 0, False
-        steps.insert(0, _to_chwn)
+        steps.insert(0, to_chwn)
         pooled = isinstance(layers[i - 1], net.GlobalAvgPool2d)
         chain_at = i if pooled else i + 1 if i < len(layers) and isinstance(layers[i], net.Flatten) else None
         if (chain_at is not None and chain_at < len(layers) and isinstance(layers[chain_at], net.Linear)
@@ -513,7 +513,9 @@ def _nchw(layer, x) -> np.ndarray:
     return x
 
 
-def _to_chwn(x: np.ndarray) -> np.ndarray:
+def to_chwn(x: np.ndarray) -> np.ndarray:
+    """A batch (N, ...) as a new C-ordered (..., N) array starting on a cache line: the CHWN layout of its
+    convolutions (`kernels.sparse.aligned_empty`)."""
     n = x.shape[0]
     out = kernels.sparse.aligned_empty((*x.shape[1:], n), x.dtype)
     np.copyto(out.reshape(-1, n), x.reshape(n, -1).T)
