@@ -1033,7 +1033,7 @@ def _sparse_layers(gen, sizes, density, dtype):
 @needs_jit
 @settings(deadline=None, max_examples=JIT_EXAMPLES)
 @given(seed=st.integers(0, 2**32 - 1), dtype=st.sampled_from([np.float32, np.float64]),
-       n=st.sampled_from([1, 3, 5, 17]), density=st.sampled_from([0.1, 0.5, 1.0]),
+       n=st.sampled_from([1, 2, 3, 5, 17]), density=st.sampled_from([0.1, 0.5, 1.0]),
        sizes=st.lists(st.integers(1, 20), min_size=2, max_size=4))
 def test_sparse_chain_gives_the_same_bits_interpreted(seed, dtype, n, density, sizes):
     gen = np.random.default_rng(seed)

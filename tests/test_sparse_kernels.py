@@ -70,9 +70,12 @@ def test_csr_chain_matches_scipy(impl, case):
     np.testing.assert_allclose(out, expect, rtol=TOL[dtype], atol=TOL[dtype])
 
 
-@given(case=chain_cases(), tile=st.sampled_from([8, 16, 24, 96]))  # 96: several register groups per tile
-def test_chain_results_do_not_depend_on_batch_tiles_or_a_feature_major_input(case, tile):
+@given(case=chain_cases(), tile=st.sampled_from([8, 16, 24, 96]),  # 96: several register groups per tile
+       poison=st.sampled_from([None, np.inf, -np.inf, np.nan]), at=st.integers(0, MAX))
+def test_chain_results_do_not_depend_on_batch_tiles_or_a_feature_major_input(case, tile, poison, at):
     weights, biases, acts, alphas, x, dtype = case
+    if poison is not None:  # a padded slot of the sample-by-sample path must not read it into a sum
+        x[:, at % x.shape[1]] = poison
     layers, ints, vals = kernels.pack_chain(weights, biases, acts, alphas, dtype)
     width = max(x.shape[1], *(w.shape[0] for w in weights), 1)
     tiled = np.empty((x.shape[0], weights[-1].shape[0]), dtype)
@@ -90,7 +93,21 @@ def test_chain_results_do_not_depend_on_batch_tiles_or_a_feature_major_input(cas
     for r in range(min(3, x.shape[0])):  # a sample alone takes the dot-product path
         one = np.empty((1, tiled.shape[1]), dtype)
         kernels.csr_chain(layers, ints, vals, x[r:r + 1], one, kernels.chain_scratch(layers, 1, dtype))
-        assert np.array_equal(one[0], tiled[r])
+        assert one[0].tobytes() == tiled[r].tobytes()
+
+
+@given(case=chain_cases())
+def test_a_chain_packed_with_64_bit_indices_gives_the_same_bits(case):
+    weights, biases, acts, alphas, x, dtype = case
+    wide = [sp.csr_array((w.data, w.indices.astype(np.int64), w.indptr.astype(np.int64)), shape=w.shape)
+            for w in weights]
+    narrow, packed = (kernels.pack_chain(ws, biases, acts, alphas, dtype) for ws in (weights, wide))
+    assert narrow[1].dtype == np.uint32 and packed[1].dtype == np.uint64
+    for rows in (x.shape[0], 1):  # the tiled and the sample-by-sample paths
+        want, got = (np.empty((rows, weights[-1].shape[0]), dtype) for _ in range(2))
+        kernels.csr_chain(*narrow, x[:rows], want, kernels.chain_scratch(narrow[0], rows, dtype))
+        kernels.csr_chain(*packed, x[:rows], got, kernels.chain_scratch(packed[0], rows, dtype))
+        assert got.tobytes() == want.tobytes()
 
 
 @given(case=chain_cases())

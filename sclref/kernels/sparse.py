@@ -34,6 +34,8 @@ split into batch tiles, took 1.2-2.1x their serial time on the quiet machine). T
 split the outputs, never a sum, so every output has the same bits at any thread count.
 """
 
+import sys
+
 import numpy as np
 from llvmlite import ir
 from numba import types
@@ -59,9 +61,11 @@ __all__ = ["ACTIVATIONS", "CHAIN_COLUMNS", "SPLIT_MIN_WORK", "TILE_BYTES", "TILE
 # first layer column by column measured 1.2-1.6x slower.
 TILE_BYTES = 256
 
-# Batches narrower than this run sample by sample (gathered dot products): no
+# Batches narrower than this run sample by sample (slices of gathered dot products): no
 # transposes, and the only scratch is two feature vectors, which the kernel allocates.
-TILE_MIN = 4
+# LeNet-300-100's and LeNet-5's fully connected chains took 0.5 and 0.85 the time of a
+# tile at batch 1 and 2, 1.15 at batch 3.
+TILE_MIN = 3
 
 # From this many multiply-adds (output pixels x max(nnz, filters)) a CHWN convolution
 # splits its output rows over threads (`split_threads`). Measured on 2 cores, whole
@@ -82,10 +86,14 @@ ACTIVATIONS = {None: 0, "relu": 1, "leaky_relu": 2}
 # nnz; offsets into `ints` of its row pointer, its column indices and the first column
 # of each block of BLOCK_BYTES // itemsize input columns some connection reads
 # ("blocks", "nblocks" of them); offsets into `vals` of its weights, bias and
-# activation slope; the activation code.
+# activation slope; the activation code; then the layer as slices for the
+# sample-by-sample path (see `pack_chain`): offsets into `ints` of the slices' column
+# indices ("slots") and of their rows' lengths and output slots ("order"), into `vals`
+# of their weights and biases.
 CHAIN_COLUMNS = ("features", "inputs", "nnz", "indptr", "indices", "blocks", "nblocks", "data", "bias", "alpha",
-                 "act")
-_F, _K, _NNZ, _PTR, _IDX, _BLK, _NBLK, _W, _B, _ALPHA, _ACT = range(len(CHAIN_COLUMNS))
+                 "act", "slots", "order", "slot_data", "slot_bias")
+(_F, _K, _NNZ, _PTR, _IDX, _BLK, _NBLK, _W, _B, _ALPHA, _ACT, _SLOTS, _ORDER, _SLOT_W,
+ _SLOT_B) = range(len(CHAIN_COLUMNS))
 
 # A batch tile enters feature-major in square blocks of one SIMD register's width
 # (8 float32 or 4 float64): a block is loaded row by row into registers, transposed
@@ -102,6 +110,15 @@ def pack_chain(weights, biases, activations, alphas, dtype):
     ``ints`` holds every row pointer and index array (uint32 unless some layer needs 64 bits),
     ``vals`` every weight, bias and slope in `dtype`; ``layers`` (L, len(CHAIN_COLUMNS))
     int64 gives their offsets (see CHAIN_COLUMNS).
+
+    Each layer is also packed as slices for the sample-by-sample path (sliced ELLPACK):
+    its rows, longest first, in slices of one SIMD width (8 float32 or 4 float64), a
+    slice's t-th connections side by side (``slots``, ``slot_data``; a row shorter than
+    its slice's first is padded, and the kernel masks the padding). Its ``order`` is the
+    rows' lengths in slice order, then the row each lane of a slice holds
+    (``slot_bias`` is in slice order too). A hidden layer's outputs stay in slice order,
+    which the next layer's slot indices point into; the last layer's go to their rows. A
+    row's connections keep their order, so every sum is the same as the CSR path's.
     """
     dtype = np.dtype(dtype)
     for i in range(1, len(weights)):
@@ -121,22 +138,56 @@ def pack_chain(weights, biases, activations, alphas, dtype):
         parts.append(arr)
         return offset + arr.size
 
+    step = BLOCK_BYTES // dtype.itemsize
+    place = None  # where the previous layer's outputs sit in the sample-by-sample path
     for i, (w, b, act, alpha) in enumerate(zip(weights, biases, activations, alphas)):
         if act not in ACTIVATIONS:
             raise ValueError(f"unknown activation {act!r}")
         f, k = w.shape
-        step = BLOCK_BYTES // dtype.itemsize
         blocks = (np.unique(w.indices // step) * step).astype(itype)
+        slots, order, slot_data, slot_bias, place = _slices(w, np.asarray(b).astype(dtype), place, step)
         row = layers[i]
         row[[_F, _K, _NNZ, _NBLK, _ACT]] = f, k, w.nnz, blocks.size, ACTIVATIONS[act]
         row[_PTR], ni = ni, put(ints, w.indptr.astype(itype), ni)
         row[_IDX], ni = ni, put(ints, w.indices.astype(itype), ni)
         row[_BLK], ni = ni, put(ints, blocks, ni)
+        row[_SLOTS], ni = ni, put(ints, slots.astype(itype), ni)
+        row[_ORDER], ni = ni, put(ints, order.astype(itype), ni)
         row[_W], nv = nv, put(vals, w.data.astype(dtype), nv)
         row[_B], nv = nv, put(vals, np.asarray(b).astype(dtype), nv)
+        row[_SLOT_W], nv = nv, put(vals, slot_data.astype(dtype), nv)
+        row[_SLOT_B], nv = nv, put(vals, slot_bias, nv)
         if act == "leaky_relu":
             row[_ALPHA], nv = nv, put(vals, np.asarray([alpha], dtype), nv)
     return layers, np.concatenate(ints or [np.zeros(0, itype)]).astype(itype), np.concatenate(vals)
+
+
+def _slices(w, b, place, step):
+    # `pack_chain`'s sliced layout of CSR `w` (F, K) with bias `b`, its inputs at positions
+    # `place` (None: in order): (slots, order, slot_data, slot_bias, where its outputs sit).
+    f = w.shape[0]
+    padded = f + -f % step
+    lengths = np.diff(w.indptr)
+    rows = np.argsort(-lengths, kind="stable")  # longest first: a slice's rows need about as many steps
+    position = np.empty(f, np.int64)
+    position[rows] = np.arange(f)
+    sorted_lengths = np.zeros(padded, np.int64)
+    sorted_lengths[:f] = lengths[rows]
+    steps = sorted_lengths[::step]
+    start = np.concatenate([[0], np.cumsum(steps * step)])
+    # Connection p of row r, t-th in its row, goes to slice position(r) // step, step t,
+    # lane position(r) % step.
+    owner = np.repeat(np.arange(f), lengths)
+    t = np.arange(w.nnz) - np.repeat(w.indptr[:-1], lengths)
+    at = start[position[owner] // step] + t * step + position[owner] % step
+    slots, slot_data = np.zeros(start[-1], np.int64), np.zeros(start[-1], w.data.dtype)
+    slots[at] = w.indices if place is None else place[w.indices]
+    slot_data[at] = w.data
+    slot_bias = np.zeros(padded, b.dtype)
+    slot_bias[:f] = b[rows]
+    destination = np.zeros(padded, np.int64)
+    destination[:f] = rows
+    return slots, np.concatenate([sorted_lengths, destination]), slot_data, slot_bias, position
 
 
 def split_threads(work: int, parts: int) -> int:
@@ -186,36 +237,154 @@ def _width(layers):
     return width
 
 
-def _rows_layer(ip, ix, w, b, act, alpha, src, dst):
-    # dst[j] = act(sum_p w[p] * src[ix[p]] + b[j]): one dependent chain of additions per
-    # output, independent between outputs, so the CPU overlaps consecutive rows. ip and
-    # ix are unsigned, so neither p nor ix[p] goes through a negative-index check.
-    zero = dst.dtype.type(0)
-    for j in range(dst.shape[0]):
-        acc = zero
-        for p in range(ip[j], ip[j + 1]):
-            acc += w[p] * src[ix[p]]
-        v = acc + b[j]
-        if act == 1:
-            v = zero if v < zero else v
-        elif act == 2:
-            v = v if v > zero else alpha * v
-        dst[j] = v
-
-
 def _chain_rows(layers, ints, vals, x, out):
-    # Sample by sample, layer by layer; hidden vectors alternate between scratch[0] and scratch[1].
+    # Sample by sample, layer by layer, in slices (`_slice_layer`); hidden vectors, in
+    # slice order, alternate between scratch[0] and scratch[1].
     nl = layers.shape[0]
-    scratch = np.empty((2, _width(layers)), out.dtype)
+    scratch = np.empty((2, _slice_width(layers, BLOCK_BYTES // out.itemsize)), out.dtype)
     rows = x.reshape((x.shape[0], layers[0, _K]))
     for r in range(rows.shape[0]):
         src = rows[r]
         for li in range(nl):
-            f, nnz, ptr, idx = layers[li, _F], layers[li, _NNZ], layers[li, _PTR], layers[li, _IDX]
-            dst = out[r] if li == nl - 1 else scratch[li % 2, :f]
-            _rows_layer(ints[ptr:ptr + f + 1], ints[idx:idx + nnz], vals[layers[li, _W]:layers[li, _W] + nnz],
-                        vals[layers[li, _B]:layers[li, _B] + f], layers[li, _ACT], vals[layers[li, _ALPHA]], src, dst)
+            last = li == nl - 1
+            dst = out[r] if last else scratch[li % 2]
+            _slice_layer(ints, vals, layers[li], src, dst, last)
             src = dst
+
+
+def _slice_width(layers, step):
+    # The longest hidden vector of the sample-by-sample path: whole slices of outputs.
+    width = 0
+    for li in range(layers.shape[0] - 1):
+        f = layers[li, _F]
+        width = max(width, f + -f % step)
+    return width
+
+
+def _slice_layer(ints, vals, row, src, dst, scatter):
+    # dst = act(W src + b) for the layer of table row `row`, one slice of SIMD-width rows
+    # per `_dot_slice` call; with `scatter`, each output goes to its row's place in dst
+    # (the chain's output), else dst is in slice order.
+    step = BLOCK_BYTES // dst.itemsize
+    f = row[_F]
+    padded = f + -f % step
+    order, at = row[_ORDER], np.int64(0)
+    for s in range(0, f, step):
+        _dot_slice(ints, vals, row[_SLOTS] + at, row[_SLOT_W] + at, order + s, order + padded + s,
+                   row[_SLOT_B] + s, src, dst, -1 if scatter else s, min(step, f - s), row[_ACT], vals[row[_ALPHA]])
+        at += np.int64(ints[order + s]) * step
+
+
+def _dot_slice_py(ints, vals, i0, w0, lengths, places, b0, src, dst, d0, lanes, act, alpha):
+    # One slice of `step` rows: lane l sums, in order, its row's lengths[l] connections
+    # vals[w0 + t * step + l] * src[ints[i0 + t * step + l]], adds vals[b0 + l] and applies
+    # act (as `_bias_act`). d0 >= 0: the lanes go to dst[d0:d0 + step]; else the first
+    # `lanes` go to dst[ints[places + l]].
+    step = BLOCK_BYTES // dst.itemsize
+    length = ints[lengths:lengths + step]
+    acc = np.zeros(step, dst.dtype)
+    for t in range(int(length[0])):
+        k = ints[i0 + t * step:i0 + (t + 1) * step].astype(np.int64)
+        acc = np.where(length > t, acc + vals[w0 + t * step:w0 + (t + 1) * step] * src[k], acc)
+    for lane in range(step):
+        _bias_act(acc[lane:lane + 1], 1, vals[b0 + lane], act, alpha)
+    if d0 >= 0:
+        dst[d0:d0 + step] = acc
+    else:
+        dst[ints[places:places + lanes].astype(np.int64)] = acc[:lanes]
+
+
+@intrinsic
+def _dot_slice_ir(typingctx, ints, vals, i0, w0, lengths, places, b0, src, dst, d0, lanes, act, alpha):
+    # `_dot_slice_py` with the slice's sums in one vector register: per step a vector load
+    # of weights, the gathered inputs inserted lane by lane (AVX2's gather instruction
+    # measured slower on AMD Zen 3), a multiply and an add. Steps every lane takes run
+    # unmasked; the rest keep a lane's sum where its row has ended (a select, so padding
+    # never reads an input into a sum: 0 * inf would be NaN).
+    def codegen(context, builder, signature, args):
+        ints_v, vals_v, i0_v, w0_v, len_v, place_v, b0_v, src_v, dst_v, d0_v, lanes_v, act_v, alpha_v = args
+        ind, vd, sd, dd = [context.make_array(signature.args[i])(context, builder, v).data
+                           for i, v in ((0, ints_v), (1, vals_v), (7, src_v), (8, dst_v))]
+        elt, ity = context.get_data_type(signature.args[7].dtype), context.get_data_type(signature.args[0].dtype)
+        width = BLOCK_BYTES // context.get_abi_sizeof(elt)
+        i64, i32 = ir.IntType(64), ir.IntType(32)
+        vec, ivec = ir.VectorType(elt, width), ir.VectorType(ity, width)
+        zero = ir.Constant(vec, [ir.Constant(elt, 0.0)] * width)
+
+        def load(data, offset, kind):
+            return builder.load(builder.bitcast(builder.gep(data, [offset]), kind.as_pointer()), align=1)
+
+        def index(offset):
+            return builder.zext(builder.load(builder.gep(ind, [offset])), i64)
+
+        length = load(ind, len_v, ivec)
+        steps = index(len_v)
+        every = builder.select(builder.icmp_signed("==", lanes_v, ir.Constant(i64, width)),
+                               index(builder.add(len_v, ir.Constant(i64, width - 1))), ir.Constant(i64, 0))
+        acc = cgutils.alloca_once_value(builder, zero)
+
+        def step(t, masked):
+            at = builder.mul(t, ir.Constant(i64, width))
+            first = builder.add(i0_v, at)
+            if ity.width == 32 and sys.byteorder == "little":
+                # Two indices per 64-bit load: the loads, not the arithmetic, bound this loop.
+                pairs = builder.bitcast(builder.gep(ind, [first]), i64.as_pointer())
+                ks = []
+                for lane in range(0, width, 2):
+                    two = builder.load(builder.gep(pairs, [ir.Constant(i64, lane // 2)]), align=4)
+                    ks += [builder.and_(two, ir.Constant(i64, 0xFFFFFFFF)), builder.lshr(two, ir.Constant(i64, 32))]
+            else:
+                ks = [index(builder.add(first, ir.Constant(i64, lane))) for lane in range(width)]
+            gathered = ir.Constant(vec, ir.Undefined)
+            for lane, k in enumerate(ks):
+                gathered = builder.insert_element(gathered, builder.load(builder.gep(sd, [k])), ir.Constant(i32, lane))
+            a = builder.load(acc)
+            total = builder.fadd(a, builder.fmul(load(vd, builder.add(w0_v, at), vec), gathered))
+            if masked:
+                now = t if ity.width == 64 else builder.trunc(t, ity)
+                live = builder.icmp_unsigned(">", length, _splat(builder, now, width))
+                total = builder.select(live, total, a)
+            builder.store(total, acc)
+
+        with cgutils.for_range(builder, every) as loop:
+            step(loop.index, False)
+        with cgutils.for_range_slice(builder, every, steps, ir.Constant(i64, 1)) as (t, _):
+            step(t, True)
+        out = _finish(builder, builder.fadd(builder.load(acc), load(vd, b0_v, vec)), act_v, alpha_v, width)
+        with builder.if_else(builder.icmp_signed(">=", d0_v, ir.Constant(i64, 0))) as (in_order, scattered):
+            with in_order:
+                builder.store(out, builder.bitcast(builder.gep(dd, [d0_v]), vec.as_pointer()), align=1)
+            with scattered:
+                for lane in range(width):
+                    with builder.if_then(builder.icmp_signed(">", lanes_v, ir.Constant(i64, lane))):
+                        to = index(builder.add(place_v, ir.Constant(i64, lane)))
+                        builder.store(builder.extract_element(out, ir.Constant(i32, lane)), builder.gep(dd, [to]))
+        return context.get_dummy_value()
+
+    return types.void(ints, vals, types.int64, types.int64, types.int64, types.int64, types.int64, src, dst,
+                      types.int64, types.int64, types.int64, dst.dtype), codegen
+
+
+_dot_slice = _dot_slice_py if JIT_DISABLED else _dot_slice_ir
+
+
+def _splat(builder, value, width):
+    # A vector of `width` copies of `value`.
+    kind = ir.VectorType(value.type, width)
+    one = builder.insert_element(ir.Constant(kind, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(one, ir.Constant(kind, ir.Undefined),
+                                  ir.Constant(ir.VectorType(ir.IntType(32), width), [0] * width))
+
+
+def _finish(builder, v, act, alpha, width):
+    # `_bias_act` on a register v that holds the sums plus the bias: relu keeps v unless
+    # v < 0, leaky relu keeps v if v > 0.
+    i64 = ir.IntType(64)
+    zero = ir.Constant(v.type, [ir.Constant(v.type.element, 0.0)] * width)
+    relu = builder.select(builder.fcmp_ordered("<", v, zero), zero, v)
+    leaky = builder.select(builder.fcmp_ordered(">", v, zero), v, builder.fmul(_splat(builder, alpha, width), v))
+    out = builder.select(builder.icmp_signed("==", act, ir.Constant(i64, 1)), relu, v)
+    return builder.select(builder.icmp_signed("==", act, ir.Constant(i64, 2)), leaky, out)
 
 
 def _bias_act(d, m, bj, act, alpha):
@@ -273,24 +442,11 @@ def _dot_lanes_ir(typingctx, ix, w, p0, p1, src, s0, ss, dst, d0, lanes, bias, a
         elt = context.get_data_type(signature.args[4].dtype)
         size = context.get_abi_sizeof(elt)
         width = BLOCK_BYTES // size
-        vec, i64, i32 = ir.VectorType(elt, width), ir.IntType(64), ir.IntType(32)
+        vec, i64 = ir.VectorType(elt, width), ir.IntType(64)
         zero = ir.Constant(vec, [ir.Constant(elt, 0.0)] * width)
 
         def at(data, offset):
             return builder.bitcast(builder.gep(data, [offset]), vec.as_pointer())
-
-        def splat(value):
-            one = builder.insert_element(ir.Constant(vec, ir.Undefined), value, ir.Constant(i32, 0))
-            return builder.shuffle_vector(one, ir.Constant(vec, ir.Undefined),
-                                          ir.Constant(ir.VectorType(i32, width), [0] * width))
-
-        def finish(acc):
-            # `_bias_act` on a register: relu keeps v unless v < 0, leaky relu keeps v if v > 0.
-            v = builder.fadd(acc, splat(bias_v))
-            relu = builder.select(builder.fcmp_ordered("<", v, zero), zero, v)
-            leaky = builder.select(builder.fcmp_ordered(">", v, zero), v, builder.fmul(splat(alpha_v), v))
-            out = builder.select(builder.icmp_signed("==", act_v, ir.Constant(i64, 1)), relu, v)
-            return builder.select(builder.icmp_signed("==", act_v, ir.Constant(i64, 2)), leaky, out)
 
         regs = builder.udiv(builder.add(lanes_v, ir.Constant(i64, width - 1)), ir.Constant(i64, width))
         end = builder.append_basic_block("dot.end")
@@ -302,13 +458,14 @@ def _dot_lanes_ir(typingctx, ix, w, p0, p1, src, s0, ss, dst, d0, lanes, bias, a
             sums = [cgutils.alloca_once_value(builder, zero) for _ in range(count)]
             with cgutils.for_range_slice(builder, p0_v, p1_v, ir.Constant(i64, 1), inc=True) as (p, _):
                 k = builder.add(s0_v, builder.mul(builder.zext(builder.load(builder.gep(ixd, [p])), i64), ss_v))
-                wv = splat(builder.load(builder.gep(wd, [p])))
+                wv = _splat(builder, builder.load(builder.gep(wd, [p])), width)
                 for r, acc in enumerate(sums):
                     sv = builder.load(at(sd, builder.add(k, ir.Constant(i64, r * width))), align=size)
                     builder.store(builder.fadd(builder.load(acc), builder.fmul(wv, sv)), acc)
+            bias = _splat(builder, bias_v, width)
             for r, acc in enumerate(sums):
-                builder.store(finish(builder.load(acc)), at(dd, builder.add(d0_v, ir.Constant(i64, r * width))),
-                              align=size)
+                v = _finish(builder, builder.fadd(builder.load(acc), bias), act_v, alpha_v, width)
+                builder.store(v, at(dd, builder.add(d0_v, ir.Constant(i64, r * width))), align=size)
             builder.branch(end)
         builder.position_at_end(end)
         return context.get_dummy_value()
@@ -320,22 +477,24 @@ def _dot_lanes_ir(typingctx, ix, w, p0, p1, src, s0, ss, dst, d0, lanes, bias, a
 _dot_lanes = _dot_lanes_py if JIT_DISABLED else _dot_lanes_ir
 
 
-def _transpose_block_py(src, s0, ss, dst, d0, ds):
-    # dst.flat[d0 + c*ds + r] = src.flat[s0 + r*ss + c] for r, c < BLOCK_BYTES // itemsize.
+def _transpose_block_py(src, s0, ss, dst, d0, ds, m):
+    # dst.flat[d0 + c*ds + r] = src.flat[s0 + r*ss + c] for r, c < BLOCK_BYTES // itemsize,
+    # reading only the first m rows of src (1 <= m): the others count as zeros.
     b = BLOCK_BYTES // src.itemsize
     s, d = src.reshape(-1), dst.reshape(-1)
     for r in range(b):
         for c in range(b):
-            d[d0 + c * ds + r] = s[s0 + r * ss + c]
+            d[d0 + c * ds + r] = s[s0 + r * ss + c] if r < m else 0
 
 
 @intrinsic
-def _transpose_block_ir(typingctx, src, s0, ss, dst, d0, ds):
-    # `_transpose_block_py` as B vector loads, log2(B) rounds of B two-register
-    # shuffles (round d swaps the off-diagonal d x d sub-blocks of every 2d x 2d
-    # block) and B vector stores; numba has no SIMD types, so it is written in LLVM IR.
+def _transpose_block_ir(typingctx, src, s0, ss, dst, d0, ds, m):
+    # `_transpose_block_py` as B vector loads (of zeros past row m), log2(B) rounds of B
+    # two-register shuffles (round d swaps the off-diagonal d x d sub-blocks of every
+    # 2d x 2d block) and B vector stores; numba has no SIMD types, so it is written in
+    # LLVM IR.
     def codegen(context, builder, signature, args):
-        src_v, s0_v, ss_v, dst_v, d0_v, ds_v = args
+        src_v, s0_v, ss_v, dst_v, d0_v, ds_v, m_v = args
         sdata = context.make_array(signature.args[0])(context, builder, src_v).data
         ddata = context.make_array(signature.args[3])(context, builder, dst_v).data
         elt = context.get_data_type(signature.args[0].dtype)
@@ -347,7 +506,12 @@ def _transpose_block_ir(typingctx, src, s0, ss, dst, d0, ds):
             offset = builder.add(base, builder.mul(stride, ir.Constant(stride.type, i)))
             return builder.bitcast(builder.gep(data, [offset]), vec)
 
-        rows = [builder.load(at(sdata, s0_v, ss_v, r), align=size) for r in range(b)]
+        rows = [builder.load(at(sdata, s0_v, ss_v, 0), align=size)]
+        for r in range(1, b):
+            row = cgutils.alloca_once_value(builder, ir.Constant(vec.pointee, None))
+            with builder.if_then(builder.icmp_signed(">", m_v, ir.Constant(m_v.type, r)), likely=True):
+                builder.store(builder.load(at(sdata, s0_v, ss_v, r), align=size), row)
+            rows.append(builder.load(row))
         d = b // 2
         while d:
             new = list(rows)
@@ -362,7 +526,7 @@ def _transpose_block_ir(typingctx, src, s0, ss, dst, d0, ds):
             builder.store(rows[c], at(ddata, d0_v, ds_v, c), align=size)
         return context.get_dummy_value()
 
-    return types.void(src, types.intp, types.intp, dst, types.intp, types.intp), codegen
+    return types.void(src, types.intp, types.intp, dst, types.intp, types.intp, types.intp), codegen
 
 
 _transpose_block = _transpose_block_py if JIT_DISABLED else _transpose_block_ir
@@ -404,13 +568,15 @@ def _make_tiles(feature_major):
                             ar[r] = xr[r0 + r]
             else:
                 # Block columns outermost: the stores fill a few scratch rows at a
-                # time (rows outermost measured 2.3x slower).
+                # time (rows outermost measured 2.3x slower). The rows past the last
+                # whole register of lanes are a block of zero-padded rows (element by
+                # element, a batch of 5-7 took 1.7-2.2x the time of a batch of 8).
                 for e in range(nblocks):
                     c0 = np.int64(ints[blocks + e])
                     if c0 + bw <= k:
-                        for r in range(0, full, bw):
-                            _transpose_block(rows, (r0 + r) * k + c0, k, a, c0 * tile + r, tile)
-                        rest = full
+                        for r in range(0, nb, bw):
+                            _transpose_block(rows, (r0 + r) * k + c0, k, a, c0 * tile + r, tile, min(bw, nb - r))
+                        rest = nb
                     else:
                         rest = 0
                     for c in range(c0, min(c0 + bw, k)):
@@ -427,7 +593,7 @@ def _make_tiles(feature_major):
             fo = out.shape[1]
             for j0 in range(0, fo - fo % bw, bw):
                 for r in range(0, full, bw):
-                    _transpose_block(src, j0 * tile + r, tile, out, (r0 + r) * fo + j0, fo)
+                    _transpose_block(src, j0 * tile + r, tile, out, (r0 + r) * fo + j0, fo, bw)
             for r in range(nb):
                 o = out[r0 + r]
                 for j in range(fo - fo % bw if r < full else 0, fo):
@@ -438,7 +604,8 @@ def _make_tiles(feature_major):
 
 _width = jit(_width)
 _bias_act = jit(_bias_act)
-_rows_layer = jit(_rows_layer)
+_slice_width = jit(_slice_width)
+_slice_layer = jit(_slice_layer)
 _lanes_layer = jit(_lanes_layer)
 _ROWS = jit(_chain_rows)
 _TILES = {fm: jit(_make_tiles(fm)) for fm in (False, True)}
