@@ -86,7 +86,7 @@ def test_a_planned_batch_gives_the_kernels_bits_in_a_new_array_whatever_form_the
     packed = kernels.pack_chain([w.weight.astype(np.float32) for w in fcs], [w.bias for w in fcs],
                                 ["relu", "leaky_relu", None], [None, 0.1, None], np.float32)
     run = Runtime(network, dtype=np.float32, backend="sclref")
-    for n in (1, 3, 40):
+    for n in (1, 2, 3, 40):
         x = np.random.default_rng(n).standard_normal((n, 2, 3, 5)).astype(np.float32)
         want = np.empty((n, 7), np.float32)
         kernels.csr_chain(*packed, x.reshape(n, 30), want, kernels.chain_scratch(packed[0], n, np.float32))
@@ -94,7 +94,8 @@ def test_a_planned_batch_gives_the_kernels_bits_in_a_new_array_whatever_form_the
         again = run(x)  # the planned call
         assert first.tobytes() == want.tobytes() and again.tobytes() == want.tobytes()
         assert not np.shares_memory(again, first)
-        for same in (x.reshape(n, 30), x.astype(np.float64), np.asfortranarray(x), x.tolist()):
+        frozen = np.frombuffer(b"\0" + x.tobytes(), np.float32, offset=1).reshape(x.shape)  # read-only, unaligned
+        for same in (x.reshape(n, 30), x.astype(np.float64), np.asfortranarray(x), x.tolist(), frozen):
             assert run(same).tobytes() == want.tobytes()
 
 

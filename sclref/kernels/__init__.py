@@ -10,7 +10,7 @@ kernel's outputs along a leading axis into such tasks (what `sclref.ops` does wi
 pooling and elementwise kernels).
 """
 
-from sclref.kernels._jit import CACHE, JIT_DISABLED, PARALLEL, num_threads, numba_threads, set_numba_threads
+from sclref.kernels._jit import CACHE, JIT_DISABLED, PARALLEL, compiled, num_threads, numba_threads, set_numba_threads
 from sclref.kernels.conv import conv2d_bwd_input, conv2d_bwd_weight, conv2d_fwd
 from sclref.kernels.elementwise import (
     add_relu_fwd,
@@ -27,7 +27,7 @@ from sclref.kernels.pool import maxpool2d_bwd, maxpool2d_fwd
 from sclref.kernels.tasks import run_ranges, run_tasks, threads_for
 
 __all__ = ["CACHE", "JIT_DISABLED", "PARALLEL", "adam_update", "add_relu_fwd", "batchnorm_bwd", "batchnorm_fwd",
-           "conv2d_bwd_input", "conv2d_bwd_weight", "conv2d_fwd", "leaky_relu_bwd", "leaky_relu_fwd",
+           "compiled", "conv2d_bwd_input", "conv2d_bwd_weight", "conv2d_fwd", "leaky_relu_bwd", "leaky_relu_fwd",
            "masked_weight_bwd", "masked_weight_fwd", "maxpool2d_bwd", "maxpool2d_fwd", "num_threads", "numba_threads",
            "relu_bwd", "relu_fwd", "run_ranges", "run_tasks", "set_numba_threads", "sgd_update", "threads_for"]
 

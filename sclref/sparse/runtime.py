@@ -218,15 +218,15 @@ class Runtime:
                 self._plans.clear()
             self.check_batch(x.shape)
             dense = "dense" in self.plan(x.shape[0]).values()
-            run = self._plans[x.shape] = _plan(self._steps(x.shape[0], entry=True), pin=dense)
+            run = self._plans[x.shape] = _plan(self._steps(x.shape[0], entry=x.shape), pin=dense)
         return run(x)
 
-    def _steps(self, batch: int, layers: list | None = None, entry: bool = False) -> list:
+    def _steps(self, batch: int, layers: list | None = None, entry: tuple | None = None) -> list:
         """The calls a batch of `batch` samples takes through `layers` (default: the network's): chains of
-        sclref linear layers, residual blocks as one call, other layers one by one. `entry`: the first step
-        gets the checked C-ordered input of `__call__`."""
+        sclref linear layers, residual blocks as one call, other layers one by one. `entry`: the shape of
+        the checked C-ordered input of `__call__`, which the first step gets."""
         steps, i, feature_major = [], 0, False
-        if entry:
+        if entry is not None:
             steps, i, feature_major = self._chwn_steps(batch)
         layers = self.network.layers if layers is None else layers
         while i < len(layers):
@@ -242,7 +242,7 @@ class Runtime:
                 key = tuple((w.layer.name, act and act.name) for w, act in chain)
                 if key not in self._chains:
                     self._chains[key] = _Chain(chain, self.dtype)
-                steps.append(_chain_run(self._chains[key], batch, contiguous=entry and not steps,
+                steps.append(_chain_run(self._chains[key], batch, entry=None if steps else entry,
                                         feature_major=feature_major))
                 feature_major = False
             else:
@@ -569,23 +569,27 @@ class _Chain:
         self.features, self.dtype = chain[-1][0].csr.shape[0], dtype
 
 
-def _chain_run(chain: _Chain, n: int, contiguous: bool = False, feature_major: bool = False):
+def _chain_run(chain: _Chain, n: int, entry: tuple | None = None, feature_major: bool = False):
     """A chain's `csr_chain` call on batches of `n` samples, kernel, scratch and output shape decided once: x -> out.
 
-    `contiguous`: its inputs are known to be C-ordered. `feature_major`: its input is a
-    CHWN activation, read as (K, N) (at least TILE_MIN samples). A closure over locals,
-    not an object: at batch 1 the call's Python overhead is most of its time. Below
-    TILE_MIN samples the kernel allocates its own scratch; otherwise the scratch is the
-    run's, and a call from a second thread while the first is inside the kernel (which
-    releases the GIL) takes a scratch of its own for that call. Its output is a new
-    C-ordered array (`fresh`).
+    `entry`: every input is a C-ordered array of this shape in the chain's dtype (the
+    network's checked input), else any array. `feature_major`: its input is a CHWN
+    activation, read as (K, N) (at least TILE_MIN samples). A closure over locals, not
+    an object: at batch 1 the call's Python overhead is most of its time, and with
+    `entry` it skips numba's dispatch too. Below TILE_MIN samples the kernel allocates
+    its own scratch; otherwise the scratch is the run's, and a call from a second
+    thread while the first is inside the kernel (which releases the GIL) takes a
+    scratch of its own for that call. Its output is a new C-ordered array (`fresh`).
     """
     layers, ints, vals, dtype = chain.layers, chain.ints, chain.vals, chain.dtype
     scratch = kernels.chain_scratch(layers, n, dtype)
     kernel = kernels.chain_kernel(scratch, feature_major)
-    shape, empty, ordered = (n, chain.features), np.empty, np.ascontiguousarray
+    shape, empty, ordered, contiguous = (n, chain.features), np.empty, np.ascontiguousarray, entry is not None
 
     if scratch is None:
+        if contiguous:
+            kernel = kernels.compiled(kernel, layers, ints, vals, empty(entry, dtype), empty(shape, dtype))
+
         def run(x: np.ndarray) -> np.ndarray:
             out = empty(shape, dtype)
             kernel(layers, ints, vals, x if contiguous else ordered(x), out)
