@@ -298,9 +298,9 @@ def _dot_slice_py(ints, vals, i0, w0, lengths, places, b0, src, dst, d0, lanes, 
 def _dot_slice_ir(typingctx, ints, vals, i0, w0, lengths, places, b0, src, dst, d0, lanes, act, alpha):
     # `_dot_slice_py` with the slice's sums in one vector register: per step a vector load
     # of weights, the gathered inputs inserted lane by lane (AVX2's gather instruction
-    # measured slower on AMD Zen 3), a multiply and an add. Steps every lane takes run
-    # unmasked; the rest keep a lane's sum where its row has ended (a select, so padding
-    # never reads an input into a sum: 0 * inf would be NaN).
+    # took 1.5-2x as long on AMD Zen 3), a multiply, an add, and a select that keeps a
+    # lane's sum once its row has ended (so padding never reads an input into a sum:
+    # 0 * inf would be NaN; running the steps every lane takes without it saved nothing).
     def codegen(context, builder, signature, args):
         ints_v, vals_v, i0_v, w0_v, len_v, place_v, b0_v, src_v, dst_v, d0_v, lanes_v, act_v, alpha_v = args
         ind, vd, sd, dd = [context.make_array(signature.args[i])(context, builder, v).data
@@ -318,16 +318,13 @@ def _dot_slice_ir(typingctx, ints, vals, i0, w0, lengths, places, b0, src, dst, 
             return builder.zext(builder.load(builder.gep(ind, [offset])), i64)
 
         length = load(ind, len_v, ivec)
-        steps = index(len_v)
-        every = builder.select(builder.icmp_signed("==", lanes_v, ir.Constant(i64, width)),
-                               index(builder.add(len_v, ir.Constant(i64, width - 1))), ir.Constant(i64, 0))
         acc = cgutils.alloca_once_value(builder, zero)
-
-        def step(t, masked):
+        with cgutils.for_range(builder, index(len_v)) as loop:
+            t = loop.index
             at = builder.mul(t, ir.Constant(i64, width))
             first = builder.add(i0_v, at)
             if ity.width == 32 and sys.byteorder == "little":
-                # Two indices per 64-bit load: the loads, not the arithmetic, bound this loop.
+                # Two indices per 64-bit load: a tenth faster than one load each.
                 pairs = builder.bitcast(builder.gep(ind, [first]), i64.as_pointer())
                 ks = []
                 for lane in range(0, width, 2):
@@ -340,16 +337,9 @@ def _dot_slice_ir(typingctx, ints, vals, i0, w0, lengths, places, b0, src, dst, 
                 gathered = builder.insert_element(gathered, builder.load(builder.gep(sd, [k])), ir.Constant(i32, lane))
             a = builder.load(acc)
             total = builder.fadd(a, builder.fmul(load(vd, builder.add(w0_v, at), vec), gathered))
-            if masked:
-                now = t if ity.width == 64 else builder.trunc(t, ity)
-                live = builder.icmp_unsigned(">", length, _splat(builder, now, width))
-                total = builder.select(live, total, a)
-            builder.store(total, acc)
-
-        with cgutils.for_range(builder, every) as loop:
-            step(loop.index, False)
-        with cgutils.for_range_slice(builder, every, steps, ir.Constant(i64, 1)) as (t, _):
-            step(t, True)
+            live = builder.icmp_unsigned(">", length, _splat(builder, t if ity.width == 64 else builder.trunc(t, ity),
+                                                             width))
+            builder.store(builder.select(live, total, a), acc)
         out = _finish(builder, builder.fadd(builder.load(acc), load(vd, b0_v, vec)), act_v, alpha_v, width)
         with builder.if_else(builder.icmp_signed(">=", d0_v, ir.Constant(i64, 0))) as (in_order, scattered):
             with in_order:
@@ -634,8 +624,9 @@ def csr_chain(layers, ints, vals, x, out, scratch=None, feature_major=False):
     overwritten; None below TILE_MIN rows).
     With `feature_major`, x holds the samples as columns instead: (K_0, N), or any
     C-contiguous (..., N) read as (K_0, N) (a CHWN activation); the result is the same.
-    O(N * (nnz + K_0 + F_last)) time. Without scratch: gathered dot products, sample by
-    sample (a feature-major x is transposed first). Otherwise batch tiles,
+    O(N * (nnz + K_0 + F_last)) time. Without scratch: sample by sample, in slices of
+    SIMD-width rows whose gathered dot products share a register (a feature-major x is
+    transposed first). Otherwise batch tiles,
     feature-major inside the tile, with the bias and the activation applied as each
     output row is finished. A scratch of another shape than (2, >= W, a whole number of
     SIMD widths) C-ordered in vals' dtype raises ValueError: the kernel reads and writes
