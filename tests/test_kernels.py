@@ -848,8 +848,9 @@ def _is_dispatcher(value):
 @contextlib.contextmanager
 def interpreted():
     """Run the public kernels on the plain Python functions their jitted loops are compiled from."""
-    factory = pool_module._maxpool_fwd_kernel
-    swaps = {(pool_module, "_maxpool_fwd_kernel"): lambda kh, kw: factory(kh, kw).py_func}
+    factory, planes = pool_module._maxpool_fwd_kernel, sparse_module._maxpool_planes
+    swaps = {(pool_module, "_maxpool_fwd_kernel"): lambda kh, kw: factory(kh, kw).py_func,
+             (sparse_module, "_maxpool_planes"): lambda kh, kw: planes(kh, kw).py_func}
     # An LLVM intrinsic `_name_ir` has a plain twin `_name_py`; the loops call it as `_name`.
     swaps.update({(sparse_module, name[:-3]): f for name, f in vars(sparse_module).items() if name.endswith("_py")})
     for module in _KERNEL_MODULES:
@@ -897,6 +898,7 @@ def test_interpreted_swaps_every_dispatcher_and_restores_them():
                 if isinstance(value, dict):
                     assert not any(_is_dispatcher(v) for v in value.values()), f"{module.__name__}.{name}"
         assert not _is_dispatcher(pool_module._maxpool_fwd_kernel(2, 2))
+        assert not _is_dispatcher(sparse_module._maxpool_planes(2, 2))
     assert {(m.__name__, n): v for m in _KERNEL_MODULES for n, v in vars(m).items()} == jitted
 
 
@@ -955,7 +957,9 @@ def test_maxpool_kernels_give_the_same_bits_interpreted(case, with_nan):
         maxpool2d_fwd(x, case.kh, case.kw, case.sh, case.sw, out, argmax)
         gx = np.empty_like(x)
         maxpool2d_bwd(gy, argmax, gx)
-        return [out, argmax, gx]
+        values = np.empty(case.out_shape, case.dtype)  # the runtime's pooling, without argmax
+        sparse_module.maxpool_nchw(case.kh, case.kw, case.sh, case.sw, x, values)
+        return [out, argmax, gx, values]
 
     _assert_same_bits(*_jit_and_interpreted(run))
 

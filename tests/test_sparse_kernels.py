@@ -237,7 +237,7 @@ def test_csr_conv2d_chwn_matches_its_twin_and_gives_the_nchw_kernels_values(case
 
 @settings(deadline=None, max_examples=10 if kernels.JIT_DISABLED else 40)
 @given(geometry=pool_geometry(max_n=MAX_BATCH), dtype=st.sampled_from([np.float32, np.float64]), seed=SEEDS)
-def test_maxpool_chwn_matches_its_twin_and_the_nchw_pooling(geometry, dtype, seed):
+def test_maxpool_chwn_and_nchw_match_their_twins_and_the_training_pooling(geometry, dtype, seed):
     n, c, h, wd, (kh, kw), (sh, sw) = geometry
     x = np.random.default_rng(seed).standard_normal((c, h, wd, n)).astype(dtype)
     x[x > 2] = np.nan  # NaN wins, as in np.maximum
@@ -249,6 +249,10 @@ def test_maxpool_chwn_matches_its_twin_and_the_nchw_pooling(geometry, dtype, see
     nchw = np.empty((n, *out.shape[:3]), dtype)
     ref.maxpool2d_fwd(x.transpose(3, 0, 1, 2), kh, kw, sh, sw, nchw, np.empty(nchw.shape, np.int64))
     np.testing.assert_array_equal(out, nchw.transpose(1, 2, 3, 0))
+    for pool in (sparse_module.maxpool_nchw, ref.maxpool_nchw):
+        values = np.full_like(nchw, -np.inf)
+        pool(kh, kw, sh, sw, np.ascontiguousarray(x.transpose(3, 0, 1, 2)), values)
+        assert values.tobytes() == nchw.tobytes()
 
 
 needs_two_threads = pytest.mark.skipif(kernels.JIT_DISABLED or numba.config.NUMBA_NUM_THREADS < 2,

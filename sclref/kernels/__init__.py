@@ -39,7 +39,9 @@ from sclref.kernels.sparse import (  # noqa: E402
     csr_conv2d,
     csr_conv2d_chwn,
     maxpool_chwn,
+    maxpool_nchw,
     pack_chain,
 )
 
-__all__ += ["chain_kernel", "chain_scratch", "csr_chain", "csr_conv2d", "csr_conv2d_chwn", "maxpool_chwn", "pack_chain"]
+__all__ += ["chain_kernel", "chain_scratch", "csr_chain", "csr_conv2d", "csr_conv2d_chwn", "maxpool_chwn",
+            "maxpool_nchw", "pack_chain"]

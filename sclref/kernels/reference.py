@@ -182,3 +182,13 @@ def maxpool_chwn(kh, kw, sh, sw, x, out):
     """The max over the windows of NumPy's sliding-window view, on CHWN."""
     win = sliding_window_view(x, (kh, kw), axis=(1, 2))[:, ::sh, ::sw][:, :out.shape[1], :out.shape[2]]
     out[...] = win.max(axis=(4, 5))
+
+
+def maxpool_nchw(kh, kw, sh, sw, x, out):
+    """The max of the KH*KW strided views of x, in the window's row-major order, on NCHW."""
+    oh, ow = out.shape[2], out.shape[3]
+    out[...] = x[:, :, :sh * (oh - 1) + 1:sh, :sw * (ow - 1) + 1:sw]
+    for i in range(kh):
+        for k in range(kw):
+            if i or k:
+                np.maximum(out, x[:, :, i:i + sh * (oh - 1) + 1:sh, k:k + sw * (ow - 1) + 1:sw], out=out)

@@ -34,6 +34,7 @@ split into batch tiles, took 1.2-2.1x their serial time on the quiet machine). T
 split the outputs, never a sum, so every output has the same bits at any thread count.
 """
 
+import functools
 import sys
 
 import numpy as np
@@ -46,7 +47,7 @@ from sclref.kernels import tasks
 from sclref.kernels._jit import JIT_DISABLED, jit
 
 __all__ = ["ACTIVATIONS", "CHAIN_COLUMNS", "SPLIT_MIN_WORK", "TILE_BYTES", "TILE_MIN", "aligned_empty", "chain_kernel",
-           "chain_scratch", "csr_chain", "csr_conv2d", "csr_conv2d_chwn", "maxpool_chwn", "pack_chain",
+           "chain_scratch", "csr_chain", "csr_conv2d", "csr_conv2d_chwn", "maxpool_chwn", "maxpool_nchw", "pack_chain",
            "split_threads"]
 
 # The widest batch tile of `csr_chain`, in bytes of lanes (64 float32 or 32 float64
@@ -894,3 +895,33 @@ def maxpool_chwn(kh, kw, sh, sw, x, out):
     one dtype; no padding. O(C * OH * OW * KH * KW * N) time, memory-bound.
     """
     _MAXPOOL_CHWN(kh, kw, sh, sw, x, out)
+
+
+@functools.lru_cache(maxsize=None)
+def _maxpool_planes(kh, kw):
+    # `maxpool_nchw`'s loop for one window size: a compile-time window unrolls into a chain
+    # of maxima per output, in the window's row-major order (np.maximum on scalars: NaN wins).
+    def pool(x, sh, sw, out):
+        for p in range(out.shape[0]):
+            plane, o = x[p], out[p]
+            for a in range(out.shape[1]):
+                for b in range(out.shape[2]):
+                    best = plane[a * sh, b * sw]
+                    for i in range(kh):
+                        for j in range(kw):
+                            if i or j:
+                                best = np.maximum(best, plane[a * sh + i, b * sw + j])
+                    o[a, b] = best
+
+    return jit(pool)
+
+
+def maxpool_nchw(kh, kw, sh, sw, x, out):
+    """out[n, c, a, b] = max over the (KH, KW) window at (a*SH, b*SW) of x[n, c]: max pooling on NCHW.
+
+    x (N, C, H, W), out (N, C, OH, OW) with OH = (H - KH) // SH + 1 (OW alike), C-contiguous,
+    one dtype; no padding. Values only (training's `maxpool2d_fwd` also finds each window's
+    argmax). O(N * C * OH * OW * KH * KW) time; compiles once per window size.
+    """
+    n, c, h, w = x.shape
+    _maxpool_planes(int(kh), int(kw))(x.reshape(n * c, h, w), sh, sw, out.reshape(n * c, *out.shape[2:]))
