@@ -122,6 +122,11 @@ def test_below_tile_min_a_chain_needs_no_scratch_and_its_kernel_takes_none(case)
     kernels.csr_chain(*packed, x[:rows], want)
     kernels.chain_kernel(None)(*packed, np.ascontiguousarray(x[:rows]), got)  # the hot-path call: no scratch
     assert got.tobytes() == want.tobytes()
+    entry = kernels.compiled(kernels.chain_kernel(None), *packed, np.ascontiguousarray(x[:rows]), got)
+    assert entry is kernels.chain_kernel(None) if kernels.JIT_DISABLED else not hasattr(entry, "py_func")
+    got[...] = np.nan
+    entry(*packed, np.ascontiguousarray(x[:rows]), got)  # the runtime's call at batch 1: no dispatch
+    assert got.tobytes() == want.tobytes()
     np.testing.assert_allclose(got, _scipy_chain(weights, biases, acts, alphas, x[:rows]), rtol=TOL[dtype],
                                atol=TOL[dtype])
     with pytest.raises(ValueError, match="feature-major chain input needs at least"):

@@ -146,7 +146,8 @@ def pack_chain(weights, biases, activations, alphas, dtype):
             raise ValueError(f"unknown activation {act!r}")
         f, k = w.shape
         blocks = (np.unique(w.indices // step) * step).astype(itype)
-        slots, order, slot_data, slot_bias, place = _slices(w, np.asarray(b).astype(dtype), place, step)
+        bias = np.asarray(b).astype(dtype)
+        slots, order, slot_data, slot_bias, place = _slices(w, bias, place, step)
         row = layers[i]
         row[[_F, _K, _NNZ, _NBLK, _ACT]] = f, k, w.nnz, blocks.size, ACTIVATIONS[act]
         row[_PTR], ni = ni, put(ints, w.indptr.astype(itype), ni)
@@ -155,8 +156,8 @@ def pack_chain(weights, biases, activations, alphas, dtype):
         row[_SLOTS], ni = ni, put(ints, slots.astype(itype), ni)
         row[_ORDER], ni = ni, put(ints, order.astype(itype), ni)
         row[_W], nv = nv, put(vals, w.data.astype(dtype), nv)
-        row[_B], nv = nv, put(vals, np.asarray(b).astype(dtype), nv)
-        row[_SLOT_W], nv = nv, put(vals, slot_data.astype(dtype), nv)
+        row[_B], nv = nv, put(vals, bias, nv)
+        row[_SLOT_W], nv = nv, put(vals, slot_data, nv)
         row[_SLOT_B], nv = nv, put(vals, slot_bias, nv)
         if act == "leaky_relu":
             row[_ALPHA], nv = nv, put(vals, np.asarray([alpha], dtype), nv)
@@ -164,8 +165,9 @@ def pack_chain(weights, biases, activations, alphas, dtype):
 
 
 def _slices(w, b, place, step):
-    # `pack_chain`'s sliced layout of CSR `w` (F, K) with bias `b`, its inputs at positions
-    # `place` (None: in order): (slots, order, slot_data, slot_bias, where its outputs sit).
+    # `pack_chain`'s sliced layout of CSR `w` (F, K) with bias `b` (weights and bias in b's
+    # dtype), its inputs at positions `place` (None: in order): (slots, order, slot_data,
+    # slot_bias, where its outputs sit).
     f = w.shape[0]
     padded = f + -f % step
     lengths = np.diff(w.indptr)
@@ -181,7 +183,7 @@ def _slices(w, b, place, step):
     owner = np.repeat(np.arange(f), lengths)
     t = np.arange(w.nnz) - np.repeat(w.indptr[:-1], lengths)
     at = start[position[owner] // step] + t * step + position[owner] % step
-    slots, slot_data = np.zeros(start[-1], np.int64), np.zeros(start[-1], w.data.dtype)
+    slots, slot_data = np.zeros(start[-1], np.int64), np.zeros(start[-1], b.dtype)
     slots[at] = w.indices if place is None else place[w.indices]
     slot_data[at] = w.data
     slot_bias = np.zeros(padded, b.dtype)
@@ -921,7 +923,17 @@ def maxpool_nchw(kh, kw, sh, sw, x, out):
 
     x (N, C, H, W), out (N, C, OH, OW) with OH = (H - KH) // SH + 1 (OW alike), C-contiguous,
     one dtype; no padding. Values only (training's `maxpool2d_fwd` also finds each window's
-    argmax). O(N * C * OH * OW * KH * KW) time; compiles once per window size.
+    argmax). O(N * C * OH * OW * KH * KW) time; compiles once per window size. With the JIT
+    off, NumPy's maxima of the window's strided views, in the same order (the interpreted
+    loop took 140x as long).
     """
+    if JIT_DISABLED:
+        oh, ow = out.shape[2], out.shape[3]
+        out[...] = x[:, :, :sh * (oh - 1) + 1:sh, :sw * (ow - 1) + 1:sw]
+        for i in range(kh):
+            for k in range(kw):
+                if i or k:
+                    np.maximum(out, x[:, :, i:i + sh * (oh - 1) + 1:sh, k:k + sw * (ow - 1) + 1:sw], out=out)
+        return
     n, c, h, w = x.shape
     _maxpool_planes(int(kh), int(kw))(x.reshape(n * c, h, w), sh, sw, out.reshape(n * c, *out.shape[2:]))

@@ -47,7 +47,6 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from sclref import kernels, threads
 from sclref.errors import InputError, check_allocation
-from sclref.kernels import reference
 from sclref.sparse import network as net
 from sclref.sparse.format import FormatError, check_range
 
@@ -85,12 +84,6 @@ CONV_DENSE_FROM = {1: math.inf}
 # batch 4, 0.98 at 8, 1.31 at 12, 1.63 at 16; a 92 %-sparse ResNet-20 (Fashion-MNIST)
 # 0.47 at 4, 0.80 at 8, 1.05 at 12, 1.36 at 16, 2.2 at 32.
 CHWN_FROM = 12
-
-# Max pooling on NCHW: the compiled loop (values only; inference needs no argmax), or
-# NumPy's maxima of the window's strided views with the JIT off. LeNet-5's pool1 (20 x
-# 24 x 24) took 0.55x NumPy's time at batch 1, 0.8x at 4-32 and 0.97x at 64; its pool2
-# (37 x 8 x 8) 0.35-0.53x.
-_MAXPOOL_NCHW = reference.maxpool_nchw if kernels.JIT_DISABLED else kernels.maxpool_nchw
 
 
 class _Weights:
@@ -380,7 +373,9 @@ class Runtime:
                 raise ValueError(f"{layer.name}: pooling window {layer.kernel_size} is larger than the input "
                                  f"{x.shape[2:]}")
             out = np.empty((*x.shape[:2], (x.shape[2] - kh) // sh + 1, (x.shape[3] - kw) // sw + 1), x.dtype)
-            _MAXPOOL_NCHW(kh, kw, sh, sw, np.ascontiguousarray(x), out)
+            # Values only, compiled: inference needs no argmax, and NumPy's whole-array maxima of
+            # strided views took 1.8x the time at LeNet-5's pool1 at batch 1, 1.2-1.3x at 4-32.
+            kernels.maxpool_nchw(kh, kw, sh, sw, np.ascontiguousarray(x), out)
             return out
         return _flatten(x)
 
