@@ -314,3 +314,22 @@ def test_a_chain_refuses_a_scratch_its_registers_would_overrun(case):
                 np.empty((2, width, simd), np.float16), np.empty((2, width, 2 * simd), dtype)[:, :, ::2]):
         with pytest.raises(ValueError, match="a chain's scratch must be"):
             kernels.csr_chain(*packed, x, out, bad)
+
+
+@given(case=chain_cases())
+def test_a_chain_refuses_an_input_or_output_it_would_misread(case):
+    weights, biases, acts, alphas, x, dtype = case
+    packed = kernels.pack_chain(weights, biases, acts, alphas, dtype)
+    (n, k), f = x.shape, weights[-1].shape[0]
+    other = np.float64 if np.dtype(dtype) == np.float32 else np.float32
+    out = np.empty((n, f), dtype)
+    bad = [(np.zeros((n, k + 1), dtype), out), (x, np.empty((n, f + 1), dtype)), (x, np.empty((n + 1, f), dtype)),
+           (x, np.empty(n * f, dtype)), (x.astype(other), out), (x, np.empty((n, f), other)),
+           (np.zeros((n, 2 * k), dtype)[:, ::2], out), (x, np.empty((f, n), dtype).T)]
+    for bad_x, bad_out in bad:
+        if bad_x.flags.c_contiguous and bad_out.flags.c_contiguous and bad_x.dtype == bad_out.dtype == dtype and (
+                bad_x.size, bad_out.shape) == (x.size, out.shape):
+            continue  # a one-column or empty "strided" array is C-ordered after all
+        for scratch in (None, kernels.chain_scratch(packed[0], kernels.sparse.TILE_MIN, dtype)):
+            with pytest.raises(ValueError, match="a chain"):
+                kernels.csr_chain(*packed, bad_x, bad_out, scratch)

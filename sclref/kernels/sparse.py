@@ -241,18 +241,27 @@ def _width(layers):
 
 
 def _chain_rows(layers, ints, vals, x, out):
-    # Sample by sample, layer by layer, in slices (`_slice_layer`); hidden vectors, in
-    # slice order, alternate between scratch[0] and scratch[1].
-    nl = layers.shape[0]
-    scratch = np.empty((2, _slice_width(layers, BLOCK_BYTES // out.itemsize)), out.dtype)
-    rows = x.reshape((x.shape[0], layers[0, _K]))
-    for r in range(rows.shape[0]):
-        src = rows[r]
+    # Sample by sample, layer by layer, one `_dot_slice` call per slice of SIMD-width
+    # rows. Hidden vectors, in slice order, alternate between the two halves of scratch.
+    # The calls name whole arrays and offsets, never views: numba counts a view's
+    # references with atomic instructions, and three views per layer cost a tenth of
+    # LeNet-300-100's chain at batch 1.
+    step = BLOCK_BYTES // out.itemsize
+    nl, width = layers.shape[0], _slice_width(layers, step)
+    scratch = np.empty(2 * width, out.dtype)
+    k0, fo = layers[0, _K], out.shape[1]
+    for r in range(out.shape[0]):
         for li in range(nl):
-            last = li == nl - 1
-            dst = out[r] if last else scratch[li % 2]
-            _slice_layer(ints, vals, layers[li], src, dst, last)
-            src = dst
+            f, last = layers[li, _F], li == nl - 1
+            padded = f + -f % step
+            order, at = layers[li, _ORDER], np.int64(0)
+            s0 = r * k0 if li == 0 else (li - 1) % 2 * width
+            d0 = r * fo if last else li % 2 * width
+            for s in range(0, f, step):
+                _dot_slice(ints, vals, layers[li, _SLOTS] + at, layers[li, _SLOT_W] + at, order + s,
+                           order + padded + s, layers[li, _SLOT_B] + s, x, scratch, out, s0, d0 if last else d0 + s,
+                           li == 0, last, min(step, f - s), layers[li, _ACT], vals[layers[li, _ALPHA]])
+                at += np.int64(ints[order + s]) * step
 
 
 def _slice_width(layers, step):
@@ -264,51 +273,44 @@ def _slice_width(layers, step):
     return width
 
 
-def _slice_layer(ints, vals, row, src, dst, scatter):
-    # dst = act(W src + b) for the layer of table row `row`, one slice of SIMD-width rows
-    # per `_dot_slice` call; with `scatter`, each output goes to its row's place in dst
-    # (the chain's output), else dst is in slice order.
-    step = BLOCK_BYTES // dst.itemsize
-    f = row[_F]
-    padded = f + -f % step
-    order, at = row[_ORDER], np.int64(0)
-    for s in range(0, f, step):
-        _dot_slice(ints, vals, row[_SLOTS] + at, row[_SLOT_W] + at, order + s, order + padded + s,
-                   row[_SLOT_B] + s, src, dst, -1 if scatter else s, min(step, f - s), row[_ACT], vals[row[_ALPHA]])
-        at += np.int64(ints[order + s]) * step
-
-
-def _dot_slice_py(ints, vals, i0, w0, lengths, places, b0, src, dst, d0, lanes, act, alpha):
-    # One slice of `step` rows: lane l sums, in order, its row's lengths[l] connections
-    # vals[w0 + t * step + l] * src[ints[i0 + t * step + l]], adds vals[b0 + l] and applies
-    # act (as `_bias_act`). d0 >= 0: the lanes go to dst[d0:d0 + step]; else the first
-    # `lanes` go to dst[ints[places + l]].
-    step = BLOCK_BYTES // dst.itemsize
+def _dot_slice_py(ints, vals, i0, w0, lengths, places, b0, x, scratch, out, s0, d0, first, last, lanes, act, alpha):
+    # One slice of `step` rows reading src, x's values from s0 if `first` else scratch's,
+    # into dst, out's values from d0 if `last` else scratch's: lane l sums, in order, its
+    # row's lengths[l] connections vals[w0 + t * step + l] * src[s0 + ints[i0 + t * step + l]],
+    # adds vals[b0 + l] and applies act (as `_bias_act`). With `last` the first `lanes`
+    # go to dst[d0 + ints[places + l]], else the step lanes to dst[d0:d0 + step].
+    step = BLOCK_BYTES // out.itemsize
+    src = x.reshape(-1)[s0:] if first else scratch[s0:]
+    dst = out.reshape(-1)[d0:] if last else scratch[d0:]
     length = ints[lengths:lengths + step]
-    acc = np.zeros(step, dst.dtype)
+    acc = np.zeros(step, out.dtype)
     for t in range(int(length[0])):
         k = ints[i0 + t * step:i0 + (t + 1) * step].astype(np.int64)
         acc = np.where(length > t, acc + vals[w0 + t * step:w0 + (t + 1) * step] * src[k], acc)
     for lane in range(step):
         _bias_act(acc[lane:lane + 1], 1, vals[b0 + lane], act, alpha)
-    if d0 >= 0:
-        dst[d0:d0 + step] = acc
-    else:
+    if last:
         dst[ints[places:places + lanes].astype(np.int64)] = acc[:lanes]
+    else:
+        dst[:step] = acc
 
 
 @intrinsic
-def _dot_slice_ir(typingctx, ints, vals, i0, w0, lengths, places, b0, src, dst, d0, lanes, act, alpha):
+def _dot_slice_ir(typingctx, ints, vals, i0, w0, lengths, places, b0, x, scratch, out, s0, d0, first, last, lanes,
+                   act, alpha):
     # `_dot_slice_py` with the slice's sums in one vector register: per step a vector load
     # of weights, the gathered inputs inserted lane by lane (AVX2's gather instruction
     # took 1.5-2x as long on AMD Zen 3), a multiply, an add, and a select that keeps a
     # lane's sum once its row has ended (so padding never reads an input into a sum:
     # 0 * inf would be NaN; running the steps every lane takes without it saved nothing).
     def codegen(context, builder, signature, args):
-        ints_v, vals_v, i0_v, w0_v, len_v, place_v, b0_v, src_v, dst_v, d0_v, lanes_v, act_v, alpha_v = args
-        ind, vd, sd, dd = [context.make_array(signature.args[i])(context, builder, v).data
-                           for i, v in ((0, ints_v), (1, vals_v), (7, src_v), (8, dst_v))]
-        elt, ity = context.get_data_type(signature.args[7].dtype), context.get_data_type(signature.args[0].dtype)
+        (ints_v, vals_v, i0_v, w0_v, len_v, place_v, b0_v, x_v, scratch_v, out_v, s0_v, d0_v, first_v, last_v,
+         lanes_v, act_v, alpha_v) = args
+        ind, vd, xd, sc, od = [context.make_array(signature.args[i])(context, builder, v).data
+                               for i, v in ((0, ints_v), (1, vals_v), (7, x_v), (8, scratch_v), (9, out_v))]
+        sd = builder.gep(builder.select(first_v, xd, sc), [s0_v])
+        dd = builder.gep(builder.select(last_v, od, sc), [d0_v])
+        elt, ity = context.get_data_type(signature.args[9].dtype), context.get_data_type(signature.args[0].dtype)
         width = BLOCK_BYTES // context.get_abi_sizeof(elt)
         i64, i32 = ir.IntType(64), ir.IntType(32)
         vec, ivec = ir.VectorType(elt, width), ir.VectorType(ity, width)
@@ -322,6 +324,8 @@ def _dot_slice_ir(typingctx, ints, vals, i0, w0, lengths, places, b0, src, dst, 
 
         length = load(ind, len_v, ivec)
         acc = cgutils.alloca_once_value(builder, zero)
+        # Step t as a vector, compared signed (one instruction; rows are shorter than 2**31).
+        steps = cgutils.alloca_once_value(builder, ir.Constant(ivec, [ir.Constant(ity, 0)] * width))
         with cgutils.for_range(builder, index(len_v)) as loop:
             t = loop.index
             at = builder.mul(t, ir.Constant(i64, width))
@@ -340,13 +344,13 @@ def _dot_slice_ir(typingctx, ints, vals, i0, w0, lengths, places, b0, src, dst, 
                 gathered = builder.insert_element(gathered, builder.load(builder.gep(sd, [k])), ir.Constant(i32, lane))
             a = builder.load(acc)
             total = builder.fadd(a, builder.fmul(load(vd, builder.add(w0_v, at), vec), gathered))
-            live = builder.icmp_unsigned(">", length, _splat(builder, t if ity.width == 64 else builder.trunc(t, ity),
-                                                             width))
-            builder.store(builder.select(live, total, a), acc)
+            step = builder.load(steps)
+            builder.store(builder.add(step, _splat(builder, ir.Constant(ity, 1), width)), steps)
+            builder.store(builder.select(builder.icmp_signed(">", length, step), total, a), acc)
         out = _finish(builder, builder.fadd(builder.load(acc), load(vd, b0_v, vec)), act_v, alpha_v, width)
-        with builder.if_else(builder.icmp_signed(">=", d0_v, ir.Constant(i64, 0))) as (in_order, scattered):
+        with builder.if_else(last_v) as (scattered, in_order):
             with in_order:
-                builder.store(out, builder.bitcast(builder.gep(dd, [d0_v]), vec.as_pointer()), align=1)
+                builder.store(out, builder.bitcast(dd, vec.as_pointer()), align=1)
             with scattered:
                 for lane in range(width):
                     with builder.if_then(builder.icmp_signed(">", lanes_v, ir.Constant(i64, lane))):
@@ -354,8 +358,9 @@ def _dot_slice_ir(typingctx, ints, vals, i0, w0, lengths, places, b0, src, dst, 
                         builder.store(builder.extract_element(out, ir.Constant(i32, lane)), builder.gep(dd, [to]))
         return context.get_dummy_value()
 
-    return types.void(ints, vals, types.int64, types.int64, types.int64, types.int64, types.int64, src, dst,
-                      types.int64, types.int64, types.int64, dst.dtype), codegen
+    return types.void(ints, vals, types.int64, types.int64, types.int64, types.int64, types.int64, x, scratch, out,
+                      types.int64, types.int64, types.boolean, types.boolean, types.int64, types.int64,
+                      out.dtype), codegen
 
 
 _dot_slice = _dot_slice_py if JIT_DISABLED else _dot_slice_ir
@@ -598,7 +603,6 @@ def _make_tiles(feature_major):
 _width = jit(_width)
 _bias_act = jit(_bias_act)
 _slice_width = jit(_slice_width)
-_slice_layer = jit(_slice_layer)
 _lanes_layer = jit(_lanes_layer)
 _ROWS = jit(_chain_rows)
 _TILES = {fm: jit(_make_tiles(fm)) for fm in (False, True)}
@@ -631,10 +635,18 @@ def csr_chain(layers, ints, vals, x, out, scratch=None, feature_major=False):
     SIMD-width rows whose gathered dot products share a register (a feature-major x is
     transposed first). Otherwise batch tiles,
     feature-major inside the tile, with the bias and the activation applied as each
-    output row is finished. A scratch of another shape than (2, >= W, a whole number of
-    SIMD widths) C-ordered in vals' dtype raises ValueError: the kernel reads and writes
-    whole registers of lanes.
+    output row is finished. ValueError for an x or out of another size, dtype or layout,
+    or a scratch of another shape than (2, >= W, a whole number of SIMD widths) C-ordered
+    in vals' dtype: the kernels read and write whole registers of lanes, unchecked.
     """
+    f, k = (layers[-1, _F], layers[0, _K]) if layers.shape[0] else (0, 0)
+    if out.ndim != 2 or out.shape[1] != f or x.size != out.shape[0] * k:
+        raise ValueError(f"a chain of {k} inputs and {f} outputs needs out (N, {f}) and x of N x {k} values, "
+                         f"got x {x.shape} and out {out.shape}")
+    for name, a in (("x", x), ("out", out)):
+        if a.dtype != vals.dtype or not a.flags.c_contiguous:
+            raise ValueError(f"a chain's {name} must be C-ordered {vals.dtype}, got {a.dtype}"
+                             f"{'' if a.flags.c_contiguous else ' strided'}")
     if scratch is None:
         if feature_major:
             x = np.ascontiguousarray(x.reshape(-1, out.shape[0]).T)
