@@ -97,6 +97,7 @@ def test_a_planned_batch_gives_the_kernels_bits_in_a_new_array_whatever_form_the
         frozen = np.frombuffer(b"\0" + x.tobytes(), np.float32, offset=1).reshape(x.shape)  # read-only, unaligned
         for same in (x.reshape(n, 30), x.astype(np.float64), np.asfortranarray(x), x.tolist(), frozen):
             assert run(same).tobytes() == want.tobytes()
+            assert run(same).tobytes() == want.tobytes()  # planned, if only reshaped
 
 
 def test_float32_runtime_takes_any_numeric_input():
