@@ -371,6 +371,29 @@ def test_residual_blocks_give_the_reference_output_on_every_mix_of_backends(batc
         np.testing.assert_allclose(h, expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("batch", [1, 7])
+def test_an_activation_overwrites_only_arrays_the_run_made(batch):
+    # A ReLU runs in place on a layer's fresh output, never on the caller's input, a flatten
+    # of it, or a residual block's input, which its shortcut reads too.
+    gen = np.random.default_rng(11)
+
+    def fc(name, k, f):
+        return Linear(name, _csr_with_density(f, k, max(1, k // 3), gen), gen.standard_normal(f))
+
+    networks = [[Activation("relu0", "relu"), Flatten("flatten"), fc("fc0", 30, 4)],
+                [Flatten("flatten"), Activation("relu0", "relu"), fc("fc0", 30, 4)],
+                [Flatten("flatten"), Residual("res", [Activation("relu0", "relu"), fc("fc0", 30, 30)], []),
+                 Activation("relu1", "relu"), fc("fc1", 30, 4)]]
+    for layers in networks:
+        network = SparseNetwork(layers, np.dtype(np.float64), input_shape=(2, 3, 5))
+        for backend in ("dense", "scipy", "sclref"):
+            run, x = Runtime(network, backend=backend), gen.standard_normal((batch, 2, 3, 5))
+            given = x.copy()
+            for _ in range(2):  # planning, then the planned call
+                np.testing.assert_allclose(run(x), _reference(layers, given), rtol=1e-12, atol=1e-12)
+                assert x.tobytes() == given.tobytes()
+
+
 def test_buffers_inside_a_residual_block_are_checked(monkeypatch):
     gen = np.random.default_rng(11)
     conv = Conv2d("shortcut.conv", _csr_with_density(2, 2, 1, gen), np.zeros(2), in_channels=2, kernel_size=(1, 1),

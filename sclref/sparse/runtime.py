@@ -235,6 +235,7 @@ class Runtime:
         if entry is not None:
             steps, i, feature_major = self._chwn_steps(batch)
         layers = self.network.layers if layers is None else layers
+        fresh = bool(steps)  # the next step's input is an array of the run's own (not the caller's)
         while i < len(layers):
             chain = []
             while (i < len(layers) and isinstance(layers[i], net.Linear)
@@ -250,19 +251,32 @@ class Runtime:
                     self._chains[key] = _Chain(chain, self.dtype)
                 steps.append(_chain_run(self._chains[key], batch, entry=None if steps else entry,
                                         feature_major=feature_major))
-                feature_major = False
+                feature_major, fresh = False, True
             else:
                 layer = layers[i]
                 if isinstance(layer, net.Flatten):
-                    steps.append(_flatten)
+                    steps.append(_flatten)  # a view: as fresh as its input
                 elif isinstance(layer, net.Residual):
                     act = _activation_after(layers, i)
                     steps.append(_Block(self._steps(batch, layer.body), self._steps(batch, layer.shortcut), act))
                     i += act is not None
                 else:
-                    steps.append(lambda x, layer=layer: self.step(layer, x))
+                    steps.append(self._layer_run(layer, batch, fresh))
+                fresh = fresh or not isinstance(layer, net.Flatten)
                 i += 1
         return steps
+
+    def _layer_run(self, layer, batch: int, fresh: bool):
+        """One layer's call on batches of `batch` samples, its backend decided once; a ReLU overwrites a
+        `fresh` input. At batch 1 the dispatch of `step` took a quarter of LeNet-5's call."""
+        if isinstance(layer, (net.Conv2d, net.Linear)):
+            run = self.conv2d if isinstance(layer, net.Conv2d) else self.linear
+            return functools.partial(run, layer.name, backend=self.choose(layer.name, batch))
+        if isinstance(layer, net.Activation):
+            return functools.partial(_activate, layer, in_place=fresh)
+        if isinstance(layer, net.MaxPool2d):
+            return functools.partial(_maxpool, layer)
+        return functools.partial(self.step, layer)
 
     def _chwn_steps(self, batch: int) -> tuple[list, int, bool]:
         """The CHWN path through the network's first layers: (steps, layers covered, whether it ends feature-major).
@@ -373,16 +387,7 @@ class Runtime:
         if isinstance(layer, net.Activation):
             return _activate(layer, x)
         if isinstance(layer, net.MaxPool2d):
-            x = _nchw(layer, x)
-            (kh, kw), (sh, sw) = layer.kernel_size, layer.stride
-            if x.shape[2] < kh or x.shape[3] < kw:
-                raise ValueError(f"{layer.name}: pooling window {layer.kernel_size} is larger than the input "
-                                 f"{x.shape[2:]}")
-            out = np.empty((*x.shape[:2], (x.shape[2] - kh) // sh + 1, (x.shape[3] - kw) // sw + 1), x.dtype)
-            # Values only, compiled: inference needs no argmax, and NumPy's whole-array maxima of
-            # strided views took 1.8x the time at LeNet-5's pool1 at batch 1, 1.2-1.3x at 4-32.
-            kernels.maxpool_nchw(kh, kw, sh, sw, np.ascontiguousarray(x), out)
-            return out
+            return _maxpool(layer, x)
         return _flatten(x)
 
     def linear(self, name: str, x: np.ndarray, backend: str) -> np.ndarray:
@@ -502,6 +507,19 @@ def _mean_chwn(x: np.ndarray) -> np.ndarray:
 
 def _to_rows(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x.T)
+
+
+def _maxpool(layer: net.MaxPool2d, x: np.ndarray) -> np.ndarray:
+    """Max pooling of NCHW `x` by `layer`."""
+    x = _nchw(layer, x)
+    (kh, kw), (sh, sw) = layer.kernel_size, layer.stride
+    if x.shape[2] < kh or x.shape[3] < kw:
+        raise ValueError(f"{layer.name}: pooling window {layer.kernel_size} is larger than the input {x.shape[2:]}")
+    out = np.empty((*x.shape[:2], (x.shape[2] - kh) // sh + 1, (x.shape[3] - kw) // sw + 1), x.dtype)
+    # Values only, compiled: inference needs no argmax, and NumPy's whole-array maxima of
+    # strided views took 1.8x the time at LeNet-5's pool1 at batch 1, 1.2-1.3x at 4-32.
+    kernels.maxpool_nchw(kh, kw, sh, sw, np.ascontiguousarray(x), out)
+    return out
 
 
 def _reshaped(run, shape: tuple, x: np.ndarray) -> np.ndarray:
