@@ -178,23 +178,31 @@ def _conv_shape(x, filters, kernel, stride, padding):
     return x.shape[0], filters, (x.shape[2] + 2 * ph - kh) // sh + 1, (x.shape[3] + 2 * pw - kw) // sw + 1
 
 
+def _act(y, act, alpha):
+    """An ACTIVATIONS code applied by NumPy."""
+    return np.maximum(y, 0) if act == 1 else np.where(y > 0, y, y.dtype.type(alpha) * y) if act == 2 else y
+
+
 @settings(deadline=None, max_examples=30)
-@given(case=conv_cases())
-@example(case=(sp.csr_array(np.ones((2, 9))), np.zeros(2), np.ones((1, 1, 3, 3)), (3, 3), (1, 1), (0, 0)))
-def test_csr_conv2d_matches_its_twin_and_the_dense_convolution(case):
+@given(case=conv_cases(), act=st.sampled_from([0, 1, 2]), alpha=st.sampled_from([0.1, 0.0, -0.5]))
+@example(case=(sp.csr_array(np.ones((2, 9))), np.zeros(2), np.ones((1, 1, 3, 3)), (3, 3), (1, 1), (0, 0)), act=0,
+         alpha=0.1)
+def test_csr_conv2d_matches_its_twin_and_the_dense_convolution(case, act, alpha):
     w, bias, x, kernel, stride, padding = case
     (kh, kw), (sh, sw) = kernel, stride
     w = sp.csr_array((w.data.astype(x.dtype), w.indices.astype(np.int32), w.indptr.astype(np.int32)), shape=w.shape)
     shape = _conv_shape(x, w.shape[0], kernel, stride, padding)
     xp = _padded(x, padding)
-    got, twin = np.full(shape, np.nan, x.dtype), np.full(shape, np.nan, x.dtype)
-    kernels.csr_conv2d(kh, kw, sh, sw, w.indptr, w.indices, w.data, bias.astype(x.dtype), xp, got)
-    ref.csr_conv2d(kh, kw, sh, sw, w.indptr, w.indices, w.data, bias.astype(x.dtype), xp, twin)
+    got, twin, plain = (np.full(shape, np.nan, x.dtype) for _ in range(3))
+    kernels.csr_conv2d(kh, kw, sh, sw, w.indptr, w.indices, w.data, bias.astype(x.dtype), xp, got, act, alpha)
+    ref.csr_conv2d(kh, kw, sh, sw, w.indptr, w.indices, w.data, bias.astype(x.dtype), xp, twin, act, alpha)
+    kernels.csr_conv2d(kh, kw, sh, sw, w.indptr, w.indices, w.data, bias.astype(x.dtype), xp, plain)
     dense = np.empty(shape, x.dtype)
     ref.conv2d_fwd(x, w.toarray().reshape(w.shape[0], x.shape[1], kh, kw), sh, sw, *padding, dense)
     tol = TOL[x.dtype.type] * max(1.0, float(np.abs(twin).max(initial=0.0)))
     np.testing.assert_allclose(got, twin, rtol=0, atol=tol)
-    np.testing.assert_allclose(got, dense + bias.astype(x.dtype)[:, None, None], rtol=0, atol=tol)
+    np.testing.assert_allclose(got, _act(dense + bias.astype(x.dtype)[:, None, None], act, alpha), rtol=0, atol=tol)
+    assert got.tobytes() == _act(plain, act, alpha).tobytes()  # the activation adds no rounding of its own
 
 
 @st.composite
@@ -231,13 +239,9 @@ def test_csr_conv2d_chwn_matches_its_twin_and_gives_the_nchw_kernels_values(case
     np.testing.assert_allclose(got, twin, rtol=0, atol=tol)
     nchw = np.empty((x.shape[3], *got.shape[:3]), x.dtype)
     kernels.csr_conv2d(kh, kw, sh, sw, w.indptr, w.indices, w.data, bias, _padded(x.transpose(3, 0, 1, 2), (ph, pw)),
-                       nchw)
-    if act == 1:
-        nchw = np.maximum(nchw, 0)
-    elif act == 2:
-        nchw = np.where(nchw > 0, nchw, alpha * nchw)
+                       nchw, act, alpha)
     # The same sums in the same order: only the layout differs (the padding's zeros are skipped, not added).
-    np.testing.assert_array_equal(got, nchw.transpose(1, 2, 3, 0))
+    assert got.tobytes() == np.ascontiguousarray(nchw.transpose(1, 2, 3, 0)).tobytes()
 
 
 @settings(deadline=None, max_examples=10 if kernels.JIT_DISABLED else 40)

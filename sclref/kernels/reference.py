@@ -155,12 +155,16 @@ def csr_chain(layers, ints, vals, x, out, scratch):
     out[...] = h
 
 
-def csr_conv2d(kh, kw, sh, sw, indptr, indices, data, bias, xp, out):
-    """out = conv2d_fwd(xp, W) + bias, W the CSR filters reshaped to (F, C, KH, KW)."""
+def csr_conv2d(kh, kw, sh, sw, indptr, indices, data, bias, xp, out, act=0, alpha=0):
+    """out = act(conv2d_fwd(xp, W) + bias), W the CSR filters reshaped to (F, C, KH, KW)."""
     nch = xp.shape[1]
     w = _csr_dense(indptr, indices, data, nch * kh * kw).reshape(-1, nch, kh, kw)
     conv2d_fwd(xp, w, sh, sw, 0, 0, out)
     out += bias[:, None, None]
+    if act == 1:
+        np.maximum(out, 0, out=out)
+    elif act == 2:
+        out[...] = np.where(out > 0, out, out.dtype.type(alpha) * out)
 
 
 __all__ += ["csr_chain", "csr_conv2d"]
@@ -170,11 +174,7 @@ def csr_conv2d_chwn(kh, kw, sh, sw, ph, pw, indptr, indices, data, bias, act, al
     """CHWN -> NCHW, zero padding, the CSR convolution twin, the activation, back to CHWN."""
     nchw = np.pad(x.transpose(3, 0, 1, 2), ((0, 0), (0, 0), (ph, ph), (pw, pw)))
     y = np.empty((x.shape[3], out.shape[0], out.shape[1], out.shape[2]), out.dtype)
-    csr_conv2d(kh, kw, sh, sw, indptr, indices, data, bias, nchw, y)
-    if act == 1:
-        y = np.maximum(y, 0)
-    elif act == 2:
-        y = np.where(y > 0, y, alpha * y)
+    csr_conv2d(kh, kw, sh, sw, indptr, indices, data, bias, nchw, y, act, alpha)
     out[...] = y.transpose(1, 2, 3, 0)
 
 

@@ -286,7 +286,8 @@ def _dot_slice_py(ints, vals, i0, w0, lengths, places, b0, x, scratch, out, s0, 
     acc = np.zeros(step, out.dtype)
     for t in range(int(length[0])):
         k = ints[i0 + t * step:i0 + (t + 1) * step].astype(np.int64)
-        acc = np.where(length > t, acc + vals[w0 + t * step:w0 + (t + 1) * step] * src[k], acc)
+        with np.errstate(invalid="ignore"):  # an ended row's lane may multiply 0 by inf: np.where drops it
+            acc = np.where(length > t, acc + vals[w0 + t * step:w0 + (t + 1) * step] * src[k], acc)
     for lane in range(step):
         _bias_act(acc[lane:lane + 1], 1, vals[b0 + lane], act, alpha)
     if last:
@@ -674,7 +675,7 @@ def _taps(indices, kh, kw):
     return taps
 
 
-def _conv(kh, kw, sh, sw, indptr, indices, data, bias, xp, out):
+def _conv(kh, kw, sh, sw, indptr, indices, data, bias, act, alpha, xp, out):
     # Direct sparse convolution: each kept weight w[j, c, i, k] adds w times a window of
     # input plane c to output plane j. The planes are taken flat: output pixel (a, b)
     # sits at a * Wp + b of a row-wide accumulator, and every kept weight is one
@@ -692,7 +693,7 @@ def _conv(kh, kw, sh, sw, indptr, indices, data, bias, xp, out):
     # filter: against one weight per pass and decoding in the loop, 1.2-1.3x faster on
     # ResNet-20's stride-1 convolutions at batch 1, 1.1-1.25x on LeNet-5's at batch 1 and
     # 1.25-1.8x at batch 8. Each plane's sum runs over the kept weights in index order,
-    # then the bias.
+    # then the bias and the activation (`_bias_act`).
     nimg, nch, hp, wp = xp.shape
     f, oh, ow = out.shape[1], out.shape[2], out.shape[3]
     zero = out.dtype.type(0)
@@ -714,6 +715,7 @@ def _conv(kh, kw, sh, sw, indptr, indices, data, bias, xp, out):
     start = (tc * hq + ti) * wq + tk  # where each weight's window starts in the flat image
     span = (oh - 1) * wq + ow
     xf = xq.reshape((nimg, xq.shape[1] * hq * wq))
+    planes = out.reshape((nimg, f, oh * ow))
     acc = np.empty(span, out.dtype)
     for n in range(nimg):
         image = xf[n]
@@ -733,28 +735,29 @@ def _conv(kh, kw, sh, sw, indptr, indices, data, bias, xp, out):
                 for r in range(span):
                     acc[r] += w * src[r]
                 p += 1
-            o, bj = out[n, j], bias[j]
+            o = planes[n, j]
             for a in range(oh):
-                dst = o[a]
                 for b in range(ow):
-                    dst[b] = acc[a * wq + b] + bj
+                    o[a * ow + b] = acc[a * wq + b]
+            _bias_act(o, oh * ow, bias[j], act, alpha)
 
 
 _taps = jit(_taps)
 _CONV = jit(_conv)
 
 
-def csr_conv2d(kh, kw, sh, sw, indptr, indices, data, bias, xp, out):
-    """Cross-correlate a zero-padded input with CSR filters, then add the bias.
+def csr_conv2d(kh, kw, sh, sw, indptr, indices, data, bias, xp, out, act=0, alpha=0):
+    """Cross-correlate a zero-padded input with CSR filters, then add the bias and apply an activation.
 
     The filters W (F, C, KH, KW) are a CSR matrix of shape (F, C*KH*KW) whose column
     ``c*KH*KW + i*KW + k`` is w[:, c, i, k] (the im2col order). xp (N, C, Hp, Wp) is
     the already padded input, out (N, F, OH, OW) with OH = (Hp - KH) // sh + 1.
-    out[n, j, a, b] = sum_{c,i,k} w[j, c, i, k] * xp[n, c, a*sh + i, b*sw + k] + bias[j].
+    out[n, j, a, b] = act(sum_{c,i,k} w[j, c, i, k] * xp[n, c, a*sh + i, b*sw + k] + bias[j]),
+    act an ACTIVATIONS code (0 none, 1 relu, 2 leaky relu of slope `alpha`).
     O(N*nnz*OH*Wp/SW + N*F*OH*OW + N*C*Hp*Wp) time, scratch of OH*Wp/SW values (and a
     phase-split copy of the input when strided); on the calling thread.
     """
-    _CONV(kh, kw, sh, sw, indptr, indices, data, bias, xp, out)
+    _CONV(kh, kw, sh, sw, indptr, indices, data, bias, act, data.dtype.type(alpha), xp, out)
 
 
 def _add_run(d, xrow, w, b0, b1, s, sw, n):

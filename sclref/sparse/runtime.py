@@ -256,6 +256,12 @@ class Runtime:
                 layer = layers[i]
                 if isinstance(layer, net.Flatten):
                     steps.append(_flatten)  # a view: as fresh as its input
+                elif isinstance(layer, net.Conv2d) and self.choose(layer.name, batch) == "sclref":
+                    act, pool = _conv_tail(layers, i)  # the kernel applies the activation
+                    steps.append(functools.partial(self.conv2d, layer.name, backend="sclref", act=act))
+                    if pool is not None:
+                        steps.append(functools.partial(_maxpool, pool))
+                    i += (act is not None) + (pool is not None)
                 elif isinstance(layer, net.Residual):
                     act = _activation_after(layers, i)
                     steps.append(_Block(self._steps(batch, layer.body), self._steps(batch, layer.shortcut), act))
@@ -316,14 +322,9 @@ class Runtime:
         steps, i, convs = [], 0, 0
         while i < len(layers):
             layer = layers[i]
-            after = layers[i + 1:i + 3]
             if isinstance(layer, net.Conv2d) and self.choose(layer.name, batch) == "sclref":
-                act, pool = _activation_after(layers, i), None
-                if act is not None:
-                    i += 1
-                elif (len(after) == 2 and isinstance(after[0], net.MaxPool2d) and isinstance(after[1], net.Activation)
-                      and (after[1].kind == "relu" or after[1].alpha >= 0)):
-                    pool, act, i = after[0], after[1], i + 2
+                act, pool = _conv_tail(layers, i)
+                i += (act is not None) + (pool is not None)
                 steps.append(_ConvCHWN(self.weights[layer.name], act, self.dtype))
                 if pool is not None:
                     steps.append(_PoolCHWN(pool))
@@ -407,8 +408,8 @@ class Runtime:
             self._chains[key] = _Chain([(w, None)], self.dtype)
         return _chain_run(self._chains[key], x.shape[0])(x)
 
-    def conv2d(self, name: str, x: np.ndarray, backend: str) -> np.ndarray:
-        """One convolution on NCHW input."""
+    def conv2d(self, name: str, x: np.ndarray, backend: str, act: net.Activation | None = None) -> np.ndarray:
+        """One convolution on NCHW input, then the activation `act`, if any."""
         w = self.weights[name]
         layer = w.layer
         (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
@@ -423,7 +424,8 @@ class Runtime:
         f = layer.out_channels
         if backend == "sclref":
             out = np.empty((n, f, oh, ow), self.dtype)
-            kernels.csr_conv2d(kh, kw, sh, sw, w.indptr, w.indices, w.data, w.bias, xp, out)
+            kernels.csr_conv2d(kh, kw, sh, sw, w.indptr, w.indices, w.data, w.bias, xp, out,
+                               *(act and (kernels.sparse.ACTIVATIONS[act.kind], act.alpha or 0) or ()))
             return out
         # im2col: rows c*KH*KW + i*KW + k (the CSR column order), columns (image, pixel).
         windows = sliding_window_view(xp, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw]
@@ -434,7 +436,8 @@ class Runtime:
         else:
             y = w.csr @ cols
         y += w.bias[:, None]
-        return np.ascontiguousarray(y.reshape(f, n, oh, ow).transpose(1, 0, 2, 3))
+        y = np.ascontiguousarray(y.reshape(f, n, oh, ow).transpose(1, 0, 2, 3))
+        return y if act is None else _activate(act, y, in_place=True)
 
     def conv2d_chwn(self, name: str, x: np.ndarray) -> np.ndarray:
         """One sclref convolution, without its activation, on C-contiguous CHWN input (C, H, W, N) of the run's
@@ -472,6 +475,16 @@ class _Block:
         else:
             body += shortcut
         return body if self.act is None else _activate(self.act, body, in_place=True)
+
+
+def _conv_tail(layers: list, i: int) -> tuple[net.Activation | None, net.MaxPool2d | None]:
+    """What the convolution layers[i] can take into its own loop: the activation right after it, or after its max
+    pooling when they commute with the max (ReLU, leaky ReLU of slope >= 0); (that activation, that pooling)."""
+    act, after = _activation_after(layers, i), layers[i + 1:i + 3]
+    if act is None and (len(after) == 2 and isinstance(after[0], net.MaxPool2d) and isinstance(after[1], net.Activation)
+                        and (after[1].kind == "relu" or after[1].alpha >= 0)):
+        return after[1], after[0]
+    return act, None
 
 
 def _activation_after(layers: list, i: int) -> net.Activation | None:
