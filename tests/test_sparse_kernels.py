@@ -264,6 +264,21 @@ def test_maxpool_chwn_and_nchw_match_their_twins_and_the_training_pooling(geomet
         assert values.tobytes() == nchw.tobytes()
 
 
+@given(geometry=pool_geometry(max_n=MAX_BATCH), dtype=st.sampled_from([np.float32, np.float64]))
+def test_maxpool_nchw_refuses_an_output_it_would_not_fill(geometry, dtype):
+    n, c, h, wd, (kh, kw), (sh, sw) = geometry
+    x = np.zeros((n, c, h, wd), dtype)
+    oh, ow = (h - kh) // sh + 1, (wd - kw) // sw + 1
+    for bad in (np.empty((n, c, oh + 1, ow), dtype), np.empty((n, c + 1, oh, ow), dtype),
+                np.empty((n, c, oh, 2 * ow), dtype)[..., ::2], np.empty((c, n, oh, ow), dtype).transpose(1, 0, 2, 3)):
+        if bad.shape == (n, c, oh, ow) and bad.flags.c_contiguous:
+            continue  # one column, or one of n and c: the "strided" view is C-ordered after all
+        with pytest.raises(ValueError, match="max pooling"):
+            sparse_module.maxpool_nchw(kh, kw, sh, sw, x, bad)
+    with pytest.raises(ValueError, match="max pooling"):
+        sparse_module.maxpool_nchw(h + 1, kw, sh, sw, x, np.empty((n, c, 0, ow), dtype))
+
+
 needs_two_threads = pytest.mark.skipif(kernels.JIT_DISABLED or numba.config.NUMBA_NUM_THREADS < 2,
                                        reason="needs the JIT and two numba threads")
 

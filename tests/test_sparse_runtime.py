@@ -147,6 +147,16 @@ def test_every_backend_gives_the_same_output_for_a_convolutional_network(dtype):
             np.testing.assert_allclose(got, want, rtol=tol, atol=tol * float(np.abs(want).max()))
 
 
+@pytest.mark.parametrize("backend", ["dense", "scipy", "sclref"])
+def test_a_convolution_applies_the_activation_it_is_given(backend):
+    network = _lenet_like(np.random.default_rng(12))
+    run = Runtime(network, backend=backend)
+    x = np.random.default_rng(13).standard_normal((3, 2, 10, 10))
+    for act in (Activation("relu", "relu"), Activation("leaky", "leaky_relu", 0.1)):
+        alone = run.conv2d("conv1", x, backend)
+        np.testing.assert_array_equal(run.conv2d("conv1", x, backend, act), run.step(act, alone))
+
+
 @pytest.mark.skipif(kernels.JIT_DISABLED or numba.config.NUMBA_NUM_THREADS < 2,
                     reason="needs the JIT and two numba threads")
 @pytest.mark.parametrize("batch", [1, 5, 64, 300])

@@ -162,9 +162,9 @@ def csr_conv2d(kh, kw, sh, sw, indptr, indices, data, bias, xp, out, act=0, alph
     conv2d_fwd(xp, w, sh, sw, 0, 0, out)
     out += bias[:, None, None]
     if act == 1:
-        np.maximum(out, 0, out=out)
+        relu_fwd(out, out)
     elif act == 2:
-        out[...] = np.where(out > 0, out, out.dtype.type(alpha) * out)
+        leaky_relu_fwd(out, alpha, out)
 
 
 __all__ += ["csr_chain", "csr_conv2d"]

@@ -330,24 +330,24 @@ def _dot_slice_ir(typingctx, ints, vals, i0, w0, lengths, places, b0, x, scratch
         with cgutils.for_range(builder, index(len_v)) as loop:
             t = loop.index
             at = builder.mul(t, ir.Constant(i64, width))
-            first = builder.add(i0_v, at)
+            base = builder.add(i0_v, at)
             if ity.width == 32 and sys.byteorder == "little":
                 # Two indices per 64-bit load: a tenth faster than one load each.
-                pairs = builder.bitcast(builder.gep(ind, [first]), i64.as_pointer())
+                pairs = builder.bitcast(builder.gep(ind, [base]), i64.as_pointer())
                 ks = []
                 for lane in range(0, width, 2):
                     two = builder.load(builder.gep(pairs, [ir.Constant(i64, lane // 2)]), align=4)
                     ks += [builder.and_(two, ir.Constant(i64, 0xFFFFFFFF)), builder.lshr(two, ir.Constant(i64, 32))]
             else:
-                ks = [index(builder.add(first, ir.Constant(i64, lane))) for lane in range(width)]
+                ks = [index(builder.add(base, ir.Constant(i64, lane))) for lane in range(width)]
             gathered = ir.Constant(vec, ir.Undefined)
             for lane, k in enumerate(ks):
                 gathered = builder.insert_element(gathered, builder.load(builder.gep(sd, [k])), ir.Constant(i32, lane))
             a = builder.load(acc)
             total = builder.fadd(a, builder.fmul(load(vd, builder.add(w0_v, at), vec), gathered))
-            step = builder.load(steps)
-            builder.store(builder.add(step, _splat(builder, ir.Constant(ity, 1), width)), steps)
-            builder.store(builder.select(builder.icmp_signed(">", length, step), total, a), acc)
+            tv = builder.load(steps)
+            builder.store(builder.add(tv, _splat(builder, ir.Constant(ity, 1), width)), steps)
+            builder.store(builder.select(builder.icmp_signed(">", length, tv), total, a), acc)
         out = _finish(builder, builder.fadd(builder.load(acc), load(vd, b0_v, vec)), act_v, alpha_v, width)
         with builder.if_else(last_v) as (scattered, in_order):
             with in_order:
@@ -936,19 +936,23 @@ def _maxpool_planes(kh, kw):
 def maxpool_nchw(kh, kw, sh, sw, x, out):
     """out[n, c, a, b] = max over the (KH, KW) window at (a*SH, b*SW) of x[n, c]: max pooling on NCHW.
 
-    x (N, C, H, W), out (N, C, OH, OW) with OH = (H - KH) // SH + 1 (OW alike), C-contiguous,
-    one dtype; no padding. Values only (training's `maxpool2d_fwd` also finds each window's
+    x (N, C, H, W), out (N, C, OH, OW) with OH = (H - KH) // SH + 1 (OW alike), C-contiguous
+    (ValueError otherwise), one dtype; no padding. Values only (training's `maxpool2d_fwd` also finds each window's
     argmax). O(N * C * OH * OW * KH * KW) time; compiles once per window size. With the JIT
     off, NumPy's maxima of the window's strided views, in the same order (the interpreted
     loop took 140x as long).
     """
+    n, c, h, w = x.shape
+    oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1
+    if kh > h or kw > w or out.shape != (n, c, oh, ow) or not out.flags.c_contiguous:
+        # The loop writes `out` through a flat view and reads x without bounds checks.
+        raise ValueError(f"{kh}x{kw} max pooling at stride {sh}x{sw} of x {x.shape} needs a C-ordered out "
+                         f"{(n, c, oh, ow)}, got {out.shape}{'' if out.flags.c_contiguous else ' strided'}")
     if JIT_DISABLED:
-        oh, ow = out.shape[2], out.shape[3]
         out[...] = x[:, :, :sh * (oh - 1) + 1:sh, :sw * (ow - 1) + 1:sw]
         for i in range(kh):
             for k in range(kw):
                 if i or k:
                     np.maximum(out, x[:, :, i:i + sh * (oh - 1) + 1:sh, k:k + sw * (ow - 1) + 1:sw], out=out)
         return
-    n, c, h, w = x.shape
     _maxpool_planes(int(kh), int(kw))(x.reshape(n * c, h, w), sh, sw, out.reshape(n * c, *out.shape[2:]))
