@@ -57,7 +57,7 @@ BATCHES = (1, 64, 256)
 MODEL_BATCHES = {"resnet20": (1, 64)}
 PEERS = ("sclref auto", "sclref serial", "dense NumPy", "scipy CSR", "torch dense", "torch CSR", "onnxruntime")
 PHASES = {"quiet": contextlib.nullcontext, "load": common.competing_load}
-COPY_PROBE, COPY_MIB = "copy probe", 256  # as `sclref.sparse.bench.bandwidth`: smaller copies ran at 0.6x here
+COPY_PROBE, COPY_MIB = "copy probe", 256  # `sclref.sparse.bench.copy_probe`, as `bandwidth` times it
 
 
 def _train(model, out: Path, target: float, epochs: int, limit: int | None) -> Path:
@@ -182,11 +182,11 @@ def build_peer(peer: str, network, masked, batch: int, onnx_model: bytes | None)
     return lambda: session.run(None, {"input": raw})[0]
 
 
-def copy_probe(mebibytes: int = COPY_MIB):
-    """A copy of `mebibytes` MiB (well beyond any cache), timed in turns with the peers: the bandwidth of the moment."""
-    src = np.ones(mebibytes * (1 << 20) // 8)
-    dst = np.empty_like(src)
-    return lambda: np.copyto(dst, src)
+def copy_probe():
+    """The copy `sclref.sparse.bench.bandwidth` times, here in turns with the peers: the bandwidth of the moment."""
+    from sclref.sparse import bench
+
+    return bench.copy_probe(COPY_MIB)[0]
 
 
 def _peers_available() -> tuple:
@@ -252,7 +252,7 @@ def time_peers(name: str, network, masked, reps: int, batches=BATCHES) -> dict:
         result[str(batch)]["mismatch"] = mismatch
         if batch == 1:
             result[str(batch)]["bandwidth_bytes_per_s"] = {
-                phase: 2 * COPY_MIB * (1 << 20) / float(np.median(times)) for phase, times in copies.items()}
+                phase: 2 * (COPY_MIB << 20) / float(np.median(times)) for phase, times in copies.items()}
         print(f"  {name} batch {batch}: timed {', '.join(peers)}; largest output difference "
               f"{max(mismatch.values()):.1e} of the output scale", file=sys.stderr)
     return result

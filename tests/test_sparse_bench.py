@@ -35,6 +35,15 @@ def test_median_times_calls_each_function_in_turn_and_takes_medians(monkeypatch)
     assert medians == {"a": 2.0, "b": 4.0}  # the warm-up call (9 s) is not counted
 
 
+def test_the_copy_probe_moves_the_bytes_it_counts(monkeypatch):
+    copied = []
+    monkeypatch.setattr(bench.np, "copyto", lambda dst, src: copied.append((dst.nbytes, src.nbytes, dst is src)))
+    call, moved = bench.copy_probe(megabytes=3)
+    assert not copied  # nothing copied until called
+    call()
+    assert copied == [(3 << 20, 3 << 20, False)] and moved == 2 * (3 << 20)  # read once, written once
+
+
 def test_bandwidth_counts_the_bytes_read_and_written(monkeypatch):
     monkeypatch.setattr(bench, "median_times", lambda fns, reps, warmup: {name: 0.5 for name in fns})
     assert bench.bandwidth(megabytes=2) == 2 * 2 * (1 << 20) / 0.5

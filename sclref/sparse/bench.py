@@ -26,7 +26,7 @@ from sclref.sparse import network as net
 from sclref.sparse.runtime import CHWN_FROM, Runtime, to_chwn
 
 __all__ = ["BREAK_EVEN_GRID", "MAX_BATCH", "MAX_BATCH_SIZES", "MAX_REPS", "bandwidth", "bench", "break_even_density",
-           "call_times", "check_counts", "format_report", "median_times"]
+           "call_times", "check_counts", "copy_probe", "format_report", "median_times"]
 
 BREAK_EVEN_GRID = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
 
@@ -59,12 +59,21 @@ def median_times(fns: dict, reps: int, warmup: int = 3) -> dict:
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
-def bandwidth(megabytes: int = 256, reps: int = 7) -> float:
-    """Memory bandwidth in bytes/s: bytes read plus written by a large array copy."""
+def copy_probe(megabytes: int = 256):
+    """(call, bytes): a zero-argument copy of `megabytes` MiB between two arrays, and the bytes it reads plus writes.
+
+    At 256 MiB the copy is far beyond any cache; copies of 32-128 MiB ran at 0.5-0.6x its
+    bandwidth on the 2-core machine the benchmarks were measured on.
+    """
     src = np.ones(megabytes * (1 << 20) // 8)
     dst = np.empty_like(src)
-    secs = median_times({"copy": lambda: np.copyto(dst, src)}, reps, warmup=1)["copy"]
-    return 2 * src.nbytes / secs
+    return (lambda: np.copyto(dst, src)), 2 * src.nbytes
+
+
+def bandwidth(megabytes: int = 256, reps: int = 7) -> float:
+    """Memory bandwidth in bytes/s: bytes read plus written by a large array copy (`copy_probe`)."""
+    call, moved = copy_probe(megabytes)
+    return moved / median_times({"copy": call}, reps, warmup=1)["copy"]
 
 
 def _torch():

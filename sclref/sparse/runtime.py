@@ -424,7 +424,7 @@ class Runtime:
         f = layer.out_channels
         if backend == "sclref":
             out = np.empty((n, f, oh, ow), self.dtype)
-            code, alpha = (kernels.sparse.ACTIVATIONS[act.kind], act.alpha or 0) if act else (0, 0)
+            code, alpha = _kernel_act(act)
             kernels.csr_conv2d(kh, kw, sh, sw, w.indptr, w.indices, w.data, w.bias, xp, out, code, alpha)
             return out
         # im2col: rows c*KH*KW + i*KW + k (the CSR column order), columns (image, pixel).
@@ -485,6 +485,11 @@ def _conv_tail(layers: list, i: int) -> tuple[net.Activation | None, net.MaxPool
                         and (after[1].kind == "relu" or after[1].alpha >= 0)):
         return after[1], after[0]
     return act, None
+
+
+def _kernel_act(act: net.Activation | None) -> tuple[int, float]:
+    """An activation (or None) as the sparse kernels take it: its `ACTIVATIONS` code and its slope (0 for none)."""
+    return (kernels.sparse.ACTIVATIONS[act.kind], act.alpha or 0) if act is not None else (0, 0)
 
 
 def _activation_after(layers: list, i: int) -> net.Activation | None:
@@ -568,8 +573,8 @@ class _ConvCHWN:
     def __init__(self, w: _Weights, act, dtype):
         layer = w.layer
         self.w, self.kernel, self.stride, self.padding = w, layer.kernel_size, layer.stride, layer.padding
-        self.act = kernels.sparse.ACTIVATIONS[act and act.kind]
-        self.alpha = np.dtype(dtype).type(act.alpha if act is not None and act.alpha is not None else 0)
+        self.act, alpha = _kernel_act(act)
+        self.alpha = np.dtype(dtype).type(alpha)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         (kh, kw), (sh, sw), (ph, pw), w = self.kernel, self.stride, self.padding, self.w
